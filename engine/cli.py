@@ -1,0 +1,106 @@
+"""The `cellssl` command line: convert, synth, info.
+
+Argument parsing and printing only; the work lives in loaders (and, as it lands, the engine). A bad input ends
+in one line on stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from loaders import CellStore, InputError
+from loaders.convert import convert, open_source
+from loaders.store import Layout
+from loaders.synthetic import default_store, synth
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert h5ad, scTab parquet or a 10x folder into a cell store")
+    p.add_argument("format", choices=["h5ad", "sctab", "10x"])
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--genes", default=None,
+                   help="target gene space: 'default' (19,350 reference genes), 'keep' (the source's own), a cell "
+                        "store or a gene-list file (default: 'keep' for sctab, 'default' otherwise)")
+    p.add_argument("--split-by", help="obs column holding train/val/test (h5ad)")
+    p.add_argument("--val-frac", type=float, default=0.1)
+    p.add_argument("--test-frac", type=float, default=0.1)
+    p.add_argument("--layer", default="auto", help="h5ad matrix: auto, X, counts, raw or a layer name")
+    p.add_argument("--value-kind", choices=["auto", "counts", "log1p_10k"], default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split assignment and the in-split shuffle")
+    p.add_argument("--codec", default=Layout.codec, help="blosc-lz4 (default), zstdN or none")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store at DST")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_synth(sub) -> None:
+    p = sub.add_parser("synth", help="write a synthetic atlas (cell store, h5ad or scTab-layout parquet)")
+    p.add_argument("dst")
+    p.add_argument("--cells", type=int, required=True)
+    p.add_argument("--format", choices=["cellstore", "h5ad", "sctab-parquet"], default="cellstore")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--genes", default="default", help="gene space: 'default', a cell store or a gene-list file")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="describe a cell store ('default': the embedded synthetic store)")
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def info(store: CellStore) -> dict:
+    obs = store.obs()
+    columns = {}
+    for name in obs.columns:
+        col = obs[name]
+        columns[name] = (f"categorical, {len(col.cat.categories)} categories" if hasattr(col, "cat")
+                         else f"{col.dtype}")
+    return {"path": str(store.path), "cells": store.n_cells, "genes": store.n_genes, "nnz": store.nnz,
+            "nnz_per_cell": round(store.nnz / max(store.n_cells, 1), 1), "value_kind": store.value_kind,
+            "splits": store.splits, "obs_columns": columns, "size_on_disk_mb": round(store.size_on_disk() / 1e6, 1),
+            "source": store.attrs.get("source"), "shuffle_seed": store.attrs.get("shuffle_seed")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cellssl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    _add_synth(sub)
+    _add_info(sub)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "convert":
+            options = {"layer": args.layer} if args.format == "h5ad" else {}
+            source = open_source(args.format, args.src, **options)
+            genes = args.genes or ("keep" if args.format == "sctab" else "default")
+            convert(source, args.dst, genes=genes, split_by=args.split_by, val_frac=args.val_frac,
+                    test_frac=args.test_frac, seed=args.seed, overwrite=args.overwrite,
+                    value_kind=None if args.value_kind == "auto" else args.value_kind,
+                    layout=Layout(codec=args.codec), progress=not args.quiet)
+        elif args.command == "synth":
+            synth(args.dst, args.cells, args.format, args.seed, args.genes, args.overwrite, progress=not args.quiet)
+            print(f"wrote {args.dst}", file=sys.stderr)
+        elif args.command == "info":
+            path = default_store() if args.store == "default" else args.store
+            report = info(CellStore(path))
+            if args.json:
+                print(json.dumps(report, indent=1))
+            else:
+                for key, value in report.items():
+                    if isinstance(value, dict):
+                        print(f"{key}:")
+                        for k, v in value.items():
+                            print(f"  {k}: {v}")
+                    else:
+                        print(f"{key}: {value}")
+    except InputError as exc:
+        print(f"cellssl: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

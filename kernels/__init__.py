@@ -1,0 +1,1 @@
+"""Triton kernels with torch references and dispatchers. Never imports engine or loaders."""

@@ -1,0 +1,277 @@
+"""Source → cell store: align genes, assign splits, shuffle within each split, write, verify, rename.
+
+Two passes in bounded memory. Pass 1 reads the source in order, checks and aligns every row and appends it to
+the scratch bucket that holds its (seeded, random) destination. Pass 2 reads the buckets in order, sorts each
+and appends it to the store. The store is written under a temporary name, fully verified, then renamed, so an
+interrupted or failed conversion never leaves a store that opens. Never imports engine or kernels.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from .csr import remap_columns, take_rows
+from .errors import InputError
+from .genes import GeneAlignment, GeneSpace, align_genes
+from .sources import H5adSource, RowChunk, ScTabSource, Source, TenxSource
+from .spill import Spill, disk_error
+from .store import SPLITS, CellStore, CellStoreWriter, Layout, index_dtype, remove_tree
+
+BUCKET_BYTES = 128 << 20     # scratch bucket size: what pass 2 holds in memory at once
+MAX_EXACT_COUNT = 1 << 24    # float32 holds every integer up to here exactly
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def resolve_genes(spec: str | Path, source: GeneSpace) -> GeneSpace:
+    """--genes: "keep" (the source's own), "default" (the packaged 19,350), a cell store, or a gene-list file."""
+    if str(spec) == "keep":
+        return source
+    if str(spec) == "default":
+        return GeneSpace.default()
+    path = Path(spec)
+    if (path / "zarr.json").is_file():
+        return CellStore(path).genes
+    return GeneSpace.from_file(path)
+
+
+def assign_splits(source: Source, split_by: str | None, val_frac: float, test_frac: float, seed: int) -> np.ndarray:
+    """Per source cell, the index into SPLITS: from a column, from the format itself, or seeded fractions."""
+    if split_by is not None:
+        labels = np.array([SPLIT_ALIASES.get(str(v).lower(), "") for v in source.column(split_by)], dtype=object)
+        if (labels == "").any():
+            bad = sorted({str(v) for v, lab in zip(source.column(split_by), labels) if lab == ""})[:5]
+            raise InputError(f"{source.path}:obs/{split_by}", f"values {bad} are not train/val/test",
+                             "rename them, or split with --val-frac/--test-frac instead")
+    elif source.natural_splits is not None:
+        labels = source.natural_splits
+    else:
+        if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
+            raise InputError("--val-frac/--test-frac", f"{val_frac} and {test_frac} must be in [0, 1) and sum below 1")
+        n = source.n_cells
+        n_test, n_val = round(n * test_frac), round(n * val_frac)
+        labels = np.full(n, "train", dtype=object)
+        order = np.random.default_rng([seed, 1]).permutation(n)
+        labels[order[:n_test]], labels[order[n_test:n_test + n_val]] = "test", "val"
+    return np.array([SPLITS.index(v) for v in labels], dtype=np.int8)
+
+
+def destinations(split_codes: np.ndarray, seed: int) -> tuple[np.ndarray, dict[str, tuple[int, int]]]:
+    """Store position of every source cell: splits contiguous in SPLITS order, a seeded shuffle inside each."""
+    rng = np.random.default_rng([seed, 2])
+    dest = np.empty(len(split_codes), np.int64)
+    splits, start = {}, 0
+    for code, name in enumerate(SPLITS):
+        members = np.flatnonzero(split_codes == code)
+        dest[members] = start + rng.permutation(len(members))
+        if len(members):
+            splits[name] = (start, start + len(members))
+        start += len(members)
+    return dest, splits
+
+
+def _decide_value_kind(requested: str | None, source: Source, first: RowChunk) -> str:
+    kind = requested or source.value_kind
+    if kind is not None:
+        return kind
+    data = np.asarray(first.data)
+    if np.all(np.mod(data, 1) == 0):
+        return "counts"
+    sums = np.add.reduceat(np.expm1(data.astype(np.float64)), first.indptr[:-1]) if len(data) else np.zeros(0)
+    sums = sums[np.diff(first.indptr) > 0]
+    if len(sums) and np.all(np.abs(sums - 1e4) < 100):
+        return "log1p_10k"
+    raise InputError(f"{source.describe()}", f"values are not integer counts and not log1p of counts per 10,000 "
+                     f"(row sums of expm1 around {np.median(sums) if len(sums) else 0:.4g})",
+                     "supply raw counts (a counts layer or raw/X: --layer counts|raw), or pass --value-kind "
+                     "log1p_10k to store these values as they are")
+
+
+class _Checker:
+    """Rejects non-finite, negative and (for counts) non-integral values; naming the cell and the gene."""
+
+    def __init__(self, source: Source, value_kind: str):
+        self.source, self.kind, self.max_value = source, value_kind, 0.0
+        self.counts = value_kind == "counts"
+
+    def __call__(self, chunk: RowChunk) -> None:
+        data = np.asarray(chunk.data)
+        if not len(data):
+            return
+        bad = ~np.isfinite(data) | (data < 0)
+        problem = "non-finite or negative value"
+        if self.counts and not bad.any():
+            bad, problem = np.mod(data, 1) != 0, "non-integer value in a counts matrix"
+        if bad.any():
+            pos = int(np.argmax(bad))
+            row = int(np.searchsorted(chunk.indptr, pos, side="right") - 1)
+            gene = self.source.genes.gene_id[int(chunk.indices[pos])]
+            fix = ("pass --value-kind log1p_10k if the values are log1p of counts per 10,000, or supply raw "
+                   "counts with --layer" if self.counts and problem.startswith("non-integer") else
+                   "clean the matrix (NaN/Inf/negative values have no meaning as expression)")
+            raise InputError(self.source.describe(), f"{problem} {data[pos]!r} at cell {chunk.start + row} "
+                             f"(source order), gene {gene}", fix)
+        self.max_value = max(self.max_value, float(data.max()))
+        if self.counts and self.max_value >= MAX_EXACT_COUNT:
+            raise InputError(self.source.describe(), f"count {self.max_value:.0f} exceeds {MAX_EXACT_COUNT}",
+                             "check the matrix: no single gene has that many UMIs in one cell")
+
+
+def _obs_schema(source: Source) -> pa.Schema:
+    fields = [pa.field(n, pa.dictionary(pa.int32(), pa.string())) for n in source.categories]
+    fields += [pa.field(n, pa.from_numpy_dtype(d)) for n, d in source.numeric.items()]
+    return pa.schema(fields + [pa.field("original_index", pa.int64())])
+
+
+def _row_dtype(source: Source) -> np.dtype:
+    fields = [("dest", np.int64), ("nnz", np.int64), ("original_index", np.int64)]
+    fields += [(n, np.int32) for n in source.categories] + [(n, d) for n, d in source.numeric.items()]
+    return np.dtype(fields)
+
+
+def _obs_table(rows: np.ndarray, source: Source, dictionaries: dict[str, pa.Array]) -> pa.Table:
+    cols = {}
+    for name, dictionary in dictionaries.items():
+        codes = rows[name]
+        cols[name] = pa.DictionaryArray.from_arrays(pa.array(codes, mask=codes < 0), dictionary)
+    for name in source.numeric:
+        cols[name] = pa.array(rows[name])
+    cols["original_index"] = pa.array(rows["original_index"])
+    return pa.table(cols)
+
+
+def _spill_pass(source: Source, alignment: GeneAlignment, dest: np.ndarray, scratch: Path, requested_kind,
+                progress: bool) -> tuple[Spill, int, str, float]:
+    """Pass 1: read, check, align and scatter every row into its destination bucket."""
+    n_genes = len(alignment.target)
+    mapping = None if alignment.is_identity else alignment.source_to_target
+    row_dtype, spill, bucket_rows, checker, seen = _row_dtype(source), None, 0, None, 0
+    bar = tqdm(total=source.n_cells, desc="read+shuffle", unit="cell", unit_scale=True, disable=not progress)
+    for chunk in source.chunks(scratch / "source"):
+        if spill is None:
+            kind = _decide_value_kind(requested_kind, source, chunk)
+            checker = _Checker(source, kind)
+            spill = Spill(scratch / "buckets", row_dtype, {"idx": index_dtype(n_genes), "val": np.float32})
+            per_row = row_dtype.itemsize + (len(chunk.data) / max(len(chunk), 1)) * (index_dtype(n_genes).itemsize + 4)
+            bucket_rows = int(np.clip(BUCKET_BYTES // max(per_row, 1), 1024, max(source.n_cells, 1)))
+        checker(chunk)
+        indptr, cols, vals = remap_columns(chunk.indptr, np.asarray(chunk.indices), np.asarray(chunk.data),
+                                           mapping, n_genes)
+        n = len(chunk)
+        rows = np.zeros(n, row_dtype)
+        rows["original_index"] = np.arange(chunk.start, chunk.start + n)
+        if chunk.start + n > source.n_cells or chunk.start != seen:
+            raise InputError(source.describe(), f"rows out of order or beyond the declared {source.n_cells} cells",
+                             "the source file is inconsistent; re-export it")
+        rows["dest"] = dest[chunk.start:chunk.start + n]
+        rows["nnz"] = np.diff(indptr)
+        for name, values in chunk.obs.items():
+            rows[name] = values
+        order = np.argsort(rows["dest"] // bucket_rows, kind="stable")
+        new_indptr, pos = take_rows(indptr, order)
+        spill.append_split(rows["dest"][order] // bucket_rows, rows[order], new_indptr,
+                           {"idx": cols[pos].astype(index_dtype(n_genes)), "val": vals[pos].astype(np.float32)})
+        seen += n
+        bar.update(n)
+    bar.close()
+    if seen != source.n_cells or spill is None:
+        raise InputError(source.describe(), f"yielded {seen} cells, its header declares {source.n_cells}",
+                         "the source is truncated or inconsistent; re-export it")
+    return spill, bucket_rows, checker.kind, checker.max_value
+
+
+def _write_pass(spill: Spill, bucket_rows: int, n_cells: int, writer: CellStoreWriter, source: Source,
+                value_dtype, progress: bool) -> None:
+    """Pass 2: each bucket back in destination order, appended to the store."""
+    dictionaries = {n: pa.array(c, pa.string()) for n, c in source.categories.items()}
+    bar = tqdm(total=n_cells, desc="write", unit="cell", unit_scale=True, disable=not progress)
+    for b, start in enumerate(range(0, n_cells, bucket_rows)):
+        rows, elems = spill.pop(b)
+        order = np.argsort(rows["dest"])
+        expected = np.arange(start, min(start + bucket_rows, n_cells))
+        if not np.array_equal(rows["dest"][order], expected):
+            raise RuntimeError(f"scratch bucket {b} lost or duplicated rows (internal error)")
+        offsets = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum(rows["nnz"], out=offsets[1:])
+        _, pos = take_rows(offsets, order)
+        rows = rows[order]
+        writer.append(rows["nnz"], elems["idx"][pos], elems["val"][pos].astype(value_dtype),
+                      _obs_table(rows, source, dictionaries))
+        bar.update(len(rows))
+    bar.close()
+
+
+def _counts_dtype(max_value: float):
+    return np.uint16 if max_value <= np.iinfo(np.uint16).max else np.uint32
+
+
+def _install(tmp: Path, dst: Path) -> None:
+    """Put the verified store at dst; an old store there is moved aside first and removed only afterwards."""
+    if dst.exists():
+        trash = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.rename(dst, trash)
+        os.rename(tmp, dst)
+        remove_tree(trash)
+    else:
+        os.rename(tmp, dst)
+
+
+def check_destination(dst: Path, overwrite: bool) -> None:
+    if not dst.exists():
+        if not dst.parent.is_dir():
+            raise InputError(dst, "its parent folder does not exist", "create it first")
+        return
+    if not overwrite:
+        raise InputError(dst, "already exists", "pass --overwrite to replace it, or choose another path")
+    if not (dst / "zarr.json").is_file():
+        raise InputError(dst, "exists and is not a cell store; refusing to replace it", "choose another path")
+
+
+def convert(source: Source, dst: str | Path, *, genes: str | Path = "keep", split_by: str | None = None,
+            val_frac: float = 0.1, test_frac: float = 0.1, seed: int = 0, overwrite: bool = False,
+            value_kind: str | None = None, layout: Layout = Layout(), progress: bool = True,
+            log: Callable[[str], None] = _stderr) -> CellStore:
+    """Convert an opened source into a verified cell store at `dst` and return it opened."""
+    dst = Path(dst)
+    check_destination(dst, overwrite)
+    alignment = align_genes(source.genes, resolve_genes(genes, source.genes), source.describe())
+    log(f"{source.describe()}: {source.n_cells:,} cells; {alignment.report()}")
+    split_codes = assign_splits(source, split_by, val_frac, test_frac, seed)
+    dest, splits = destinations(split_codes, seed)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    scratch = dst.with_name(f".{dst.name}.scratch-{os.getpid()}")
+    try:
+        spill, bucket_rows, kind, max_value = _spill_pass(source, alignment, dest, scratch, value_kind, progress)
+        value_dtype = _counts_dtype(max_value) if kind == "counts" else np.float32
+        writer = CellStoreWriter(tmp, alignment.target, kind, value_dtype, _obs_schema(source), source.categories,
+                                 layout)
+        _write_pass(spill, bucket_rows, source.n_cells, writer, source, value_dtype, progress)
+        writer.finish(splits, seed, source.describe(), {"gene_alignment": alignment.report()})
+        remove_tree(scratch)
+        CellStore(tmp).verify_all(progress=progress)
+        _install(tmp, dst)
+    except OSError as exc:
+        raise disk_error(dst, exc) from exc
+    finally:
+        remove_tree(scratch)
+        remove_tree(tmp)
+    log(f"wrote {dst} ({kind}, splits {splits})")
+    return CellStore(dst)
+
+
+def open_source(fmt: str, path: str | Path, **options) -> Source:
+    """The reader for `fmt` in {"h5ad", "sctab", "10x"}; options go to its constructor (h5ad: layer)."""
+    readers = {"h5ad": H5adSource, "sctab": ScTabSource, "10x": TenxSource}
+    if fmt not in readers:
+        raise ValueError(f"unknown source format {fmt!r}: choose from {sorted(readers)}")
+    return readers[fmt](path, **options)

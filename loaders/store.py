@@ -1,0 +1,342 @@
+"""The cell store: a zarr v3 CSR matrix plus parquet obs/var, its writer and its validating reader.
+
+Format (version 1) is documented in loaders/README.md. The writer appends rows in store order and writes whole
+shards only, so memory stays bounded and no shard is rewritten. The reader validates on open and checks every
+range it decodes, so a corrupt or foreign store fails with one `CellStoreError`, never deep inside a batch.
+Depends on numpy, pandas, pyarrow and zarr; never imports engine or kernels.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+from .errors import CellStoreError
+from .genes import GeneSpace
+
+FORMAT = "cellstore"
+FORMAT_VERSION = 1
+VALUE_KINDS = ("counts", "log1p_10k")
+SPLITS = ("train", "val", "test")
+CATEGORIES_KEY = b"cellssl.categories"
+_DATA_DTYPES = {"float32", "uint16", "uint32"}
+_INDEX_DTYPES = {"uint16", "int32"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Chunking and codec of X/indices and X/data (chosen by measurement: loaders/README.md)."""
+
+    chunk: int = 1 << 18
+    shard: int = 1 << 24
+    indptr_chunk: int = 1 << 20
+    codec: str = "blosc-lz4"
+
+    def compressors(self, dtype: np.dtype) -> list:
+        # crc32c after compression: blosc has no checksum, and a flipped bit must fail loudly, not decode to junk.
+        if self.codec == "blosc-lz4":
+            return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=np.dtype(dtype).itemsize),
+                    Crc32cCodec()]
+        if self.codec.startswith("zstd"):
+            return [ZstdCodec(level=int(self.codec[4:] or 1)), Crc32cCodec()]
+        if self.codec == "none":
+            return [Crc32cCodec()]
+        raise ValueError(f"unknown codec {self.codec!r}: use blosc-lz4, zstdN or none")
+
+
+def index_dtype(n_genes: int) -> np.dtype:
+    return np.dtype(np.uint16) if n_genes <= 65535 else np.dtype(np.int32)
+
+
+def index_fill_value(dtype: np.dtype) -> int:
+    # A missing chunk reads as fill_value; an out-of-range fill turns silent zeros into a detected error.
+    return 65535 if np.dtype(dtype) == np.uint16 else -1
+
+
+class _Appender:
+    """Buffers a growing 1-D zarr array and writes it in whole `unit`s, so no shard is ever rewritten."""
+
+    def __init__(self, array: zarr.Array, unit: int):
+        self.array, self.unit = array, unit
+        self.parts: list[np.ndarray] = []
+        self.buffered = 0
+        self.written = 0
+
+    def append(self, values: np.ndarray) -> None:
+        if len(values):
+            self.parts.append(np.ascontiguousarray(values, dtype=self.array.dtype))
+            self.buffered += len(values)
+        if self.buffered >= self.unit:
+            self._write(self.buffered // self.unit * self.unit)
+
+    def close(self) -> None:
+        self._write(self.buffered)
+
+    def _write(self, n: int) -> None:
+        if n == 0:
+            return
+        flat = np.concatenate(self.parts) if len(self.parts) > 1 else self.parts[0]
+        self.array.resize((self.written + n,))
+        self.array[self.written:self.written + n] = flat[:n]
+        self.written += n
+        rest = flat[n:]
+        self.parts, self.buffered = ([rest] if len(rest) else []), len(rest)
+
+
+class CellStoreWriter:
+    """Writes a store at `path` (normally a temporary name; the caller renames it once verified)."""
+
+    def __init__(self, path: str | Path, genes: GeneSpace, value_kind: str, data_dtype, obs_schema: pa.Schema,
+                 categories: dict[str, list[str]], layout: Layout = Layout()):
+        if value_kind not in VALUE_KINDS:
+            raise ValueError(f"value_kind must be one of {VALUE_KINDS}, not {value_kind!r}")
+        self.path, self.genes, self.value_kind, self.layout = Path(path), genes, value_kind, layout
+        self.group = zarr.open_group(str(self.path), mode="w-", zarr_format=3)
+        x = self.group.create_group("X")
+        idx_dtype, data_dtype = index_dtype(len(genes)), np.dtype(data_dtype)
+
+        def array(name, dtype, chunk, shard, fill):
+            return x.create_array(name, shape=(0,), dtype=dtype, chunks=(chunk,), shards=shard and (shard,),
+                                  compressors=layout.compressors(dtype), fill_value=fill)
+
+        self.indptr = _Appender(array("indptr", np.int64, layout.indptr_chunk, None, -1), layout.indptr_chunk)
+        self.indices = _Appender(array("indices", idx_dtype, layout.chunk, layout.shard, index_fill_value(idx_dtype)),
+                                 layout.shard)
+        self.data = _Appender(array("data", data_dtype, layout.chunk, layout.shard, 0), layout.shard)
+        self.indptr.append(np.zeros(1, np.int64))
+        self.n_cells, self.nnz = 0, 0
+        meta = {CATEGORIES_KEY: json.dumps(categories).encode()}
+        self.obs_schema = obs_schema.with_metadata(meta)
+        self.obs_writer = pq.ParquetWriter(self.path / "obs.parquet", self.obs_schema, compression="zstd")
+        genes.to_frame().to_parquet(self.path / "var.parquet", index=False)
+
+    def append(self, row_nnz: np.ndarray, indices: np.ndarray, data: np.ndarray, obs: pa.Table) -> None:
+        """Append rows in store order: per-row nonzero counts, their gene indices and values, and obs rows."""
+        self.indptr.append(self.nnz + np.cumsum(row_nnz, dtype=np.int64))
+        self.indices.append(indices)
+        self.data.append(data)
+        self.obs_writer.write_table(obs.cast(self.obs_schema))
+        self.n_cells += len(row_nnz)
+        self.nnz += len(indices)
+
+    def finish(self, splits: dict[str, tuple[int, int]], shuffle_seed: int, source: str, extra: dict | None = None):
+        for appender in (self.indptr, self.indices, self.data):
+            appender.close()
+        self.obs_writer.close()
+        self.group.attrs.update({
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "n_cells": self.n_cells,
+            "n_genes": len(self.genes),
+            "nnz": self.nnz,
+            "value_kind": self.value_kind,
+            "splits": {k: [int(a), int(b)] for k, (a, b) in splits.items()},
+            "shuffle_seed": shuffle_seed,
+            "source": source,
+            "var_checksum": self.genes.checksum(),
+            "layout": {"chunk": self.layout.chunk, "shard": self.layout.shard, "codec": self.layout.codec},
+            **(extra or {}),
+        })
+
+
+def _fail(path, problem, fix="reconvert the source with `cellssl convert`, or restore the store from a copy"):
+    raise CellStoreError(path, problem, fix)
+
+
+class CellStore:
+    """A validated, read-only view of a cell store. `validate`: "fast" (metadata, indptr, files) or "full"
+    (also decodes every chunk and checks every index and value)."""
+
+    def __init__(self, path: str | Path, validate: str = "fast"):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            _fail(self.path, "not a cell store (no zarr.json)" if self.path.exists() else "no such store",
+                  "pass the path of a directory written by `cellssl convert` or `cellssl synth`")
+        try:
+            self.group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
+            attrs = dict(self.group.attrs)
+        except Exception as exc:  # zarr raises several types for garbled metadata
+            _fail(self.path / "zarr.json", f"unreadable store metadata ({exc})")
+        if attrs.get("format") != FORMAT:
+            _fail(self.path / "zarr.json", f"attribute format is {attrs.get('format')!r}, not {FORMAT!r}: a foreign "
+                  "zarr group", "convert the data with `cellssl convert` first")
+        if attrs.get("format_version") != FORMAT_VERSION:
+            _fail(self.path / "zarr.json", f"format_version {attrs.get('format_version')!r}; this cellssl reads "
+                  f"version {FORMAT_VERSION}", "reconvert the source with this cellssl, or install the cellssl that "
+                  "wrote it")
+        self.attrs = attrs
+        self.n_cells, self.n_genes, self.nnz = int(attrs["n_cells"]), int(attrs["n_genes"]), int(attrs["nnz"])
+        self.value_kind = attrs["value_kind"]
+        self.splits = {k: (int(a), int(b)) for k, (a, b) in attrs["splits"].items()}
+        self._validate_arrays()
+        self._validate_tables()
+        if validate == "full":
+            self.verify_all()
+        elif validate != "fast":
+            raise ValueError(f"validate must be 'fast' or 'full', not {validate!r}")
+
+    # --- validation ------------------------------------------------------------------------------------
+    def _array(self, name: str) -> zarr.Array:
+        try:
+            return self.group[f"X/{name}"]
+        except Exception:
+            _fail(self.path / "X" / name, "array missing or unreadable")
+
+    def _validate_arrays(self) -> None:
+        indptr, self._indices, self._data = self._array("indptr"), self._array("indices"), self._array("data")
+        for arr, allowed in ((self._indices, _INDEX_DTYPES), (self._data, _DATA_DTYPES)):
+            if str(arr.dtype) not in allowed:
+                _fail(self.path / "X" / arr.basename, f"dtype {arr.dtype}, expected one of {sorted(allowed)}")
+        if self._indices.dtype == np.uint16 and self.n_genes > 65535:
+            _fail(self.path / "X/indices", f"uint16 indices cannot address {self.n_genes} genes")
+        if self.value_kind not in VALUE_KINDS:
+            _fail(self.path / "zarr.json", f"value_kind {self.value_kind!r} is not one of {VALUE_KINDS}")
+        if indptr.shape != (self.n_cells + 1,):
+            _fail(self.path / "X/indptr", f"length {indptr.shape[0]}, expected n_cells + 1 = {self.n_cells + 1}")
+        for arr in (self._indices, self._data):
+            if arr.shape != (self.nnz,):
+                _fail(self.path / "X" / arr.basename, f"length {arr.shape[0]}, expected nnz = {self.nnz}")
+        self._check_chunk_files()
+        self.indptr = self._decode(indptr, 0, self.n_cells + 1)
+        if self.indptr[0] != 0 or self.indptr[-1] != self.nnz:
+            _fail(self.path / "X/indptr", f"starts at {self.indptr[0]} and ends at {self.indptr[-1]}; expected 0 "
+                  f"and nnz = {self.nnz}")
+        if np.any(np.diff(self.indptr) < 0):
+            bad = int(np.argmax(np.diff(self.indptr) < 0))
+            _fail(self.path / "X/indptr", f"not monotonic (row {bad} ends before it starts)")
+        bounds = sorted(self.splits.values())
+        if [a for a, _ in bounds][:1] != [0] or bounds[-1][1] != self.n_cells or any(
+                bounds[i][1] != bounds[i + 1][0] for i in range(len(bounds) - 1)):
+            _fail(self.path / "zarr.json", f"splits {self.splits} do not tile [0, {self.n_cells})")
+
+    def _check_chunk_files(self) -> None:
+        # zarr reads a missing chunk as fill_value; a deleted shard must be an error, not a run of zeros.
+        for arr in (self._indices, self._data):
+            step = arr.shards[0] if arr.shards else arr.chunks[0]
+            folder = self.path / "X" / arr.basename / "c"
+            for i in range(-(-arr.shape[0] // step)):
+                if not (folder / str(i)).is_file():
+                    _fail(folder / str(i), "chunk file missing")
+
+    def _validate_tables(self) -> None:
+        for name, rows in (("obs.parquet", self.n_cells), ("var.parquet", self.n_genes)):
+            try:
+                n = pq.ParquetFile(self.path / name).metadata.num_rows
+            except Exception as exc:
+                _fail(self.path / name, f"missing or unreadable ({exc})")
+            if n != rows:
+                _fail(self.path / name, f"{n} rows, expected {rows}")
+        if self.genes.checksum() != self.attrs.get("var_checksum"):
+            _fail(self.path / "var.parquet", "gene ids do not match var_checksum in zarr.json")
+
+    def _decode(self, arr: zarr.Array, start: int, stop: int) -> np.ndarray:
+        try:
+            return arr[start:stop]
+        except Exception as exc:
+            _fail(self.path / "X" / arr.basename, f"elements [{start}, {stop}) cannot be decoded "
+                  f"({type(exc).__name__}: {exc}); the store is damaged")
+
+    def verify_all(self, step_cells: int = 65536, progress: bool = False) -> None:
+        """Decode every chunk; check indices in range and sorted per row, values finite, >= 0, integral counts."""
+        from tqdm import tqdm
+
+        for start in tqdm(range(0, self.n_cells, step_cells), desc="verify", unit="block", disable=not progress):
+            stop = min(start + step_cells, self.n_cells)
+            indptr, indices, data = self.read_rows(start, stop)
+            rows = np.repeat(np.arange(stop - start), np.diff(indptr))
+            if len(indices) > 1 and np.any((np.diff(indices.astype(np.int64)) <= 0) & (np.diff(rows) == 0)):
+                _fail(self.path / "X/indices", f"gene indices not strictly increasing within a row in [{start}, {stop})")
+            if data.dtype.kind == "f" and not np.isfinite(data).all():
+                _fail(self.path / "X/data", f"non-finite values in rows [{start}, {stop})")
+            if data.dtype.kind == "f" and (data < 0).any():
+                _fail(self.path / "X/data", f"negative values in rows [{start}, {stop})")
+
+    # --- reading ---------------------------------------------------------------------------------------
+    @property
+    def genes(self) -> GeneSpace:
+        if not hasattr(self, "_genes"):
+            var = pd.read_parquet(self.path / "var.parquet")
+            self._genes = GeneSpace.from_lists(var["gene_id"], var["gene_name"])
+        return self._genes
+
+    @property
+    def var(self) -> pd.DataFrame:
+        return self.genes.to_frame()
+
+    def __len__(self) -> int:
+        return self.n_cells
+
+    def split(self, name: str) -> tuple[int, int]:
+        if name not in self.splits:
+            raise KeyError(f"{self.path}: no split {name!r}; it has {sorted(self.splits)}")
+        return self.splits[name]
+
+    def read_rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """CSR triple of rows [start, stop): indptr rebased to 0, gene indices, values (store dtypes)."""
+        if not 0 <= start <= stop <= self.n_cells:
+            raise IndexError(f"rows [{start}, {stop}) outside [0, {self.n_cells})")
+        lo, hi = int(self.indptr[start]), int(self.indptr[stop])
+        indices, data = self._decode(self._indices, lo, hi), self._decode(self._data, lo, hi)
+        if len(indices) and (indices.max() >= self.n_genes or (indices.dtype.kind == "i" and indices.min() < 0)):
+            _fail(self.path / "X/indices", f"gene index out of range [0, {self.n_genes}) in rows [{start}, {stop})")
+        return self.indptr[start:stop + 1] - lo, indices, data
+
+    def to_scipy(self, start: int = 0, stop: int | None = None):
+        import scipy.sparse as sp
+
+        stop = self.n_cells if stop is None else stop
+        indptr, indices, data = self.read_rows(start, stop)
+        return sp.csr_matrix((data, indices, indptr), shape=(stop - start, self.n_genes))
+
+    @property
+    def categories(self) -> dict[str, list[str]]:
+        meta = pq.read_schema(self.path / "obs.parquet").metadata or {}
+        return json.loads(meta.get(CATEGORIES_KEY, b"{}"))
+
+    def obs(self, columns: list[str] | None = None) -> pd.DataFrame:
+        """obs in store order; categorical columns carry their full category list."""
+        table = pq.read_table(self.path / "obs.parquet", columns=columns)
+        frame = pd.DataFrame({name: self._column(table, name) for name in table.column_names})
+        for name, cats in self.categories.items():
+            if name in frame:
+                frame[name] = pd.Categorical.from_codes(frame[name].to_numpy(), categories=cats)
+        return frame
+
+    def obs_codes(self, column: str) -> np.ndarray:
+        """int64 codes of a categorical obs column (-1 for missing), or the values of a numeric one."""
+        return self._column(pq.read_table(self.path / "obs.parquet", columns=[column]), column)
+
+    def _column(self, table: pa.Table, name: str) -> np.ndarray:
+        col = table.column(name)
+        cats = self.categories.get(name)
+        if cats is None:
+            return col.to_numpy()
+        lookup = {label: i for i, label in enumerate(cats)}
+        out = []
+        for chunk in col.chunks:
+            remap = np.array([lookup[v] for v in chunk.dictionary.to_pylist()] + [-1], dtype=np.int64)
+            idx = chunk.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+            out.append(remap[idx])
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def size_on_disk(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+
+def open_store(path: str | Path | CellStore, validate: str = "fast") -> CellStore:
+    return path if isinstance(path, CellStore) else CellStore(path, validate)
+
+
+def remove_tree(path: Path) -> None:
+    """rm -r that tolerates a path that never came to exist (a failed conversion's temp dir)."""
+    import shutil
+
+    if path.exists():
+        shutil.rmtree(path)
