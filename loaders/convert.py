@@ -159,6 +159,7 @@ def _spill_pass(source: Source, alignment: GeneAlignment, dest: np.ndarray, scra
     bar = tqdm(total=source.n_cells, desc="read+shuffle", unit="cell", unit_scale=True, disable=not progress)
     for chunk in source.chunks(scratch / "source"):
         if spill is None:
+            _Checker(source, "log1p_10k")(chunk)  # NaN/Inf/negative first: they would confuse the kind detection
             kind = _decide_value_kind(requested_kind, source, chunk)
             checker = _Checker(source, kind)
             spill = Spill(scratch / "buckets", row_dtype, {"idx": index_dtype(n_genes), "val": np.float32})

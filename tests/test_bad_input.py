@@ -1,0 +1,216 @@
+"""Bad input: one clear error naming the file and the problem, and nothing left behind."""
+from __future__ import annotations
+
+import errno
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import zarr
+
+from conftest import gene_table, make_anndata, write_10x
+from loaders import CellStore, CellStoreError, InputError
+from loaders.convert import convert, open_source
+
+
+def leftovers(folder, name="out"):
+    return sorted(p.name for p in folder.iterdir() if name in p.name)
+
+
+def convert_h5ad(tmp_path, x, **kw):
+    adata = make_anndata(x) if not isinstance(x, type(make_anndata)) else x
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    return convert(open_source("h5ad", tmp_path / "in.h5ad"), tmp_path / "out", genes=kw.pop("genes", "keep"),
+                   progress=False, **kw)
+
+
+def test_missing_and_garbled_files(tmp_path):
+    with pytest.raises(InputError, match="nope.h5ad: file not found"):
+        open_source("h5ad", tmp_path / "nope.h5ad")
+    (tmp_path / "garbled.h5ad").write_bytes(b"\x00not hdf5" * 100)
+    with pytest.raises(InputError, match="garbled.h5ad: not a readable HDF5"):
+        open_source("h5ad", tmp_path / "garbled.h5ad")
+    with pytest.raises(InputError, match="no matrix.mtx"):
+        open_source("10x", tmp_path)
+    with pytest.raises(InputError, match="var.parquet: missing"):
+        open_source("sctab", tmp_path)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -1.0])
+def test_non_finite_or_negative_values(tmp_path, counts, bad):
+    x = counts.copy().astype(np.float32)
+    x.data[7] = bad
+    with pytest.raises(InputError, match=r"in.h5ad.*non-finite or negative value .* at cell \d+ .*gene ENSG"):
+        convert_h5ad(tmp_path, x)
+    assert leftovers(tmp_path) == []
+
+
+def test_counts_requested_but_not_integer(tmp_path, counts):
+    x = counts.copy().astype(np.float32)
+    x.data[3] += 0.5
+    with pytest.raises(InputError, match="non-integer value in a counts matrix"):
+        convert_h5ad(tmp_path, x, value_kind="counts")
+    assert leftovers(tmp_path) == []
+
+
+def test_normalised_values_of_unknown_kind(tmp_path, counts):
+    x = counts.copy().astype(np.float32)
+    x.data = x.data / 3.7
+    with pytest.raises(InputError, match="not integer counts and not log1p of counts per 10,000.*--value-kind"):
+        convert_h5ad(tmp_path, x)
+
+
+def test_genes_matching_nothing(tmp_path, counts):
+    (tmp_path / "mouse.tsv").write_text("gene_id\tgene_name\nENSMUSG00000000001\tGnai3\n")
+    with pytest.raises(InputError, match="none of its 60 genes .* matches the 1-gene target space"):
+        convert_h5ad(tmp_path, counts, genes=tmp_path / "mouse.tsv")
+    assert leftovers(tmp_path) == []
+
+
+def test_duplicated_gene_ids(tmp_path, counts):
+    adata = make_anndata(counts)
+    ids = list(adata.var["gene_id"])
+    ids[3] = ids[2]
+    adata.var["gene_id"] = ids
+    adata.var_names = [f"v{i}" for i in range(len(ids))]
+    adata.write_h5ad(tmp_path / "dup.h5ad")
+    with pytest.raises(InputError, match=r"dup.h5ad.*1 duplicated gene ids \(ENSG00000000003\)"):
+        convert(open_source("h5ad", tmp_path / "dup.h5ad"), tmp_path / "out", genes="keep", progress=False)
+
+
+def test_output_exists_refused_unless_overwrite(tmp_path, counts):
+    first = convert_h5ad(tmp_path, counts)
+    with pytest.raises(InputError, match="out: already exists. Fix: pass --overwrite"):
+        convert(open_source("h5ad", tmp_path / "in.h5ad"), tmp_path / "out", genes="keep", progress=False)
+    again = convert(open_source("h5ad", tmp_path / "in.h5ad"), tmp_path / "out", genes="keep", progress=False,
+                    overwrite=True, seed=5)
+    assert again.attrs["shuffle_seed"] == 5 and first.n_cells == again.n_cells
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "thesis.tex").write_text("do not delete")
+    with pytest.raises(InputError, match="not a cell store; refusing"):
+        convert(open_source("h5ad", tmp_path / "in.h5ad"), tmp_path / "precious", genes="keep", overwrite=True,
+                progress=False)
+    assert (tmp_path / "precious" / "thesis.tex").exists()
+
+
+def test_disk_full_leaves_nothing(tmp_path, counts, monkeypatch):
+    from loaders import store as store_module
+
+    def full(self, n):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module._Appender, "_write", full)
+    with pytest.raises(InputError, match="disk full while converting; nothing was kept"):
+        convert_h5ad(tmp_path, counts)
+    assert leftovers(tmp_path) == []
+
+
+def test_disk_full_while_spilling_keeps_old_store(tmp_path, counts, monkeypatch):
+    from loaders import spill
+
+    convert_h5ad(tmp_path, counts)
+    monkeypatch.setattr(spill.np, "ascontiguousarray", lambda a: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(InputError, match="disk full"):
+        convert(open_source("h5ad", tmp_path / "in.h5ad"), tmp_path / "out", genes="keep", overwrite=True,
+                progress=False)
+    assert leftovers(tmp_path) == ["out"]
+    CellStore(tmp_path / "out", validate="full")
+
+
+def test_interrupted_conversion_leaves_no_store(tmp_path, counts, monkeypatch):
+    import loaders.convert as conv
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(conv, "_write_pass", boom)
+    with pytest.raises(KeyboardInterrupt):
+        convert_h5ad(tmp_path, counts)
+    assert leftovers(tmp_path) == []
+
+
+def test_10x_truncated_matrix(tmp_path, counts):
+    folder = write_10x(tmp_path / "tenx", counts, gz=False)
+    lines = (folder / "matrix.mtx").read_text().splitlines()
+    (folder / "matrix.mtx").write_text("\n".join(lines[:-10]) + "\n")
+    with pytest.raises(InputError, match="matrix.mtx: holds .* entries, the header promises"):
+        convert(open_source("10x", folder), tmp_path / "out", genes="keep", progress=False)
+    assert leftovers(tmp_path) == []
+
+
+# --- damaged stores --------------------------------------------------------------------------------------
+
+@pytest.fixture
+def store_path(tmp_path, counts):
+    return convert_h5ad(tmp_path, counts).path
+
+
+def test_not_a_store(tmp_path):
+    with pytest.raises(CellStoreError, match="no such store"):
+        CellStore(tmp_path / "missing")
+    with pytest.raises(CellStoreError, match="not a cell store"):
+        CellStore(tmp_path)
+    zarr.open_group(str(tmp_path / "foreign"), mode="w", zarr_format=3)
+    with pytest.raises(CellStoreError, match="foreign"):
+        CellStore(tmp_path / "foreign")
+
+
+def test_other_format_version(store_path):
+    meta = json.loads((store_path / "zarr.json").read_text())
+    meta["attributes"]["format_version"] = 99
+    (store_path / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(CellStoreError, match="format_version 99; this cellssl reads version 1"):
+        CellStore(store_path)
+
+
+def test_indptr_not_monotonic(store_path):
+    arr = zarr.open_array(str(store_path / "X" / "indptr"), mode="r+")
+    values = arr[:]
+    values[10], values[11] = values[11] + 5, values[10]
+    arr[:] = values
+    with pytest.raises(CellStoreError, match="indptr: not monotonic"):
+        CellStore(store_path)
+
+
+def test_indices_out_of_range(store_path):
+    arr = zarr.open_array(str(store_path / "X" / "indices"), mode="r+")
+    values = arr[:]
+    values[42] = 60000
+    arr[:] = values
+    store = CellStore(store_path)  # fast open does not decode the matrix ...
+    with pytest.raises(CellStoreError, match="gene index out of range"):
+        store.read_rows(0, store.n_cells)  # ... but every read checks what it decodes
+    with pytest.raises(CellStoreError, match="gene index out of range"):
+        CellStore(store_path, validate="full")
+
+
+def test_corrupted_chunk(store_path):
+    shard = store_path / "X" / "data" / "c" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 3] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(CellStoreError, match="X/data: elements .* cannot be decoded .* damaged"):
+        CellStore(store_path, validate="full")
+
+
+def test_truncated_chunk(store_path):
+    shard = store_path / "X" / "indices" / "c" / "0"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    store = CellStore(store_path)
+    with pytest.raises(CellStoreError, match="X/indices"):
+        store.read_rows(0, store.n_cells)
+
+
+def test_missing_chunk_file(store_path):
+    (store_path / "X" / "data" / "c" / "0").unlink()
+    with pytest.raises(CellStoreError, match="chunk file missing"):
+        CellStore(store_path)
+
+
+def test_obs_rows_mismatch(store_path):
+    pd.DataFrame({"a": [1, 2]}).to_parquet(store_path / "obs.parquet")
+    with pytest.raises(CellStoreError, match="obs.parquet: 2 rows, expected 300"):
+        CellStore(store_path)
