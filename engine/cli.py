@@ -29,7 +29,7 @@ def _add_convert(sub) -> None:
     p.add_argument("--layer", default="auto", help="h5ad matrix: auto, X, counts, raw or a layer name")
     p.add_argument("--value-kind", choices=["auto", "counts", "log1p_10k"], default="auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the split assignment and the in-split shuffle")
-    p.add_argument("--codec", default=Layout.codec, help="blosc-lz4 (default), zstdN or none")
+    p.add_argument("--codec", default=Layout.codec, help="auto (default: blosc-lz4 for integers, zstd1 for floats), blosc-lz4, zstdN or none")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at DST")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

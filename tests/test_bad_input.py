@@ -214,3 +214,15 @@ def test_obs_rows_mismatch(store_path):
     pd.DataFrame({"a": [1, 2]}).to_parquet(store_path / "obs.parquet")
     with pytest.raises(CellStoreError, match="obs.parquet: 2 rows, expected 300"):
         CellStore(store_path)
+
+
+def test_unsorted_indices_within_a_row(store_path):
+    store = CellStore(store_path)
+    row = int(np.argmax(np.diff(store.indptr) > 3))
+    lo = int(store.indptr[row])
+    arr = zarr.open_array(str(store_path / "X" / "indices"), mode="r+")
+    values = arr[:]
+    values[lo], values[lo + 1] = values[lo + 1], values[lo]
+    arr[:] = values
+    with pytest.raises(CellStoreError, match="not strictly increasing within a row"):
+        CellStore(store_path, validate="full")
