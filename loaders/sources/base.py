@@ -13,6 +13,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
+from ..errors import InputError
 from ..genes import GeneSpace
 from ..spill import Spill
 
@@ -51,6 +52,13 @@ class Source:
 
     def describe(self) -> str:
         return f"{type(self).__name__.removesuffix('Source').lower()}:{self.path.name}"
+
+
+def source_dir(path: str | Path, fix: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(path, "not a directory", fix)
+    return path
 
 
 def obs_from_frame(frame: pd.DataFrame) -> tuple[dict[str, np.ndarray], dict[str, list[str]], dict[str, np.dtype]]:

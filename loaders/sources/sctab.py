@@ -18,7 +18,7 @@ from ..csr import dense_to_csr
 from ..errors import InputError
 from ..genes import GeneSpace
 from ..store import SPLITS
-from .base import RowChunk, Source
+from .base import RowChunk, Source, source_dir
 
 ROWS_PER_BATCH = 2048  # a dense 19,331-gene batch is 158 MB: bounded whatever the row-group size
 
@@ -39,9 +39,7 @@ def _read_parquet(path: Path, what: str) -> pd.DataFrame:
 
 class ScTabSource(Source):
     def __init__(self, path: str | Path):
-        path = Path(path)
-        if not path.is_dir():
-            raise InputError(path, "not a directory", "pass the scTab directory (merlin_cxg_2023_05_15_sf-log1p)")
+        path = source_dir(path, "pass the scTab directory (merlin_cxg_2023_05_15_sf-log1p)")
         var = _read_parquet(path / "var.parquet", "gene table")
         for col in ("feature_id", "feature_name"):
             if col not in var:

@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..errors import InputError
 from ..genes import GeneSpace
-from .base import RowChunk, Source, rows_from_triplets
+from .base import RowChunk, Source, rows_from_triplets, source_dir
 
 ENTRIES_PER_BLOCK = 1 << 23
 
@@ -40,9 +40,7 @@ def _read_tsv(path: Path) -> pd.DataFrame:
 
 class TenxSource(Source):
     def __init__(self, path: str | Path):
-        path = Path(path)
-        if not path.is_dir():
-            raise InputError(path, "not a directory", "pass a Cell Ranger filtered_feature_bc_matrix folder")
+        path = source_dir(path, "pass a Cell Ranger filtered_feature_bc_matrix folder")
         self.matrix = _find(path, "matrix.mtx")
         features = _read_tsv(_find(path, "features.tsv", "genes.tsv"))
         barcodes = _read_tsv(_find(path, "barcodes.tsv"))
