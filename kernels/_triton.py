@@ -1,0 +1,25 @@
+"""Triton, where it is installed (Linux). Elsewhere `jit` leaves the kernels as plain functions that nothing
+calls, so the torch references still import and run. Never imports engine or loaders."""
+from __future__ import annotations
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on platforms without Triton
+    triton, tl = None, None
+
+
+def jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+def tile(n_rows: int, n_cols: int, on_gpu: bool) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_G): small tiles for many GPU programs; few large ones for the CPU interpreter, whose cost
+    is per program instance."""
+    if on_gpu:
+        return 4, 1024
+    return min(triton.next_power_of_2(max(n_rows, 1)), 64), min(triton.next_power_of_2(max(n_cols, 1)), 4096)
+
+
+def grid(n_rows: int, n_cols: int, blocks: tuple[int, int]) -> tuple[int, int]:
+    return triton.cdiv(n_rows, blocks[0]), triton.cdiv(n_cols, blocks[1])

@@ -1,0 +1,73 @@
+"""Which implementation runs, argument checks, and the counter-based random keys every op shares.
+
+`CELLSSL_KERNELS=torch` forces the torch references, `=triton` forces the Triton kernels (with
+`TRITON_INTERPRET=1` they run on CPU tensors: how the tests reach them); otherwise Triton runs on CUDA
+tensors and torch on CPU ones. Never imports engine or loaders.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    mode = os.environ.get("CELLSSL_KERNELS", "auto").lower()
+    if mode == "torch":
+        return False
+    if mode == "triton":
+        return True
+    if mode != "auto":
+        raise ValueError(f"CELLSSL_KERNELS={mode!r}: use auto, torch or triton")
+    return all(t.is_cuda for t in tensors if t is not None) and _triton_available()
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def random_key(seed: int, step: int, stream: int = 0) -> int:
+    """A 63-bit key from (seed, step, stream) by splitmix64 rounds: nearby seeds and steps give unrelated keys.
+
+    Triton's Philox takes it as its key and (row * n_genes + gene) as its counter; the torch references seed a
+    torch.Generator with it."""
+    z = 0
+    for part in (seed, step, stream):
+        z = (z ^ (int(part) & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _MASK64
+        z ^= z >> 31
+    return z >> 1
+
+
+def generator(key: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(key)
+
+
+def check_matrix(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, not {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [cells, genes], got shape {tuple(x.shape)}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {x.dtype} (cast with .float())")
+
+
+def check_same(a: torch.Tensor, b: torch.Tensor, names: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{names}: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}")
+    if a.device != b.device:
+        raise ValueError(f"{names}: devices differ, {a.device} vs {b.device}")
+
+
+def check_rate(rate: float, name: str = "rate") -> float:
+    rate = float(rate)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {rate}")
+    return rate

@@ -1,0 +1,172 @@
+"""Mask specifications: everything needed to regenerate a mask, without storing it.
+
+A `MaskSpec` says, for every (cell, gene), whether the gene is kept in the input and whether the loss reads it.
+Random masks are regenerated from a counter-based key; programme masks from per-row bitsets (one bit per
+gene, 32 genes per int32 word, as `loaders.genesets.ProgrammeIndex.bits` packs them). The choices (which
+programmes, which TF) are drawn here from a torch.Generator keyed by (seed, step). The materialising methods
+are the torch references of the masks. Never imports engine or loaders.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .dispatch import check_rate, generator, random_key
+
+RANDOM, DROP_BITS, KEEP_BITS = 0, 1, 2                    # how keep(row, gene) is decided
+TARGET_MASKED, TARGET_KEPT, TARGET_GENE = 0, 1, 2       # which positions the loss reads
+
+
+def pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    """bool [R, G] → int32 [R, ceil(G / 32)], bit g % 32 of word g // 32."""
+    rows, genes = flags.shape
+    words = -(-genes // 32)
+    padded = torch.zeros(rows, words * 32, dtype=torch.int64, device=flags.device)
+    padded[:, :genes] = flags.to(torch.int64)
+    weights = torch.bitwise_left_shift(torch.ones(32, dtype=torch.int64, device=flags.device),
+                                       torch.arange(32, device=flags.device))
+    packed = (padded.view(rows, words, 32) * weights).sum(-1)
+    return torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)
+
+
+def unpack_bits(words: torch.Tensor, n_genes: int) -> torch.Tensor:
+    """int32 [R, W] → bool [R, n_genes]."""
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+    bits = torch.bitwise_and(torch.bitwise_right_shift(words.unsqueeze(-1), shifts), 1)
+    return bits.reshape(words.shape[0], -1)[:, :n_genes].bool()
+
+
+def _check_programmes(programmes: torch.Tensor, n_genes: int, device) -> torch.Tensor:
+    if not isinstance(programmes, torch.Tensor) or programmes.dtype != torch.int32 or programmes.dim() != 2:
+        raise TypeError("programmes must be an int32 tensor [P, ceil(n_genes / 32)] of bitsets "
+                        "(loaders.genesets.ProgrammeIndex.bits)")
+    if programmes.shape[1] != -(-n_genes // 32):
+        raise ValueError(f"programmes have {programmes.shape[1]} words per row; {n_genes} genes need "
+                         f"{-(-n_genes // 32)}: build them against the same gene space")
+    if programmes.device != torch.device(device):
+        raise ValueError(f"programmes are on {programmes.device}, the data on {device}")
+    return programmes
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    mode: int
+    target: int
+    key: int
+    rate: float
+    n_cells: int
+    n_genes: int
+    row_bits: torch.Tensor      # int32 [R, W]
+    row_index: torch.Tensor     # int32 [B]: which row of row_bits each cell uses
+    scale: torch.Tensor         # float32 [B]: input upscaling, 1 / (1 - fraction masked)
+    target_gene: torch.Tensor   # int32 [B] (TARGET_GENE only)
+    triton: bool                # whose random stream (Philox in Triton, torch.Generator otherwise)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n_cells, self.n_genes
+
+    def keep(self) -> torch.Tensor:
+        """bool [B, G]: the input positions kept (the mask's torch reference; Triton's via its kernel)."""
+        if self.mode == RANDOM:
+            if self.triton:
+                from .masking import apply_mask
+
+                return apply_mask(torch.ones(self.shape, device=self.scale.device), self) != 0
+            u = torch.rand(self.shape, generator=generator(self.key, self.scale.device), device=self.scale.device)
+            return u >= self.rate
+        bits = unpack_bits(self.row_bits, self.n_genes)[self.row_index.long()]
+        return ~bits if self.mode == DROP_BITS else bits
+
+    def selected(self, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """bool [B, G]: the positions the reconstruction loss reads."""
+        if self.target == TARGET_GENE:
+            cols = torch.arange(self.n_genes, device=self.target_gene.device)
+            return cols[None, :] == self.target_gene.long()[:, None]
+        keep = self.keep() if keep is None else keep
+        return ~keep if self.target == TARGET_MASKED else keep
+
+
+def _spec(x, mode, target, key, rate, row_bits, row_index, scale, target_gene=None, triton=False) -> MaskSpec:
+    n, g = x.shape
+    dev = x.device
+    return MaskSpec(mode, target, key, rate, n, g, row_bits.to(dev, torch.int32), row_index.to(dev, torch.int32),
+                    scale.to(dev, torch.float32),
+                    torch.zeros(n, dtype=torch.int32, device=dev) if target_gene is None else target_gene.to(
+                        dev, torch.int32), triton)
+
+
+def random_spec(x: torch.Tensor, rate: float, seed: int, step: int, triton: bool) -> MaskSpec:
+    """Each element masked with probability `rate`; the input upscaled by 1 / (1 - rate) (the paper)."""
+    rate = check_rate(rate)
+    n = x.shape[0]
+    empty = torch.zeros(1, 1, dtype=torch.int32)
+    return _spec(x, RANDOM, TARGET_MASKED, random_key(seed, step), rate, empty, torch.zeros(n, dtype=torch.int32),
+                 torch.full((n,), 1.0 / (1.0 - rate)), triton=triton)
+
+
+def programme_spec(x: torch.Tensor, programmes: torch.Tensor, rate: float, seed: int, step: int,
+                   per: str, triton: bool) -> MaskSpec:
+    """⌊rate · P⌋ programmes masked, chosen once per batch ("batch", the paper) or afresh per cell ("cell")."""
+    rate = check_rate(rate)
+    n, g = x.shape
+    programmes = _check_programmes(programmes, g, x.device)
+    p = programmes.shape[0]
+    k = math.floor(rate * p)
+    gen = generator(random_key(seed, step, 1), "cpu")
+    if per == "batch":
+        chosen = torch.randperm(p, generator=gen)[:k].to(x.device)
+        masked = unpack_bits(programmes[chosen], g).any(0, keepdim=True)
+        row_index = torch.zeros(n, dtype=torch.int32)
+    elif per == "cell":
+        chosen = torch.rand(n, p, generator=gen).argsort(dim=1)[:, :k].to(x.device)
+        masked = _union_per_cell(programmes, chosen, g)
+        row_index = torch.arange(n, dtype=torch.int32)
+    else:
+        raise ValueError(f"per must be 'batch' or 'cell', not {per!r}")
+    n_masked = masked.sum(1).to(torch.float32)
+    scale = (g / (g - n_masked).clamp(min=1))[row_index.long().to(x.device)]
+    return _spec(x, DROP_BITS, TARGET_MASKED, random_key(seed, step), rate, pack_bits(masked), row_index, scale,
+                 triton=triton)
+
+
+def _union_per_cell(programmes: torch.Tensor, chosen: torch.Tensor, n_genes: int) -> torch.Tensor:
+    """bool [B, G]: the genes of each cell's chosen programmes, as a (cells × programmes) · (programmes × genes)
+    product; sparse on CPU, where the membership matrix is ~0.4 % full."""
+    n, p = chosen.shape[0], programmes.shape[0]
+    picks = torch.zeros(n, p, device=chosen.device)
+    picks.scatter_(1, chosen, 1.0)
+    member = unpack_bits(programmes, n_genes).to(torch.float32)
+    if picks.is_cuda:
+        return (picks @ member) > 0
+    return torch.sparse.mm(member.t().to_sparse(), picks.t()).t() > 0
+
+
+def isolated_spec(x: torch.Tensor, programmes: torch.Tensor, seed: int, step: int, tf_genes: torch.Tensor | None,
+                  per: str, triton: bool) -> MaskSpec:
+    """Keep one programme's genes (GP→GP; loss on them) or one TF's targets (GP→TF; loss on the TF itself)."""
+    n, g = x.shape
+    programmes = _check_programmes(programmes, g, x.device)
+    if tf_genes is not None:
+        if tf_genes.shape != (programmes.shape[0],):
+            raise ValueError(f"tf_genes has shape {tuple(tf_genes.shape)}; expected one TF gene per programme "
+                             f"({programmes.shape[0]})")
+        if len(tf_genes) and (tf_genes.min() < 0 or tf_genes.max() >= g):
+            raise ValueError(f"tf_genes must be gene columns in [0, {g})")
+        own = torch.zeros(programmes.shape[0], g, dtype=torch.bool, device=x.device)
+        own[torch.arange(len(tf_genes), device=x.device), tf_genes.long().to(x.device)] = True
+        programmes = torch.bitwise_and(programmes, torch.bitwise_not(pack_bits(own)))  # never show the answer
+    sizes = unpack_bits(programmes, g).sum(1)
+    usable = torch.nonzero(sizes > 0).flatten()
+    if len(usable) == 0:
+        raise ValueError("no programme has a gene in this gene space: nothing to isolate")
+    gen = generator(random_key(seed, step, 2), "cpu")
+    count = n if per == "cell" else 1 if per == "batch" else None
+    if count is None:
+        raise ValueError(f"per must be 'batch' or 'cell', not {per!r}")
+    chosen = usable[torch.randint(len(usable), (count,), generator=gen).to(usable.device)].expand(n)
+    scale = g / sizes[chosen].to(torch.float32)
+    target, target_gene = (TARGET_GENE, tf_genes.to(x.device)[chosen]) if tf_genes is not None else (TARGET_KEPT, None)
+    return _spec(x, KEEP_BITS, target, random_key(seed, step), 0.0, programmes, chosen, scale, target_gene, triton)

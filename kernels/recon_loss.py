@@ -1,0 +1,95 @@
+"""Fused masked reconstruction loss: MSE over the positions a MaskSpec selects, normalised as the paper does
+(sum over selected positions ÷ number of all elements), with ∂loss/∂pred produced in the same pass.
+
+The Triton kernel regenerates the selection from the spec (`keep_tile`), so no mask is stored; each program
+writes its partial sum and its gradient tile, and the partials are added in a fixed order (deterministic).
+Never imports engine or loaders.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._triton import grid, jit, tile, tl
+from .dispatch import check_matrix, check_same
+from .mask_spec import TARGET_GENE, TARGET_MASKED, MaskSpec
+from .masking import keep_tile
+
+
+@jit
+def _loss_kernel(pred_ptr, x_ptr, grad_ptr, partial_ptr, row_bits_ptr, row_index_ptr, target_gene_ptr, n_cells,
+                 n_genes, n_words, key, rate, inv_n, MODE: tl.constexpr, TARGET: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    row_ok = rows < n_cells
+    inside = row_ok[:, None] & (cols[None, :] < n_genes)
+    offsets = rows[:, None].to(tl.int64) * n_genes + cols[None, :]
+    diff = tl.load(pred_ptr + offsets, mask=inside, other=0.0) - tl.load(x_ptr + offsets, mask=inside, other=0.0)
+    if TARGET == 2:
+        gene = tl.load(target_gene_ptr + rows, mask=row_ok, other=-1)
+        selected = cols[None, :] == gene[:, None]
+    else:
+        keep = keep_tile(rows, cols, n_genes, key, rate, row_bits_ptr, row_index_ptr, n_words, row_ok, MODE)
+        selected = (keep == 0) if TARGET == 0 else keep
+    selected = selected & inside
+    tl.store(grad_ptr + offsets, tl.where(selected, 2.0 * diff * inv_n, 0.0), mask=inside)
+    partial = tl.sum(tl.sum(tl.where(selected, diff * diff, 0.0), axis=1), axis=0)
+    tl.store(partial_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), partial)
+
+
+def _loss_triton(pred: torch.Tensor, x: torch.Tensor, spec: MaskSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    pred, x = pred.contiguous(), x.contiguous()
+    grad = torch.empty_like(pred)
+    blocks = tile(*x.shape, x.is_cuda)
+    g = grid(*x.shape, blocks)
+    partial = torch.empty(g[0] * g[1], dtype=torch.float32, device=x.device)
+    inv_n = 1.0 / x.numel()
+    _loss_kernel[g](pred, x, grad, partial, spec.row_bits, spec.row_index, spec.target_gene, x.shape[0], x.shape[1],
+                    spec.row_bits.shape[1], spec.key, spec.rate, inv_n, MODE=spec.mode, TARGET=spec.target,
+                    BLOCK_R=blocks[0], BLOCK_G=blocks[1])
+    return partial.sum() * inv_n, grad
+
+
+def recon_loss_reference(pred: torch.Tensor, x: torch.Tensor, spec: MaskSpec,
+                         selected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, ∂loss/∂pred) in torch, the selection materialised from the spec unless given."""
+    inv_n = 1.0 / x.numel()
+    diff = pred - x
+    if selected is None and spec.target == TARGET_GENE:
+        rows = torch.arange(x.shape[0], device=x.device)
+        cols = spec.target_gene.long()
+        picked = diff[rows, cols]
+        grad = torch.zeros_like(diff)
+        grad[rows, cols] = 2.0 * picked * inv_n
+        return picked.square().sum() * inv_n, grad
+    selected = spec.selected() if selected is None else selected
+    diff = torch.where(selected, diff, 0.0)
+    return diff.square().sum() * inv_n, diff.mul_(2.0 * inv_n)
+
+
+class _MaskedReconLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pred, x, spec):
+        loss, grad = _loss_triton(pred, x, spec) if spec.triton else recon_loss_reference(pred, x, spec)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out, None, None
+
+
+def masked_recon_loss(pred: torch.Tensor, target: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
+    """Scalar loss; its gradient w.r.t. `pred` was computed in the forward pass and is replayed by backward."""
+    check_matrix(pred, "pred")
+    check_matrix(target, "target")
+    check_same(pred, target, "pred and target")
+    if tuple(pred.shape) != spec.shape:
+        raise ValueError(f"pred has shape {tuple(pred.shape)}, the mask spec {spec.shape}")
+    if pred.device != spec.scale.device:
+        raise ValueError(f"pred is on {pred.device}, the mask spec on {spec.scale.device}")
+    return _MaskedReconLoss.apply(pred, target.detach(), spec)
+
+
+__all__ = ["TARGET_MASKED", "masked_recon_loss", "recon_loss_reference"]
