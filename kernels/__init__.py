@@ -1,1 +1,13 @@
-"""Triton kernels with torch references and dispatchers. Never imports engine or loaders."""
+"""The hot per-element ops: a Triton kernel, a torch reference and one dispatching function each.
+
+Triton runs on CUDA tensors, the torch reference on CPU tensors; CELLSSL_KERNELS=torch|triton forces one.
+Never imports engine or loaders.
+"""
+from .csr_to_dense import csr_to_dense
+from .mask_spec import MaskSpec
+from .masking import apply_mask, gene_program_mask, isolated_mask, random_mask
+from .nb_augment import nb_augment
+from .recon_loss import masked_recon_loss
+
+__all__ = ["MaskSpec", "apply_mask", "csr_to_dense", "gene_program_mask", "isolated_mask", "masked_recon_loss",
+           "nb_augment", "random_mask"]

@@ -23,3 +23,10 @@ def tile(n_rows: int, n_cols: int, on_gpu: bool) -> tuple[int, int]:
 
 def grid(n_rows: int, n_cols: int, blocks: tuple[int, int]) -> tuple[int, int]:
     return triton.cdiv(n_rows, blocks[0]), triton.cdiv(n_cols, blocks[1])
+
+
+@jit
+def log1p(y):
+    """log(1 + y) to float32 accuracy for small y (Triton has no log1p): log(u) · y / (u − 1), u = 1 + y."""
+    u = 1.0 + y
+    return tl.where(u == 1.0, y, tl.log(u) * (y / tl.where(u == 1.0, 1.0, u - 1.0)))

@@ -1,0 +1,96 @@
+"""Negative-binomial noise augmentation (the paper's BYOL / Barlow Twins view): per element noise
+K ~ NB(total_count = 10, probs ~ U(0, 1)); each row of noise normalised to sum 10,000 and log1p'd, scaled by
+`intensity`, added to x, clamped at 0.
+
+Sampling. With probs drawn per element, each noise element is an independent draw from the NB–uniform
+mixture, whose pmf is ∫₀¹ C(k+9, k) pᵏ (1−p)¹⁰ dp = 10 / ((k+10)(k+11)) and whose CDF is 1 − 10 / (k+11).
+So K = max(0, ⌈10 / (1 − u) − 11⌉) for one uniform u is an exact draw: the same distribution as
+torch.distributions' Gamma–Poisson sampling of NegativeBinomial(10, probs=U(0,1)), large rates included
+(the tail falls as 1/k², so single elements reach 10⁷–10⁸), with no rejection loop and no lgamma.
+
+The Triton kernel makes two passes over each row, regenerating the same Philox uniforms: one for the row
+sum, one to finish; no full-size temporary. Never imports engine or loaders.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._triton import jit, log1p, tile, tl, triton
+from .dispatch import check_matrix, generator, random_key, use_triton
+
+TOTAL_COUNT = 10
+TARGET_SUM = 1e4
+
+
+def counts_from_uniform(u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF of the NB(10, U(0,1)) mixture: float32 counts."""
+    return torch.clamp(torch.ceil(TOTAL_COUNT / (1.0 - u) - (TOTAL_COUNT + 1)), min=0.0)
+
+
+@jit
+def _counts(key, rows, cols, n_genes):
+    u = tl.rand(key, rows[:, None].to(tl.int64) * n_genes + cols[None, :])
+    return tl.maximum(tl.ceil(10.0 / (1.0 - u) - 11.0), 0.0)
+
+
+@jit
+def _nb_kernel(x_ptr, out_ptr, n_cells, n_genes, key, intensity, RAW: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_G: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_cells
+    total = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for start in range(0, n_genes, BLOCK_G):
+        cols = start + tl.arange(0, BLOCK_G)
+        inside = row_ok[:, None] & (cols[None, :] < n_genes)
+        total += tl.sum(tl.where(inside, _counts(key, rows, cols, n_genes), 0.0), axis=1)
+    factor = tl.where(total > 0, TARGET_SUM / tl.maximum(total, 1.0), 0.0)
+    for start in range(0, n_genes, BLOCK_G):
+        cols = start + tl.arange(0, BLOCK_G)
+        inside = row_ok[:, None] & (cols[None, :] < n_genes)
+        offsets = rows[:, None].to(tl.int64) * n_genes + cols[None, :]
+        counts = _counts(key, rows, cols, n_genes)
+        if RAW:
+            tl.store(out_ptr + offsets, counts, mask=inside)
+        else:
+            x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
+            noise = log1p(counts * factor[:, None])
+            tl.store(out_ptr + offsets, tl.maximum(x + intensity * noise, 0.0), mask=inside)
+
+
+def _nb_triton(x: torch.Tensor, key: int, intensity: float, raw: bool) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    block_r, block_g = tile(*x.shape, x.is_cuda)
+    block_r = 1 if x.is_cuda else block_r  # one row per GPU program: both passes stay in L2
+    _nb_kernel[(triton.cdiv(x.shape[0], block_r),)](x, out, x.shape[0], x.shape[1], key, intensity, RAW=raw,
+                                                    BLOCK_R=block_r, BLOCK_G=block_g)
+    return out
+
+
+def nb_noise(x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+    """The raw noise counts K [B, G] that nb_augment(x, ·, seed, step) uses, from the same backend."""
+    check_matrix(x, "x")
+    key = random_key(seed, step, 3)
+    if use_triton(x):
+        return _nb_triton(x, key, 0.0, raw=True)
+    u = torch.rand(x.shape, generator=generator(key, x.device), device=x.device)
+    return counts_from_uniform(u)
+
+
+def nb_augment_reference(x: torch.Tensor, intensity: float, noise: torch.Tensor) -> torch.Tensor:
+    """The torch reference given the raw counts: row-normalise to 10,000, log1p, scale, add, clamp at 0."""
+    total = noise.sum(dim=1, keepdim=True)
+    factor = torch.where(total > 0, TARGET_SUM / total.clamp(min=1.0), 0.0)
+    return torch.clamp(x + intensity * torch.log1p(noise * factor), min=0.0)
+
+
+def nb_augment(x: torch.Tensor, intensity: float = 0.1, seed: int = 0, step: int = 0) -> torch.Tensor:
+    """x plus `intensity` · log1p(NB noise normalised to 10,000 per row), clamped at 0 (paper: intensity 0.1)."""
+    check_matrix(x, "x")
+    intensity = float(intensity)
+    if use_triton(x):
+        return _nb_triton(x, random_key(seed, step, 3), intensity, raw=False)
+    return nb_augment_reference(x, intensity, nb_noise(x, seed, step))
+
+
+__all__ = ["counts_from_uniform", "nb_augment", "nb_augment_reference", "nb_noise"]
