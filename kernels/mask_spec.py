@@ -35,7 +35,7 @@ def unpack_bits(words: torch.Tensor, n_genes: int) -> torch.Tensor:
     """int32 [R, W] → bool [R, n_genes]."""
     shifts = torch.arange(32, dtype=torch.int32, device=words.device)
     bits = torch.bitwise_and(torch.bitwise_right_shift(words.unsqueeze(-1), shifts), 1)
-    return bits.reshape(words.shape[0], -1)[:, :n_genes].bool()
+    return bits.reshape(words.shape[0], words.shape[1] * 32)[:, :n_genes].bool()
 
 
 def _check_programmes(programmes: torch.Tensor, n_genes: int, device) -> torch.Tensor:

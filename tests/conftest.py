@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import gzip
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton: kernels run on CPU tensors
 
 import anndata as ad
 import numpy as np
@@ -83,3 +86,22 @@ def synthetic_store(tmp_path_factory):
     from loaders.synthetic import synth
 
     return synth(tmp_path_factory.mktemp("synth") / "s.cellstore", 1500, progress=False)
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    """Run a kernel test once with the torch reference and once with the Triton kernel (interpreted)."""
+    monkeypatch.setenv("CELLSSL_KERNELS", request.param)
+    return request.param
+
+
+def block_programmes(n_genes: int, n_programmes: int, size: int):
+    """Disjoint programmes of `size` consecutive genes, as int32 bitsets."""
+    import torch
+
+    from kernels.mask_spec import pack_bits
+
+    flags = torch.zeros(n_programmes, n_genes, dtype=torch.bool)
+    for p in range(n_programmes):
+        flags[p, p * size:(p + 1) * size] = True
+    return pack_bits(flags)
