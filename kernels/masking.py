@@ -58,7 +58,7 @@ def _mask_triton(x: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
 def mask_reference(x: torch.Tensor, spec: MaskSpec, keep: torch.Tensor | None = None) -> torch.Tensor:
     """The torch reference: x · keep · scale, with `keep` materialised from the spec unless given."""
     keep = spec.keep() if keep is None else keep
-    return torch.where(keep, x * spec.scale[:, None], 0.0)
+    return torch.where(keep, x, 0.0).mul_(spec.scale[:, None])
 
 
 class _ApplyMask(torch.autograd.Function):

@@ -23,8 +23,8 @@ TARGET_SUM = 1e4
 
 
 def counts_from_uniform(u: torch.Tensor) -> torch.Tensor:
-    """Inverse CDF of the NB(10, U(0,1)) mixture: float32 counts."""
-    return torch.clamp(torch.ceil(TOTAL_COUNT / (1.0 - u) - (TOTAL_COUNT + 1)), min=0.0)
+    """Inverse CDF of the NB(10, U(0,1)) mixture, in place on `u`: float32 counts."""
+    return u.neg_().add_(1.0).reciprocal_().mul_(TOTAL_COUNT).sub_(TOTAL_COUNT + 1).ceil_().clamp_(min=0.0)
 
 
 @jit
@@ -77,11 +77,13 @@ def nb_noise(x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
     return counts_from_uniform(u)
 
 
-def nb_augment_reference(x: torch.Tensor, intensity: float, noise: torch.Tensor) -> torch.Tensor:
-    """The torch reference given the raw counts: row-normalise to 10,000, log1p, scale, add, clamp at 0."""
+def nb_augment_reference(x: torch.Tensor, intensity: float, noise: torch.Tensor, inplace: bool = False):
+    """The torch reference given the raw counts: row-normalise to 10,000, log1p, scale, add, clamp at 0
+    (`inplace` reuses the noise buffer for the output: the CPU path's only full-size allocation)."""
     total = noise.sum(dim=1, keepdim=True)
     factor = torch.where(total > 0, TARGET_SUM / total.clamp(min=1.0), 0.0)
-    return torch.clamp(x + intensity * torch.log1p(noise * factor), min=0.0)
+    noise = noise if inplace else noise.clone()
+    return noise.mul_(factor).log1p_().mul_(intensity).add_(x).clamp_(min=0.0)
 
 
 def nb_augment(x: torch.Tensor, intensity: float = 0.1, seed: int = 0, step: int = 0) -> torch.Tensor:
@@ -90,7 +92,7 @@ def nb_augment(x: torch.Tensor, intensity: float = 0.1, seed: int = 0, step: int
     intensity = float(intensity)
     if use_triton(x):
         return _nb_triton(x, random_key(seed, step, 3), intensity, raw=False)
-    return nb_augment_reference(x, intensity, nb_noise(x, seed, step))
+    return nb_augment_reference(x, intensity, nb_noise(x, seed, step), inplace=True)
 
 
 __all__ = ["counts_from_uniform", "nb_augment", "nb_augment_reference", "nb_noise"]

@@ -62,9 +62,12 @@ def recon_loss_reference(pred: torch.Tensor, x: torch.Tensor, spec: MaskSpec,
         grad = torch.zeros_like(diff)
         grad[rows, cols] = 2.0 * picked * inv_n
         return picked.square().sum() * inv_n, grad
-    selected = spec.selected() if selected is None else selected
-    diff = torch.where(selected, diff, 0.0)
-    return diff.square().sum() * inv_n, diff.mul_(2.0 * inv_n)
+    if selected is None and spec.target == TARGET_MASKED:
+        diff.masked_fill_(spec.keep(), 0.0)  # in place: no second full-size temporary
+    else:
+        diff = torch.where(spec.selected() if selected is None else selected, diff, 0.0)
+    flat = diff.view(-1)
+    return torch.dot(flat, flat) * inv_n, diff.mul_(2.0 * inv_n)
 
 
 class _MaskedReconLoss(torch.autograd.Function):
