@@ -1,0 +1,96 @@
+"""Which cells each rank reads, in which order: block-shuffled, rank-sharded, resumable.
+
+Per epoch a seeded permutation of fixed-size blocks of consecutive store rows (contiguous reads, few chunks)
+is laid end to end and cut into `world_size` contiguous shares whose sizes differ by at most one cell, so
+ranks are disjoint and get the same number of steps. Each share is walked in windows of `buffer_batches`
+batches whose cells are shuffled inside the window, which makes batches near-i.i.d. while the reader
+still decodes whole blocks. Everything is a pure function of (seed, epoch, rank), so resuming at a step
+replays exactly the remaining batches. Pure numpy; never imports engine or kernels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BlockShuffleSampler:
+    start: int
+    stop: int
+    batch_size: int
+    block_size: int = 64
+    buffer_batches: int = 4
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    drop_last: bool = True
+
+    def __post_init__(self):
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside [0, world_size={self.world_size})")
+        for name in ("batch_size", "block_size", "buffer_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.stop < self.start:
+            raise ValueError(f"empty or inverted cell range [{self.start}, {self.stop})")
+        if self.drop_last and self.n_cells and self.steps() == 0:
+            raise ValueError(f"batch_size {self.batch_size} exceeds the {self.n_cells // self.world_size} cells each "
+                             f"of {self.world_size} rank(s) gets from this split: lower it, or use drop_last=False")
+
+    @property
+    def n_cells(self) -> int:
+        return self.stop - self.start
+
+    def share_bounds(self, rank: int) -> tuple[int, int]:
+        """Positions [a, b) of `rank`'s share in the epoch's concatenated block order."""
+        n, w = self.n_cells, self.world_size
+        return rank * n // w, (rank + 1) * n // w
+
+    def steps(self) -> int:
+        """Batches per epoch, the same on every rank: full batches of the smallest share (training), or enough
+        batches for the largest share (evaluation; a smaller share's last batch is shorter)."""
+        sizes = [b - a for a, b in (self.share_bounds(r) for r in range(self.world_size))]
+        return min(sizes) // self.batch_size if self.drop_last else -(-max(sizes) // self.batch_size)
+
+    def __len__(self) -> int:
+        return self.steps()
+
+    def order(self, epoch: int) -> np.ndarray:
+        """This rank's store rows for `epoch`, in the order they are batched (int64)."""
+        n_blocks = -(-self.n_cells // self.block_size)
+        blocks = np.random.default_rng([self.seed, epoch, 0]).permutation(n_blocks)
+        lengths = np.minimum(self.block_size, self.n_cells - blocks * self.block_size)
+        ends = np.cumsum(lengths)
+        a, b = self.share_bounds(self.rank)
+        first, last = np.searchsorted(ends, a, side="right"), np.searchsorted(ends, b, side="left")
+        if b == a:
+            return np.zeros(0, np.int64)
+        starts, lens = self.start + blocks[first:last + 1] * self.block_size, lengths[first:last + 1]
+        rows = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())
+        offset = a - (ends[first] - lengths[first])
+        rows = rows[offset:offset + (b - a)]
+        window = self.buffer_batches * self.batch_size
+        for w, s in enumerate(range(0, len(rows), window)):
+            np.random.default_rng([self.seed, epoch, 1, self.rank, w]).shuffle(rows[s:s + window])
+        return rows.astype(np.int64, copy=False)
+
+    def batches(self, epoch: int, start_step: int = 0):
+        """(step, rows) for the remaining steps of `epoch`; windows come whole so a reader can decode them once."""
+        rows = self.order(epoch)
+        steps = self.steps()
+        for step in range(start_step, steps):
+            yield step, rows[step * self.batch_size:(step + 1) * self.batch_size]
+
+    def windows(self, epoch: int, start_step: int = 0):
+        """[(step, rows), …] grouped by shuffle window: the unit the reader decodes at once."""
+        group, current = [], None
+        for step, rows in self.batches(epoch, start_step):
+            w = step // self.buffer_batches
+            if current is not None and w != current:
+                yield group
+                group = []
+            current = w
+            group.append((step, rows))
+        if group:
+            yield group

@@ -1,0 +1,231 @@
+"""BatchStream: dense (or CSR) batches of cells from a cell store, straight into a training loop.
+
+The sampler (`BlockShuffleSampler`) decides which rows; this file turns them into batches. A reader thread
+decodes one shuffle window at a time (each needed chunk once, on a small thread pool) and normalises counts;
+a densify thread scatters each batch into a ring of reused buffers (one pinned block when CUDA is
+available). A yielded batch's buffer stays valid until two more batches have been requested, so an async
+host-to-device copy of it can finish. An exception in a worker reaches the consumer as itself.
+Never imports engine or kernels.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .chunks import ShardedArray
+from .densify import log1p_per_10k, scatter_rows
+from .sampler import BlockShuffleSampler
+from .store import CellStore, open_store
+
+HELD = 2  # yielded batches whose buffers stay untouched
+
+
+@dataclass
+class Batch:
+    """One batch: `x` dense float32 [n, genes] (output="dense") or the CSR triplet (output="csr"), `obs` int64
+    codes by column, `index` the store rows. `epoch`/`step` say where it sits in the stream."""
+
+    index: torch.Tensor
+    obs: dict[str, torch.Tensor]
+    epoch: int
+    step: int
+    x: torch.Tensor | None = None
+    indptr: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    data: torch.Tensor | None = None
+    slot: int = field(default=-1, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+def _pin(t: torch.Tensor) -> torch.Tensor:
+    return t.pin_memory() if torch.cuda.is_available() else t  # CPU-only builds cannot pin
+
+
+class _Stop(Exception):
+    pass
+
+
+class BatchStream:
+    def __init__(self, store: str | Path | CellStore, split: str = "train", batch_size: int = 8192, seed: int = 0,
+                 rank: int | None = None, world_size: int | None = None, block_size: int = 1024,
+                 buffer_batches: int = 4, threads: int = 2, output: str = "dense", columns=("cell_type",),
+                 drop_last: bool | None = None, normalize: bool = True, prefetch: int = 2):
+        self.store = open_store(store)
+        if output not in ("dense", "csr"):
+            raise ValueError(f"output must be 'dense' or 'csr', not {output!r}")
+        rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        start, stop = self.store.split(split)
+        self.split, self.output, self.threads, self.prefetch = split, output, max(1, threads), max(1, prefetch)
+        self.normalize = normalize and self.store.value_kind == "counts"
+        self.sampler = BlockShuffleSampler(start, stop, batch_size, block_size, buffer_batches, seed, rank, world_size,
+                                           split == "train" if drop_last is None else drop_last)
+        available = set(self.store.obs([]).columns) | set(self.store.categories) | {"original_index"}
+        columns = [c for c in columns if c in available] if tuple(columns) == ("cell_type",) else list(columns)
+        missing = [c for c in columns if c not in available]
+        if missing:
+            raise KeyError(f"{self.store.path}: no obs column(s) {missing}; it has {sorted(available)}")
+        self.obs = {c: self.store.obs_codes(c).astype(np.int64) for c in columns}
+        self.epoch, self.step = 0, 0
+        self._buffers: torch.Tensor | None = None
+
+    # --- the contract ----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.sampler.steps()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.step = int(epoch), 0
+
+    def state_dict(self) -> dict:
+        s = self.sampler
+        return {"epoch": self.epoch, "step": self.step, "seed": s.seed, "rank": s.rank, "world_size": s.world_size,
+                "batch_size": s.batch_size, "block_size": s.block_size, "buffer_batches": s.buffer_batches,
+                "split": self.split, "n_cells": s.n_cells}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "rank", "world_size", "batch_size", "block_size", "buffer_batches", "split", "n_cells"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"cannot resume: the saved stream has {key}={state.get(key)!r}, this one "
+                                 f"{mine[key]!r}; the remaining batches would differ")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+    # --- the pipeline ----------------------------------------------------------------------------------
+    def __iter__(self):
+        epoch, start = self.epoch, self.step
+        stop = threading.Event()
+        windows: queue.Queue = queue.Queue(maxsize=1)
+        batches: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        free: queue.Queue = queue.Queue()
+        if self.output == "dense":
+            for slot in range(self._ring_buffers()):
+                free.put(slot)
+        workers = [threading.Thread(target=self._guard, args=(self._read_windows, stop, windows, epoch, start,
+                                                              windows), daemon=True),
+                   threading.Thread(target=self._guard, args=(self._densify, stop, batches, windows, batches, free,
+                                                              epoch), daemon=True)]
+        for w in workers:
+            w.start()
+        held: deque = deque()
+        try:
+            while True:
+                item = batches.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if item.slot >= 0:
+                    held.append(item.slot)
+                    if len(held) > HELD:
+                        free.put(held.popleft())
+                self.step = item.step + 1
+                yield item
+            if self.step >= len(self):
+                self.step = 0
+        finally:
+            stop.set()
+            for q in (windows, batches):
+                while not q.empty():
+                    q.get_nowait()
+            for w in workers:
+                w.join(timeout=10)
+
+    def _ring_buffers(self) -> int:
+        slots = self.prefetch + HELD + 1
+        shape = (slots, self.sampler.batch_size, self.store.n_genes)
+        if self._buffers is None or self._buffers.shape != shape:
+            # one allocation: pinned memory is rounded up to a power of two per allocation
+            self._buffers = _pin(torch.empty(shape, dtype=torch.float32))
+        return slots
+
+    @staticmethod
+    def _put(q: queue.Queue, item, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Stop
+
+    @staticmethod
+    def _get(q: queue.Queue, stop: threading.Event):
+        while not stop.is_set():
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        raise _Stop
+
+    def _guard(self, work, stop, out: queue.Queue, *args) -> None:
+        """Run a worker; its end (None) or its exception travels downstream to the consumer."""
+        try:
+            work(stop, *args)
+            self._put(out, None, stop)
+        except _Stop:
+            pass
+        except BaseException as exc:  # re-raised as itself in the consumer
+            try:
+                self._put(out, exc, stop)
+            except _Stop:
+                pass
+
+    def _read_windows(self, stop, epoch: int, start: int, out: queue.Queue) -> None:
+        arrays = ShardedArray(self.store.path / "X" / "indices"), ShardedArray(self.store.path / "X" / "data")
+        indptr = self.store.indptr
+        try:
+            with ThreadPoolExecutor(self.threads) as pool:
+                for group in self.sampler.windows(epoch, start):
+                    rows = np.sort(np.concatenate([r for _, r in group]))
+                    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+                    run_lo = rows[np.concatenate(([0], breaks))]
+                    run_hi = rows[np.concatenate((breaks - 1, [len(rows) - 1]))] + 1 if len(rows) else run_lo
+                    ranges = np.stack([indptr[run_lo], indptr[run_hi]], axis=1)
+                    indices, values = (a.read(ranges, pool) for a in arrays)
+                    if len(indices) and indices.max() >= self.store.n_genes:
+                        raise arrays[0]._fail("c", f"gene index out of range [0, {self.store.n_genes})")
+                    local = np.zeros(len(rows) + 1, np.int64)
+                    np.cumsum(indptr[rows + 1] - indptr[rows], out=local[1:])
+                    if self.output == "dense":
+                        values = log1p_per_10k(local, values) if self.normalize else values.astype(np.float32)
+                    self._put(out, (group, rows, local, indices, values), stop)
+        finally:
+            for a in arrays:
+                a.close()
+
+    def _densify(self, stop, windows: queue.Queue, out: queue.Queue, free: queue.Queue, epoch: int) -> None:
+        while True:
+            item = self._get(windows, stop)
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            group, rows, local, indices, values = item
+            for step, batch_rows in group:
+                positions = np.searchsorted(rows, batch_rows)
+                obs = {c: torch.from_numpy(v[batch_rows]) for c, v in self.obs.items()}
+                batch = Batch(torch.from_numpy(batch_rows), obs, epoch, step)
+                if self.output == "dense":
+                    batch.slot = self._get(free, stop)
+                    x = self._buffers[batch.slot, :len(batch_rows)]
+                    scatter_rows(x.numpy(), positions, local, indices, values)
+                    batch.x = x
+                else:
+                    sub_indptr = np.zeros(len(positions) + 1, np.int64)
+                    np.cumsum(local[positions + 1] - local[positions], out=sub_indptr[1:])
+                    take = np.repeat(local[positions] - sub_indptr[:-1], np.diff(sub_indptr)) + np.arange(
+                        sub_indptr[-1])
+                    batch.indptr = _pin(torch.from_numpy(sub_indptr))
+                    batch.indices = _pin(torch.from_numpy(indices[take].astype(np.int32)))
+                    batch.data = _pin(torch.from_numpy(values[take]))
+                self._put(out, batch, stop)

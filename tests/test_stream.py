@@ -1,0 +1,148 @@
+"""BatchStream: coverage, sharding, determinism, exact resume, values, CSR output, worker errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from loaders import CellStore, CellStoreError
+from loaders.sampler import BlockShuffleSampler
+from loaders.stream import BatchStream
+
+KW = dict(batch_size=100, block_size=16, buffer_batches=3)
+
+
+def expected_dense(store: CellStore, rows: np.ndarray, normalize=True) -> np.ndarray:
+    dense = store.to_scipy()[rows].toarray().astype(np.float32)
+    return np.log1p(dense / dense.sum(1, keepdims=True) * np.float32(1e4)) if normalize else dense
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_cell_once_per_epoch_across_ranks(synthetic_store, world):
+    start, stop = CellStore(synthetic_store).split("train")
+    seen, steps = [], set()
+    for rank in range(world):
+        stream = BatchStream(synthetic_store, "train", rank=rank, world_size=world, drop_last=False, **KW)
+        batches = list(stream)
+        steps.add(len(batches))
+        assert len(batches) == len(stream)
+        seen.append(np.concatenate([b.index.numpy() for b in batches]))
+    assert len(steps) == 1  # the same number of steps on every rank
+    everything = np.concatenate(seen)
+    assert len(everything) == stop - start and set(everything) == set(range(start, stop))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_training_shards_are_disjoint_full_batches(synthetic_store, world):
+    shards = []
+    for rank in range(world):
+        stream = BatchStream(synthetic_store, "train", rank=rank, world_size=world, **KW)
+        batches = list(stream)
+        assert len(batches) == len(stream) and all(len(b) == 100 for b in batches)
+        shards.append(set(np.concatenate([b.index.numpy() for b in batches])))
+    assert sum(len(s) for s in shards) == len(set().union(*shards))
+
+
+def test_same_seed_same_batches_new_epoch_new_order(synthetic_store):
+    a = [b.index.numpy().copy() for b in BatchStream(synthetic_store, seed=3, **KW)]
+    b = [b.index.numpy().copy() for b in BatchStream(synthetic_store, seed=3, **KW)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    stream = BatchStream(synthetic_store, seed=3, **KW)
+    stream.set_epoch(1)
+    c = [b.index.numpy().copy() for b in stream]
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_resume_mid_epoch_gives_the_remaining_batches(synthetic_store):
+    stream = BatchStream(synthetic_store, seed=5, **KW)
+    stream.set_epoch(2)
+    full = [(b.index.numpy().copy(), b.x.numpy().copy()) for b in stream]
+    stream.set_epoch(2)
+    it = iter(stream)
+    for _ in range(4):
+        next(it)
+    state = stream.state_dict()
+    it.close()
+    assert state["epoch"] == 2 and state["step"] == 4
+    resumed = BatchStream(synthetic_store, seed=5, **KW)
+    resumed.load_state_dict(state)
+    rest = [(b.index.numpy().copy(), b.x.numpy().copy()) for b in resumed]
+    assert len(rest) == len(full) - 4
+    for (i1, x1), (i2, x2) in zip(full[4:], rest):
+        assert np.array_equal(i1, i2) and np.array_equal(x1, x2)
+    with pytest.raises(ValueError, match="cannot resume: the saved stream has seed"):
+        BatchStream(synthetic_store, seed=6, **KW).load_state_dict(state)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_dense_values_equal_store_rows(synthetic_store, normalize):
+    store = CellStore(synthetic_store)
+    for batch in BatchStream(store, "val", normalize=normalize, drop_last=False, **KW):
+        rows = batch.index.numpy()
+        assert np.array_equal(batch.x.numpy(), expected_dense(store, rows, normalize))  # bitwise
+        assert np.array_equal(batch.obs["cell_type"].numpy(), store.obs_codes("cell_type")[rows])
+
+
+def test_csr_output_densifies_to_the_same(synthetic_store):
+    from kernels import csr_to_dense
+
+    store = CellStore(synthetic_store)
+    for batch in BatchStream(store, "test", output="csr", drop_last=False, **KW):
+        assert batch.x is None and batch.indices.dtype == torch.int32
+        dense = csr_to_dense(batch.indptr, batch.indices, batch.data, store.n_genes, normalize_log1p=True)
+        np.testing.assert_allclose(dense.numpy(), expected_dense(store, batch.index.numpy()), rtol=1e-6, atol=1e-6)
+
+
+def test_log1p_store_values_pass_through(tmp_path, synthetic_store):
+    from loaders.convert import convert, open_source
+    from loaders.synthetic import synth
+
+    src = synth(tmp_path / "sctab", 400, "sctab-parquet", progress=False)
+    store = convert(open_source("sctab", src), tmp_path / "s.cellstore", progress=False)
+    batch = next(iter(BatchStream(store, "train", batch_size=64, block_size=8)))
+    assert np.array_equal(batch.x.numpy(), store.to_scipy()[batch.index.numpy()].toarray())
+
+
+def test_ring_buffers_are_reused(synthetic_store):
+    stream = BatchStream(synthetic_store, prefetch=1, **KW)
+    pointers = [b.x.data_ptr() for b in stream]
+    assert len(set(pointers)) <= 1 + 2 + 1 < len(pointers)
+
+
+def test_worker_errors_reach_the_consumer(synthetic_store, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken.cellstore"
+    shutil.copytree(synthetic_store, broken)
+    stream = BatchStream(broken, **KW)
+    shard = broken / "X" / "data" / "c" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[100] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(CellStoreError, match="checksum mismatch"):
+        list(stream)
+    shard.unlink()
+    with pytest.raises(CellStoreError, match="chunk file missing"):
+        list(stream)
+
+
+def test_bad_arguments(synthetic_store):
+    with pytest.raises(ValueError, match="batch_size 5000 exceeds"):
+        BatchStream(synthetic_store, batch_size=5000)
+    with pytest.raises(KeyError, match="no obs column"):
+        BatchStream(synthetic_store, columns=["nope"], **KW)
+    with pytest.raises(KeyError, match="no split"):
+        BatchStream(synthetic_store, split="holdout", **KW)
+    with pytest.raises(ValueError, match="rank 2 outside"):
+        BatchStream(synthetic_store, rank=2, world_size=2, **KW)
+    with pytest.raises(ValueError, match="output must be"):
+        BatchStream(synthetic_store, output="coo", **KW)
+
+
+def test_sampler_windows_cover_steps():
+    s = BlockShuffleSampler(10, 1010, batch_size=64, block_size=7, buffer_batches=3, seed=1, rank=1, world_size=2)
+    groups = list(s.windows(0))
+    steps = [step for g in groups for step, _ in g]
+    assert steps == list(range(len(s))) and all(len(g) <= 3 for g in groups)
+    order = s.order(0)
+    assert len(set(order)) == len(order) == 500 and order.min() >= 10 and order.max() < 1010
