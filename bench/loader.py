@@ -1,0 +1,270 @@
+"""Loader benchmark: dense float32 batches of 8,192 × 19,350 per second, ours beside peer loaders.
+
+One command builds (or reuses) a synthetic store in the default gene space, exports the same cells to the
+formats the peers recommend (h5ad for scDataset and AnnLoader, SCDL memmap for bionemo-scdl, an annbatch
+zarr collection in a Python 3.12 virtualenv the script creates), then measures, each in its own process so
+peak RSS is its own: our BatchStream (raw counts, and log1p per 10k), scDataset, bionemo-scdl, AnnLoader,
+annbatch, and the machine's ceiling (zero-filling the batch buffer plus a vectorised numpy scatter of the same
+rows from memory). Warm cache by default; --cold drops the page cache before each run (needs root).
+Usage: python bench/loader.py [--cells 500000] [--batches 20] [--cold] [--only ours,ceiling]
+Peers: pip install scdataset bionemo-scdl (into this environment); annbatch is installed by the script.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import numpy as np  # noqa: E402
+
+BATCH = 8192
+PEERS = ("ours-raw", "ours-log1p", "ceiling", "scdataset", "bionemo-scdl", "anndata-annloader", "annbatch")
+
+
+# --- data in each format -----------------------------------------------------------------------------------
+def prepare(workdir: Path, cells: int) -> dict[str, Path]:
+    from loaders import CellStore
+    from loaders.synthetic import synth
+
+    paths = {"store": workdir / f"synthetic-{cells}.cellstore", "h5ad": workdir / f"synthetic-{cells}.h5ad",
+             "scdl": workdir / f"synthetic-{cells}.scdl", "annbatch": workdir / f"synthetic-{cells}.annbatch.zarr"}
+    if not (paths["store"] / "zarr.json").exists():
+        synth(paths["store"], cells, progress=True)
+    if not paths["h5ad"].exists():
+        export_h5ad(CellStore(paths["store"]), paths["h5ad"])
+    if not paths["scdl"].exists():
+        from bionemo.scdl.io.single_cell_memmap_dataset import SingleCellMemMapDataset
+
+        print("building the SCDL memmap …", file=sys.stderr)
+        SingleCellMemMapDataset(str(paths["scdl"]), h5ad_path=str(paths["h5ad"]), use_X_not_raw=True,
+                                data_dtype="float32")
+    return paths
+
+
+def export_h5ad(store, path: Path, step: int = 50_000) -> None:
+    """The store's train split, in store order, as an h5ad with CSR counts (X) and cell_type in obs."""
+    import anndata as ad
+    import h5py
+    import pandas as pd
+    from anndata.io import sparse_dataset, write_elem
+
+    start, stop = store.split("train")
+    tmp = path.with_suffix(".tmp.h5ad")
+    with h5py.File(tmp, "w") as f:
+        for i, a in enumerate(range(start, stop, step)):
+            block = store.to_scipy(a, min(a + step, stop)).astype(np.float32)
+            if i == 0:
+                write_elem(f, "X", block, dataset_kwargs={"chunks": (1 << 16,)})
+            else:
+                sparse_dataset(f["X"]).append(block)
+        obs = store.obs(["cell_type"]).iloc[start:stop]
+        obs.index = obs.index.astype(str)
+        write_elem(f, "obs", obs)
+        write_elem(f, "var", pd.DataFrame(index=store.var["gene_id"].to_numpy()))
+        for key in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
+            write_elem(f, key, {})
+        f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
+    os.rename(tmp, path)
+    ad.read_h5ad(path, backed="r")  # fails loudly if anndata cannot read what we wrote
+
+
+# --- one process per loader ----------------------------------------------------------------------------------
+def run_ours(paths, batches, normalize):
+    from loaders import BatchStream
+
+    stream = BatchStream(paths["store"], "train", batch_size=BATCH, seed=0, normalize=normalize)
+    return (b.x for b in stream)
+
+
+def run_ceiling(paths, batches):
+    """Zero-fill of the batch buffer + a vectorised numpy scatter of the same rows, from CSR already in memory
+    with its flat destinations precomputed: pure memory traffic, no decode, no I/O, no bookkeeping."""
+    from loaders import CellStore
+
+    store = CellStore(paths["store"])
+    out = np.empty((BATCH, store.n_genes), np.float32)
+    prepared = []
+    for i in range(4):
+        indptr, indices, data = store.read_rows(i * BATCH, (i + 1) * BATCH)
+        rows = np.repeat(np.arange(BATCH), np.diff(indptr))
+        prepared.append((rows * store.n_genes + indices, data.astype(np.float32)))
+
+    def gen():
+        flat = out.reshape(-1)
+        for i in range(batches + 1):
+            dest, values = prepared[i % 4]
+            out.fill(0.0)
+            flat[dest] = values
+            yield out
+    return gen()
+
+
+def run_scdataset(paths, batches):
+    import anndata as ad
+    import torch
+    from scdataset import BlockShuffling, scDataset
+    from torch.utils.data import DataLoader
+
+    adata = ad.read_h5ad(paths["h5ad"], backed="r")
+    dataset = scDataset(adata, BlockShuffling(block_size=64), batch_size=BATCH, fetch_factor=2,
+                        fetch_transform=lambda view: view.to_memory().X.toarray().astype(np.float32),
+                        batch_transform=torch.from_numpy)
+    return iter(DataLoader(dataset, batch_size=None, num_workers=2, prefetch_factor=3))
+
+
+def run_bionemo(paths, batches):
+    from bionemo.scdl.io.single_cell_memmap_dataset import SingleCellMemMapDataset
+    from bionemo.scdl.util.torch_dataloader_utils import collate_sparse_matrix_batch
+    from torch.utils.data import DataLoader
+
+    ds = SingleCellMemMapDataset(str(paths["scdl"]))
+    loader = DataLoader(ds, batch_size=BATCH, shuffle=True, collate_fn=collate_sparse_matrix_batch, num_workers=2)
+    return (b.to_dense() for b in loader)
+
+
+def run_annloader(paths, batches):
+    import anndata as ad
+    from anndata.experimental import AnnLoader
+
+    adata = ad.read_h5ad(paths["h5ad"], backed="r")
+    loader = AnnLoader(adata, batch_size=BATCH, shuffle=True)
+    return (b.X if not hasattr(b.X, "toarray") else b.X.toarray() for b in loader)
+
+
+ANNBATCH_SCRIPT = r'''
+import json, sys, time
+import anndata as ad, numpy as np, zarr
+zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
+from annbatch import DatasetCollection, Loader
+h5ad, path, batches, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+collection = DatasetCollection(path)
+if mode == "build":
+    collection.add_adatas(adata_paths=[h5ad], shuffle=True)
+    sys.exit(0)
+with ad.settings.override(remove_unused_categories=False):
+    loader = Loader(batch_size=%d, chunk_size=32, preload_nchunks=256).use_collection(
+        collection, load_adata=lambda g: ad.AnnData(X=ad.io.sparse_dataset(g["X"])))
+it = iter(loader)
+x = next(it)["X"]; x.toarray()
+t0 = time.perf_counter(); n = 0
+for _ in range(batches):
+    x = next(it)["X"]
+    dense = x.toarray().astype(np.float32, copy=False)
+    n += dense.shape[0]
+dt = time.perf_counter() - t0
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+print(json.dumps({"cells_per_s": n / dt, "batches": batches, "peak_rss_mb": int(hwm) / 1024}))
+''' % BATCH
+
+
+def annbatch_env(workdir: Path) -> Path:
+    venv = workdir / "venv-annbatch-py312"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        candidates = [os.environ.get("PYTHON312"),  # pyenv's python3.12 shim exits 127 unless selected
+                      *sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.1[2-9]*/bin/python"))),
+                      shutil.which("python3.12")]
+        base = next((c for c in candidates if c and Path(c).exists()), None)
+        if base is None:
+            raise RuntimeError("annbatch needs Python >= 3.12: set PYTHON312 to its interpreter")
+        subprocess.run([base, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "annbatch[zarrs]"], check=True)
+    return python
+
+
+def measure(gen, batches: int) -> dict:
+    first = next(gen)  # warm-up: threads, JIT, first window
+    assert first.shape[0] == BATCH, first.shape
+    t0 = time.perf_counter()
+    n = 0
+    for _ in range(batches):
+        n += next(gen).shape[0]
+    dt = time.perf_counter() - t0
+    return {"cells_per_s": n / dt, "batches": batches, "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """VmHWM: unlike ru_maxrss, it restarts at exec, so a child does not inherit its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(name: str, paths: dict[str, Path], batches: int) -> dict:
+    runners = {"ours-raw": lambda p, b: run_ours(p, b, False), "ours-log1p": lambda p, b: run_ours(p, b, True),
+               "ceiling": run_ceiling, "scdataset": run_scdataset, "bionemo-scdl": run_bionemo,
+               "anndata-annloader": run_annloader}
+    return measure(runners[name](paths, batches), batches)
+
+
+def drop_caches() -> bool:
+    try:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", type=int, default=500_000)
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--workdir", type=Path, default=Path("bench/data"))
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each loader")
+    parser.add_argument("--only", default=",".join(PEERS))
+    parser.add_argument("--_child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args._child:
+        paths = {k: Path(v) for k, v in json.loads(os.environ["CELLSSL_BENCH_PATHS"]).items()}
+        print(json.dumps(child(args._child, paths, args.batches)))
+        return
+    paths = prepare(args.workdir, args.cells)
+    env = {**os.environ, "CELLSSL_BENCH_PATHS": json.dumps({k: str(v) for k, v in paths.items()})}
+    results = {}
+    for name in args.only.split(","):
+        if name == "annbatch":
+            python = annbatch_env(args.workdir)
+            if not (paths["annbatch"] / "zarr.json").exists():
+                subprocess.run([str(python), "-c", ANNBATCH_SCRIPT, str(paths["h5ad"]), str(paths["annbatch"]), "0",
+                                "build"], check=True)
+            cmd = [str(python), "-c", ANNBATCH_SCRIPT, str(paths["h5ad"]), str(paths["annbatch"]),
+                   str(args.batches), "run"]
+        else:
+            cmd = [sys.executable, __file__, "--_child", name, "--batches", str(args.batches)]
+        if args.cold and not drop_caches():
+            print("cannot drop the page cache (not root): --cold numbers would be warm", file=sys.stderr)
+            return
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            results[name] = {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:150]}
+        else:
+            results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(name, results[name], file=sys.stderr, flush=True)
+    ours = results.get("ours-raw", {}).get("cells_per_s")
+    print(f"{args.cells:,}-cell synthetic atlas (train split), batch {BATCH} x 19,350 dense float32, "
+          f"{args.batches} timed batches after one warm-up, {'cold' if args.cold else 'warm'} page cache, "
+          f"{os.cpu_count()} cores")
+    print("| loader | cells/s | ours-raw ÷ this | peak RSS MB |")
+    print("|---|---|---|---|")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"| {name} | failed: {r['error']} | | |")
+        else:
+            ratio = f"{ours / r['cells_per_s']:.2f}" if ours else ""
+            print(f"| {name} | {r['cells_per_s']:,.0f} | {ratio} | {r['peak_rss_mb']:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
