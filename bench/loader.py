@@ -15,7 +15,6 @@ import argparse
 import glob
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -153,6 +152,12 @@ if mode == "build":
 with ad.settings.override(remove_unused_categories=False):
     loader = Loader(batch_size=%d, chunk_size=32, preload_nchunks=256).use_collection(
         collection, load_adata=lambda g: ad.AnnData(X=ad.io.sparse_dataset(g["X"])))
+import threading, psutil
+peak = [0]; me = psutil.Process(); done = threading.Event()
+def sample():
+    while not done.wait(0.02):
+        peak[0] = max(peak[0], sum(p.memory_info().rss for p in [me, *me.children(recursive=True)]))
+threading.Thread(target=sample, daemon=True).start()
 it = iter(loader)
 x = next(it)["X"]; x.toarray()
 t0 = time.perf_counter(); n = 0
@@ -161,8 +166,8 @@ for _ in range(batches):
     dense = x.toarray().astype(np.float32, copy=False)
     n += dense.shape[0]
 dt = time.perf_counter() - t0
-hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
-print(json.dumps({"cells_per_s": n / dt, "batches": batches, "peak_rss_mb": int(hwm) / 1024}))
+done.set()
+print(json.dumps({"cells_per_s": n / dt, "batches": batches, "peak_rss_mb": peak[0] / 2 ** 20}))
 ''' % BATCH
 
 
@@ -177,11 +182,41 @@ def annbatch_env(workdir: Path) -> Path:
         if base is None:
             raise RuntimeError("annbatch needs Python >= 3.12: set PYTHON312 to its interpreter")
         subprocess.run([base, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "annbatch[zarrs]"], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "annbatch[zarrs]", "psutil"], check=True)
     return python
 
 
-def measure(gen, batches: int) -> dict:
+class TreeRSS:
+    """Peak resident memory of this process plus its children (DataLoader workers), sampled every 20 ms."""
+
+    def __init__(self):
+        import threading
+
+        import psutil
+
+        self.peak, self._stop, self._me = 0, threading.Event(), psutil.Process()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        import psutil
+
+        while not self._stop.wait(0.02):
+            total = 0
+            for p in [self._me, *self._me.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak / 2 ** 20
+
+
+def measure(gen, batches: int, rss: TreeRSS) -> dict:
     first = next(gen)  # warm-up: threads, JIT, first window
     assert first.shape[0] == BATCH, first.shape
     t0 = time.perf_counter()
@@ -189,22 +224,27 @@ def measure(gen, batches: int) -> dict:
     for _ in range(batches):
         n += next(gen).shape[0]
     dt = time.perf_counter() - t0
-    return {"cells_per_s": n / dt, "batches": batches, "peak_rss_mb": peak_rss_mb()}
-
-
-def peak_rss_mb() -> float:
-    """VmHWM: unlike ru_maxrss, it restarts at exec, so a child does not inherit its parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"cells_per_s": n / dt, "batches": batches, "peak_rss_mb": rss.stop()}
 
 
 def child(name: str, paths: dict[str, Path], batches: int) -> dict:
     runners = {"ours-raw": lambda p, b: run_ours(p, b, False), "ours-log1p": lambda p, b: run_ours(p, b, True),
                "ceiling": run_ceiling, "scdataset": run_scdataset, "bionemo-scdl": run_bionemo,
                "anndata-annloader": run_annloader}
-    return measure(runners[name](paths, batches), batches)
+    rss = TreeRSS()
+    return measure(runners[name](paths, batches), batches, rss)
+
+
+FILES = {"ours-raw": "store", "ours-log1p": "store", "ceiling": "store", "scdataset": "h5ad",
+         "bionemo-scdl": "scdl", "anndata-annloader": "h5ad", "annbatch": "annbatch"}
+
+
+def warm_page_cache(path: Path) -> None:
+    """Read every file once, so a warm run measures the loader, not the disk."""
+    for f in ([path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]):
+        with open(f, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
 
 
 def drop_caches() -> bool:
@@ -246,6 +286,8 @@ def main() -> None:
         if args.cold and not drop_caches():
             print("cannot drop the page cache (not root): --cold numbers would be warm", file=sys.stderr)
             return
+        if not args.cold:
+            warm_page_cache(paths[FILES[name]])
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if out.returncode != 0:
             results[name] = {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:150]}

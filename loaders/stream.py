@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .chunks import ShardedArray
-from .densify import log1p_per_10k, scatter_rows
+from .densify import gather_rows, scatter_csr
 from .sampler import BlockShuffleSampler
 from .store import CellStore, open_store
 
@@ -196,14 +196,13 @@ class BatchStream:
                         raise arrays[0]._fail("c", f"gene index out of range [0, {self.store.n_genes})")
                     local = np.zeros(len(rows) + 1, np.int64)
                     np.cumsum(indptr[rows + 1] - indptr[rows], out=local[1:])
-                    if self.output == "dense":
-                        values = log1p_per_10k(local, values) if self.normalize else values.astype(np.float32)
                     self._put(out, (group, rows, local, indices, values), stop)
         finally:
             for a in arrays:
                 a.close()
 
     def _densify(self, stop, windows: queue.Queue, out: queue.Queue, free: queue.Queue, epoch: int) -> None:
+        scratch = None
         while True:
             item = self._get(windows, stop)
             if item is None:
@@ -213,19 +212,24 @@ class BatchStream:
             group, rows, local, indices, values = item
             for step, batch_rows in group:
                 positions = np.searchsorted(rows, batch_rows)
+                nnz = int((local[positions + 1] - local[positions]).sum())
+                if self.output == "csr" or scratch is None or len(scratch[1]) < nnz:
+                    scratch = (np.empty(len(batch_rows) + 1, np.int64), np.empty(nnz, indices.dtype),
+                               np.empty(nnz, np.float32))  # fresh per batch for csr (handed out), else grows once
+                sub_indptr, sub_indices, sub_values = scratch
+                normalize = self.normalize and self.output == "dense"
+                gather_rows(positions, local, indices, values, sub_indptr, sub_indices, sub_values, normalize)
+                if normalize:
+                    np.log1p(sub_values[:nnz], out=sub_values[:nnz])
                 obs = {c: torch.from_numpy(v[batch_rows]) for c, v in self.obs.items()}
                 batch = Batch(torch.from_numpy(batch_rows), obs, epoch, step)
                 if self.output == "dense":
                     batch.slot = self._get(free, stop)
                     x = self._buffers[batch.slot, :len(batch_rows)]
-                    scatter_rows(x.numpy(), positions, local, indices, values)
+                    scatter_csr(x.numpy(), sub_indptr[:len(batch_rows) + 1], sub_indices, sub_values)
                     batch.x = x
                 else:
-                    sub_indptr = np.zeros(len(positions) + 1, np.int64)
-                    np.cumsum(local[positions + 1] - local[positions], out=sub_indptr[1:])
-                    take = np.repeat(local[positions] - sub_indptr[:-1], np.diff(sub_indptr)) + np.arange(
-                        sub_indptr[-1])
                     batch.indptr = _pin(torch.from_numpy(sub_indptr))
-                    batch.indices = _pin(torch.from_numpy(indices[take].astype(np.int32)))
-                    batch.data = _pin(torch.from_numpy(values[take]))
+                    batch.indices = _pin(torch.from_numpy(sub_indices.astype(np.int32)))
+                    batch.data = _pin(torch.from_numpy(sub_values))
                 self._put(out, batch, stop)
