@@ -1,6 +1,6 @@
 """How random are block-shuffled batches? Per-batch label mix versus the split's global mix.
 
-For each block size, runs the loader's sampler (BlockShuffleSampler, buffer of 4 batches) over the train split
+For each block size, runs the loader's sampler (BlockShuffleSampler, buffer of 2 batches) over the train split
 and reports the mean total-variation distance between each batch's cell-type (and dataset) distribution and
 the split's, next to block size 1 (fully random batches). Two row orders: the store as written (shuffled
 within the split at conversion) and the same cells sorted by dataset then cell type, i.e. an atlas
@@ -39,13 +39,13 @@ def main() -> None:
     sizes = {c: int(v.max()) + 1 for c, v in labels.items()}
     orders = {"store order (shuffled at conversion)": np.arange(stop - start),
               "dataset-sorted order (unshuffled atlas)": np.lexsort((labels["cell_type"], labels["dataset_id"]))}
-    print(f"{store.path.name}: train split {stop - start:,} cells, batch {args.batch_size}, buffer 4 batches, "
+    print(f"{store.path.name}: train split {stop - start:,} cells, batch {args.batch_size}, buffer 2 batches, "
           f"{args.epochs} epochs; mean total-variation distance of a batch's mix from the split's")
     print("| row order | block size | cell type TV | dataset TV |")
     print("|---|---|---|---|")
     for name, perm in orders.items():
         for block in (1, 16, 64, 256, 1024, 4096, 16384):
-            sampler = BlockShuffleSampler(0, stop - start, args.batch_size, block, 4, seed=0)
+            sampler = BlockShuffleSampler(0, stop - start, args.batch_size, block, 2, seed=0)
             batches = [perm[rows] for e in range(args.epochs) for _, rows in sampler.batches(e)]
             tv = {c: mean_tv(v, batches, sizes[c]) for c, v in labels.items()}
             print(f"| {name} | {block} | {tv['cell_type']:.4f} | {tv['dataset_id']:.4f} |", flush=True)

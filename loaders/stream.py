@@ -21,11 +21,13 @@ import numpy as np
 import torch
 
 from .chunks import ShardedArray
-from .densify import gather_rows, scatter_csr
+from .densify import gather_rows, log1p_per_10k, scatter_rows
 from .sampler import BlockShuffleSampler
 from .store import CellStore, open_store
 
-HELD = 2  # yielded batches whose buffers stay untouched
+def _held() -> int:
+    """Yielded batches whose buffers stay untouched: two when an async host→device copy may still read one."""
+    return 2 if torch.cuda.is_available() else 1
 
 
 @dataclass
@@ -58,7 +60,7 @@ class _Stop(Exception):
 class BatchStream:
     def __init__(self, store: str | Path | CellStore, split: str = "train", batch_size: int = 8192, seed: int = 0,
                  rank: int | None = None, world_size: int | None = None, block_size: int = 1024,
-                 buffer_batches: int = 4, threads: int = 2, output: str = "dense", columns=("cell_type",),
+                 buffer_batches: int = 2, threads: int = 2, output: str = "dense", columns=("cell_type",),
                  drop_last: bool | None = None, normalize: bool = True, prefetch: int = 2):
         self.store = open_store(store)
         if output not in ("dense", "csr"):
@@ -126,7 +128,7 @@ class BatchStream:
                     raise item
                 if item.slot >= 0:
                     held.append(item.slot)
-                    if len(held) > HELD:
+                    if len(held) > _held():
                         free.put(held.popleft())
                 self.step = item.step + 1
                 yield item
@@ -141,7 +143,7 @@ class BatchStream:
                 w.join(timeout=10)
 
     def _ring_buffers(self) -> int:
-        slots = self.prefetch + HELD + 1
+        slots = self.prefetch + _held() + 1
         shape = (slots, self.sampler.batch_size, self.store.n_genes)
         if self._buffers is None or self._buffers.shape != shape:
             # one allocation: pinned memory is rounded up to a power of two per allocation
@@ -196,13 +198,15 @@ class BatchStream:
                         raise arrays[0]._fail("c", f"gene index out of range [0, {self.store.n_genes})")
                     local = np.zeros(len(rows) + 1, np.int64)
                     np.cumsum(indptr[rows + 1] - indptr[rows], out=local[1:])
+                    if self.output == "dense":  # normalised here, on the pool: the densify thread is the busier
+                        values = log1p_per_10k(local, values, pool, self.threads) if self.normalize else \
+                            values.astype(np.float32)
                     self._put(out, (group, rows, local, indices, values), stop)
         finally:
             for a in arrays:
                 a.close()
 
     def _densify(self, stop, windows: queue.Queue, out: queue.Queue, free: queue.Queue, epoch: int) -> None:
-        scratch = None
         while True:
             item = self._get(windows, stop)
             if item is None:
@@ -212,24 +216,16 @@ class BatchStream:
             group, rows, local, indices, values = item
             for step, batch_rows in group:
                 positions = np.searchsorted(rows, batch_rows)
-                nnz = int((local[positions + 1] - local[positions]).sum())
-                if self.output == "csr" or scratch is None or len(scratch[1]) < nnz:
-                    scratch = (np.empty(len(batch_rows) + 1, np.int64), np.empty(nnz, indices.dtype),
-                               np.empty(nnz, np.float32))  # fresh per batch for csr (handed out), else grows once
-                sub_indptr, sub_indices, sub_values = scratch
-                normalize = self.normalize and self.output == "dense"
-                gather_rows(positions, local, indices, values, sub_indptr, sub_indices, sub_values, normalize)
-                if normalize:
-                    np.log1p(sub_values[:nnz], out=sub_values[:nnz])
                 obs = {c: torch.from_numpy(v[batch_rows]) for c, v in self.obs.items()}
                 batch = Batch(torch.from_numpy(batch_rows), obs, epoch, step)
                 if self.output == "dense":
                     batch.slot = self._get(free, stop)
                     x = self._buffers[batch.slot, :len(batch_rows)]
-                    scatter_csr(x.numpy(), sub_indptr[:len(batch_rows) + 1], sub_indices, sub_values)
+                    scatter_rows(x.numpy(), positions, local, indices, values)
                     batch.x = x
                 else:
-                    batch.indptr = _pin(torch.from_numpy(sub_indptr))
-                    batch.indices = _pin(torch.from_numpy(sub_indices.astype(np.int32)))
-                    batch.data = _pin(torch.from_numpy(sub_values))
+                    nnz = int((local[positions + 1] - local[positions]).sum())
+                    sub = np.empty(len(positions) + 1, np.int64), np.empty(nnz, np.int32), np.empty(nnz, np.float32)
+                    gather_rows(positions, local, indices, values, *sub)
+                    batch.indptr, batch.indices, batch.data = (_pin(torch.from_numpy(a)) for a in sub)
                 self._put(out, batch, stop)
