@@ -12,7 +12,7 @@ import torch
 
 from ._triton import grid, jit, tile, tl
 from .dispatch import check_matrix, use_triton
-from .mask_spec import RANDOM, MaskSpec, isolated_spec, programme_spec, random_spec
+from .mask_spec import MaskSpec, isolated_spec, programme_spec, random_spec
 
 
 @jit
@@ -109,5 +109,5 @@ def isolated_mask(x: torch.Tensor, programmes: torch.Tensor, seed: int = 0, step
     return apply_mask(x, spec), spec
 
 
-__all__ = ["RANDOM", "MaskSpec", "apply_mask", "gene_program_mask", "isolated_mask", "keep_tile", "mask_reference",
+__all__ = ["MaskSpec", "apply_mask", "gene_program_mask", "isolated_mask", "keep_tile", "mask_reference",
            "random_mask"]

@@ -95,4 +95,4 @@ def masked_recon_loss(pred: torch.Tensor, target: torch.Tensor, spec: MaskSpec) 
     return _MaskedReconLoss.apply(pred, target.detach(), spec)
 
 
-__all__ = ["TARGET_MASKED", "masked_recon_loss", "recon_loss_reference"]
+__all__ = ["masked_recon_loss", "recon_loss_reference"]

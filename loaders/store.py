@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -304,8 +305,13 @@ class CellStore:
         indptr, indices, data = self.read_rows(start, stop)
         return sp.csr_matrix((data, indices, indptr), shape=(stop - start, self.n_genes))
 
-    @property
+    @cached_property
+    def obs_columns(self) -> list[str]:
+        return pq.read_schema(self.path / "obs.parquet").names
+
+    @cached_property
     def categories(self) -> dict[str, list[str]]:
+        """Full label list of each categorical obs column (codes index into it)."""
         meta = pq.read_schema(self.path / "obs.parquet").metadata or {}
         return json.loads(meta.get(CATEGORIES_KEY, b"{}"))
 

@@ -60,7 +60,7 @@ class _Stop(Exception):
 class BatchStream:
     def __init__(self, store: str | Path | CellStore, split: str = "train", batch_size: int = 8192, seed: int = 0,
                  rank: int | None = None, world_size: int | None = None, block_size: int = 1024,
-                 buffer_batches: int = 2, threads: int = 2, output: str = "dense", columns=("cell_type",),
+                 buffer_batches: int = 2, threads: int = 2, output: str = "dense", columns=None,
                  drop_last: bool | None = None, normalize: bool = True, prefetch: int = 2):
         self.store = open_store(store)
         if output not in ("dense", "csr"):
@@ -72,8 +72,9 @@ class BatchStream:
         self.normalize = normalize and self.store.value_kind == "counts"
         self.sampler = BlockShuffleSampler(start, stop, batch_size, block_size, buffer_batches, seed, rank, world_size,
                                            split == "train" if drop_last is None else drop_last)
-        available = set(self.store.obs([]).columns) | set(self.store.categories) | {"original_index"}
-        columns = [c for c in columns if c in available] if tuple(columns) == ("cell_type",) else list(columns)
+        available = self.store.obs_columns
+        if columns is None:  # the label most training needs, where the store has it
+            columns = [c for c in ("cell_type",) if c in available]
         missing = [c for c in columns if c not in available]
         if missing:
             raise KeyError(f"{self.store.path}: no obs column(s) {missing}; it has {sorted(available)}")
@@ -86,6 +87,7 @@ class BatchStream:
         return self.sampler.steps()
 
     def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its first batch (a complete pass also rewinds to it)."""
         self.epoch, self.step = int(epoch), 0
 
     def state_dict(self) -> dict:
