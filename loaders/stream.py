@@ -109,15 +109,16 @@ class BatchStream:
         epoch, start = self.epoch, self.step
         stop = threading.Event()
         windows: queue.Queue = queue.Queue(maxsize=1)
+        turn = threading.Semaphore(1)  # the reader starts a window only once the previous one is taken: 2 alive
         batches: queue.Queue = queue.Queue(maxsize=self.prefetch)
         free: queue.Queue = queue.Queue()
         if self.output == "dense":
             for slot in range(self._ring_buffers()):
                 free.put(slot)
         workers = [threading.Thread(target=self._guard, args=(self._read_windows, stop, windows, epoch, start,
-                                                              windows), daemon=True),
+                                                              windows, turn), daemon=True),
                    threading.Thread(target=self._guard, args=(self._densify, stop, batches, windows, batches, free,
-                                                              epoch), daemon=True)]
+                                                              epoch, turn), daemon=True)]
         for w in workers:
             w.start()
         held: deque = deque()
@@ -184,12 +185,19 @@ class BatchStream:
             except _Stop:
                 pass
 
-    def _read_windows(self, stop, epoch: int, start: int, out: queue.Queue) -> None:
+    @staticmethod
+    def _acquire(turn: threading.Semaphore, stop: threading.Event) -> None:
+        while not turn.acquire(timeout=0.1):
+            if stop.is_set():
+                raise _Stop
+
+    def _read_windows(self, stop, epoch: int, start: int, out: queue.Queue, turn: threading.Semaphore) -> None:
         arrays = ShardedArray(self.store.path / "X" / "indices"), ShardedArray(self.store.path / "X" / "data")
         indptr = self.store.indptr
         try:
             with ThreadPoolExecutor(self.threads) as pool:
                 for group in self.sampler.windows(epoch, start):
+                    self._acquire(turn, stop)
                     rows = np.sort(np.concatenate([r for _, r in group]))
                     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
                     run_lo = rows[np.concatenate(([0], breaks))]
@@ -208,7 +216,8 @@ class BatchStream:
             for a in arrays:
                 a.close()
 
-    def _densify(self, stop, windows: queue.Queue, out: queue.Queue, free: queue.Queue, epoch: int) -> None:
+    def _densify(self, stop, windows: queue.Queue, out: queue.Queue, free: queue.Queue, epoch: int,
+                 turn: threading.Semaphore) -> None:
         while True:
             item = self._get(windows, stop)
             if item is None:
@@ -216,6 +225,7 @@ class BatchStream:
             if isinstance(item, BaseException):
                 raise item
             group, rows, local, indices, values = item
+            turn.release()
             for step, batch_rows in group:
                 positions = np.searchsorted(rows, batch_rows)
                 obs = {c: torch.from_numpy(v[batch_rows]) for c, v in self.obs.items()}
