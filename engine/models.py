@@ -1,0 +1,66 @@
+"""The paper's fully connected networks: MLP blocks, the autoencoder, projection and classifier heads.
+
+Linear → (optional norm) → SELU → Dropout blocks; the encoder maps n_genes → 512 → 512 → 256 → 256 → 64 and the
+decoder mirrors it back to the genes. Plain torch modules: they know nothing of DeepSpeed, objectives or data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden: tuple[int, ...] = (512, 512, 256, 256)
+    latent: int = 64
+    dropout: float = 0.1
+    norm: str | None = None          # None, "batch" or "layer"
+
+
+def _norm(kind: str | None, width: int) -> nn.Module:
+    if kind is None:
+        return nn.Identity()
+    if kind == "batch":
+        return nn.BatchNorm1d(width)
+    if kind == "layer":
+        return nn.LayerNorm(width)
+    raise ValueError(f"norm must be None, 'batch' or 'layer', not {kind!r}")
+
+
+class MLP(nn.Sequential):
+    """Blocks of Linear → norm → SELU → Dropout; the last layer is a bare Linear unless `last_block`."""
+
+    def __init__(self, widths: list[int], dropout: float = 0.1, norm: str | None = None, last_block: bool = False):
+        if len(widths) < 2:
+            raise ValueError(f"an MLP needs at least an input and an output width, got {widths}")
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(widths) - 2 or last_block:
+                layers += [_norm(norm, b), nn.SELU(), nn.Dropout(dropout)]
+        super().__init__(*layers)
+
+
+class AutoEncoder(nn.Module):
+    """encoder: genes → latent; decoder: latent → genes (mirror of the encoder)."""
+
+    def __init__(self, n_genes: int, config: ModelConfig = ModelConfig()):
+        super().__init__()
+        widths = [n_genes, *config.hidden, config.latent]
+        self.config, self.n_genes = config, n_genes
+        self.encoder = MLP(widths, config.dropout, config.norm)
+        self.decoder = MLP(widths[::-1], config.dropout, config.norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+def projection_head(widths: list[int], norm: str | None = "batch") -> MLP:
+    """Projector / predictor MLP of the contrastive objectives (no dropout: it would perturb the views twice)."""
+    return MLP(widths, dropout=0.0, norm=norm)
+
+
+def classifier_head(latent: int, n_classes: int) -> nn.Linear:
+    return nn.Linear(latent, n_classes)

@@ -1,0 +1,169 @@
+"""The SSL objectives of the paper behind one interface: `objective(x, labels, step) -> (loss, metrics)`.
+
+Each objective is an nn.Module that owns the networks it trains (the trainer hands it to DeepSpeed whole) and
+exposes `encoder` for embeddings and fine-tuning. Every per-element operation (masks, NB noise, the masked
+loss) goes through `kernels`, keyed by (seed, step) so a resumed run draws the same randomness.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from kernels.dispatch import random_key
+
+from .models import AutoEncoder, ModelConfig, classifier_head, projection_head
+
+
+class Objective(nn.Module):
+    """Base: holds an autoencoder's encoder (and decoder where the objective reconstructs)."""
+
+    def __init__(self, n_genes: int, model: ModelConfig, seed: int = 0):
+        super().__init__()
+        self.autoencoder = AutoEncoder(n_genes, model)
+        self.seed = seed
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.autoencoder.encoder
+
+    def after_step(self) -> None:
+        """Called after each optimiser step (BYOL moves its target network here)."""
+
+
+class Reconstruction(Objective):
+    """Plain autoencoder: MSE over every gene."""
+
+    def forward(self, x, labels=None, step: int = 0):
+        loss = F.mse_loss(self.autoencoder(x), x)
+        return loss, {"loss": loss.detach()}
+
+
+class MaskedAutoencoder(Objective):
+    """Reconstruct masked input. mask: "random" (rate 0.5 in the paper), "gene_program" (⌊rate·P⌋ programmes,
+    per batch or per cell), "gp_to_gp" (keep one programme, predict it), "gp_to_tf" (keep a TF's targets,
+    predict the TF). `programmes`: int32 bitsets [P, ceil(G/32)]; `tf_genes`: the TF column of each programme."""
+
+    def __init__(self, n_genes: int, model: ModelConfig, mask: str = "random", rate: float = 0.5,
+                 programmes: torch.Tensor | None = None, tf_genes: torch.Tensor | None = None, per: str = "batch",
+                 seed: int = 0):
+        super().__init__(n_genes, model, seed)
+        if mask not in ("random", "gene_program", "gp_to_gp", "gp_to_tf"):
+            raise ValueError(f"unknown mask {mask!r}: random, gene_program, gp_to_gp or gp_to_tf")
+        if mask != "random" and programmes is None:
+            raise ValueError(f"mask {mask!r} needs gene programmes (a GMT file mapped to the store's genes)")
+        if mask == "gp_to_tf" and tf_genes is None:
+            raise ValueError("mask 'gp_to_tf' needs the gene column of each programme's transcription factor")
+        self.mask, self.rate, self.per = mask, rate, per
+        self.register_buffer("programmes", programmes if programmes is not None else torch.zeros(0, 1, dtype=torch.int32),
+                             persistent=False)
+        self.register_buffer("tf_genes", tf_genes if tf_genes is not None else torch.zeros(0, dtype=torch.int32),
+                             persistent=False)
+
+    def masked(self, x: torch.Tensor, step: int):
+        if self.mask == "random":
+            return kernels.random_mask(x, self.rate, self.seed, step)
+        if self.mask == "gene_program":
+            return kernels.gene_program_mask(x, self.programmes, self.rate, self.seed, step, self.per)
+        tf = self.tf_genes if self.mask == "gp_to_tf" else None
+        return kernels.isolated_mask(x, self.programmes, self.seed, step, tf_genes=tf, per=self.per)
+
+    def forward(self, x, labels=None, step: int = 0):
+        x_in, spec = self.masked(x, step)
+        loss = kernels.masked_recon_loss(self.autoencoder(x_in), x, spec)
+        return loss, {"loss": loss.detach()}
+
+
+def augment(x: torch.Tensor, seed: int, step: int, view: int, intensity: float = 0.1, dropout: float = 0.1,
+            p: float = 0.5) -> torch.Tensor:
+    """The paper's contrastive view: NB noise (intensity 0.1) and dropout (10 %), each applied with p = 0.5."""
+    coin = torch.rand(2, generator=torch.Generator().manual_seed(random_key(seed, step, 10 + view)))
+    if coin[0] < p:
+        x = kernels.nb_augment(x, intensity, seed, step * 4 + view)
+    if coin[1] < p:
+        x = kernels.random_mask(x, dropout, seed + 1, step * 4 + view)[0]
+    return x
+
+
+class BYOL(Objective):
+    """Bootstrap-your-own-latent: online encoder → projector → predictor chases an EMA target of encoder →
+    projector (projector 256, hidden 4,096, EMA 0.99)."""
+
+    def __init__(self, n_genes: int, model: ModelConfig, projection: int = 256, hidden: int = 4096,
+                 ema: float = 0.99, seed: int = 0):
+        super().__init__(n_genes, model, seed)
+        self.projector = projection_head([model.latent, hidden, projection])
+        self.predictor = projection_head([projection, hidden, projection])
+        self.target_encoder = copy.deepcopy(self.autoencoder.encoder)
+        self.target_projector = copy.deepcopy(self.projector)
+        for p in [*self.target_encoder.parameters(), *self.target_projector.parameters()]:
+            p.requires_grad_(False)
+        self.ema = ema
+
+    def _pair_loss(self, online_in, target_in):
+        prediction = F.normalize(self.predictor(self.projector(self.encoder(online_in))), dim=1)
+        with torch.no_grad():
+            target = F.normalize(self.target_projector(self.target_encoder(target_in)), dim=1)
+        return (2 - 2 * (prediction * target).sum(1)).mean()
+
+    def forward(self, x, labels=None, step: int = 0):
+        v1, v2 = augment(x, self.seed, step, 0), augment(x, self.seed, step, 1)
+        loss = self._pair_loss(v1, v2) + self._pair_loss(v2, v1)
+        return loss, {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        for online, target in ((self.encoder, self.target_encoder), (self.projector, self.target_projector)):
+            for p, t in zip(online.parameters(), target.parameters()):
+                t.mul_(self.ema).add_(p.detach(), alpha=1 - self.ema)
+
+
+class BarlowTwins(Objective):
+    """Cross-correlation of two views' projections pushed to identity (projector 256-256-512-512 after the
+    latent, λ = 0.0051); one view has NB noise and dropout, the other is the original."""
+
+    def __init__(self, n_genes: int, model: ModelConfig, widths=(256, 256, 512, 512), lambd: float = 0.0051,
+                 seed: int = 0):
+        super().__init__(n_genes, model, seed)
+        self.projector = projection_head([model.latent, *widths])
+        self.lambd = lambd
+
+    def forward(self, x, labels=None, step: int = 0):
+        z1 = self.projector(self.encoder(augment(x, self.seed, step, 0, p=1.0)))
+        z2 = self.projector(self.encoder(x))
+        z1 = (z1 - z1.mean(0)) / (z1.std(0) + 1e-6)
+        z2 = (z2 - z2.mean(0)) / (z2.std(0) + 1e-6)
+        c = z1.T @ z2 / x.shape[0]
+        on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+        off_diag = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+        loss = on_diag + self.lambd * off_diag
+        return loss, {"loss": loss.detach()}
+
+
+class Supervised(Objective):
+    """Cell-type classification from the encoder (the no-SSL baseline, and fine-tuning after pretraining)."""
+
+    def __init__(self, n_genes: int, model: ModelConfig, n_classes: int, seed: int = 0):
+        super().__init__(n_genes, model, seed)
+        if n_classes < 2:
+            raise ValueError(f"supervised training needs at least 2 classes, got {n_classes}")
+        self.classifier = classifier_head(model.latent, n_classes)
+        del self.autoencoder.decoder  # never used: keep it out of the optimiser and the checkpoint
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.encoder(x))
+
+    def forward(self, x, labels=None, step: int = 0):
+        if labels is None:
+            raise ValueError("the supervised objective needs cell-type labels in the batch")
+        logits = self.logits(x)
+        loss = F.cross_entropy(logits, labels, ignore_index=-1)
+        accuracy = (logits.argmax(1) == labels).float().mean()
+        return loss, {"loss": loss.detach(), "accuracy": accuracy.detach()}
+
+
+OBJECTIVES = {"reconstruction": Reconstruction, "mae": MaskedAutoencoder, "byol": BYOL,
+              "barlow_twins": BarlowTwins, "supervised": Supervised}
