@@ -37,7 +37,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     resume: bool = False
     init_encoder: str | None = None      # fine-tuning: a model.pt whose encoder starts this run
-    deepspeed_config: str | None = None  # JSON; None: recipes/deepspeed.json semantics built in code
+    deepspeed_config: str | None = None  # JSON; None: recipes/deepspeed.json
+    trace: bool = False                  # each rank logs its batches' cells and a weight checksum (tests, debugging)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

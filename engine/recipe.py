@@ -26,12 +26,13 @@ def parse(defaults: TrainConfig, argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     p.add_argument("--deepspeed-config", default=defaults.deepspeed_config)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--trace", action="store_true", help="per-rank trace of cells and weights (trace-rankN.jsonl)")
     args, _ = p.parse_known_args(argv)  # the deepspeed launcher appends --local_rank
     objective = replace(defaults.objective, programmes=args.programmes, per=args.per, label=args.label)
     return replace(defaults, data=args.data, out=args.out, max_steps=args.max_steps, batch_size=args.batch_size,
                    lr=args.lr, seed=args.seed, objective=objective, init_encoder=args.init_encoder,
                    log_every=args.log_every, val_every=args.val_every, checkpoint_every=args.checkpoint_every,
-                   deepspeed_config=args.deepspeed_config, resume=args.resume)
+                   deepspeed_config=args.deepspeed_config, resume=args.resume, trace=args.trace)
 
 
 def run(defaults: TrainConfig) -> None:

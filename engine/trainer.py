@@ -100,23 +100,28 @@ def train(cfg: TrainConfig) -> Path:
         step = client["step"]
         stream.load_state_dict(client["stream"])
         epoch = stream.epoch
+    out.mkdir(parents=True, exist_ok=True)  # every rank: on separate nodes each may be the first here
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.json")
     log = open(out / "log.jsonl", "a") if rank == 0 else None
+    trace = open(out / f"trace-rank{rank}.jsonl", "a") if cfg.trace else None
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=rank != 0)
     started, cells = time.perf_counter(), 0
     while step < cfg.max_steps:
         for batch in stream:
             x = batch.x.to(device, non_blocking=True)
             loss, metrics = engine(x, batch.obs.get(cfg.objective.label, None), step)
-            if not math.isfinite(float(loss)):
-                raise NonFiniteLoss(f"loss is {float(loss)} at step {step}; stopping with the last good checkpoint "
+            if not math.isfinite(float(loss.detach())):
+                raise NonFiniteLoss(f"loss is {float(loss.detach())} at step {step}; stopping with the last good checkpoint "
                                     f"in {out / 'checkpoints'} intact (lower the learning rate, or check the data)")
             engine.backward(loss)
             engine.step()
             objective.after_step()
             step += 1
+            if trace:
+                weight = next(objective.encoder.parameters())
+                trace.write(json.dumps({"step": step, "cells": batch.index.tolist(),
+                                        "weight_sum": float(weight.detach().double().abs().sum())}) + "\n")
             cells += len(batch) * world
             bar.update(1)
             if log and (step % cfg.log_every == 0 or step == cfg.max_steps):
@@ -139,6 +144,8 @@ def train(cfg: TrainConfig) -> Path:
             epoch += 1
             stream.set_epoch(epoch)
     bar.close()
+    if trace:
+        trace.close()
     if rank == 0:
         checkpoint.export_model(objective, cfg.to_json(), list(store.genes.gene_id), out / "model.pt")
         log.close()
