@@ -1,4 +1,4 @@
-"""The `cellssl` command line: convert, synth, info.
+"""The `cellssl` command line: convert, synth, info, embed.
 
 Argument parsing and printing only; the work lives in loaders (and, as it lands, the engine). A bad input ends
 in one line on stderr and exit status 2, never a traceback.
@@ -51,6 +51,14 @@ def _add_info(sub) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
+def _add_embed(sub) -> None:
+    p = sub.add_parser("embed", help="write embeddings of every cell of a store (parquet, or obsm of an .h5ad)")
+    p.add_argument("model", help="model.pt written by a recipe")
+    p.add_argument("store")
+    p.add_argument("out", help="OUT.parquet (obs columns + z0…) or OUT.h5ad (obsm['X_cellssl'])")
+    p.add_argument("--batch-size", type=int, default=8192)
+
+
 def info(store: CellStore) -> dict:
     obs = store.obs()
     columns = {}
@@ -70,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_convert(sub)
     _add_synth(sub)
     _add_info(sub)
+    _add_embed(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "convert":
@@ -83,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "synth":
             synth(args.dst, args.cells, args.format, args.seed, args.genes, args.overwrite, progress=not args.quiet)
             print(f"wrote {args.dst}", file=sys.stderr)
+        elif args.command == "embed":
+            from .embed import embed, write_embeddings
+
+            embeddings, obs = embed(args.model, args.store, args.batch_size)
+            write_embeddings(embeddings, obs, args.out)
+            print(f"wrote {args.out}: {embeddings.shape[0]:,} cells x {embeddings.shape[1]} dimensions",
+                  file=sys.stderr)
         elif args.command == "info":
             path = default_store() if args.store == "default" else args.store
             report = info(CellStore(path))

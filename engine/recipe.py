@@ -36,7 +36,13 @@ def parse(defaults: TrainConfig, argv: list[str] | None = None) -> TrainConfig:
 
 
 def run(defaults: TrainConfig) -> None:
-    from .trainer import train
+    from loaders import InputError
 
-    path = train(parse(defaults, sys.argv[1:]))
+    from .trainer import NonFiniteLoss, train
+
+    try:
+        path = train(parse(defaults, sys.argv[1:]))
+    except (InputError, NonFiniteLoss) as exc:  # the user's data or settings: one line, no traceback
+        print(f"cellssl: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     print(f"model: {path}")

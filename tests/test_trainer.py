@@ -90,3 +90,39 @@ def test_batch_larger_than_split_is_a_clear_error(synthetic_store, tmp_path):
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "MASTER_PORT": str(free_port())})
     assert done.returncode != 0 and "batch_size 100000 exceeds" in done.stderr
+
+
+def test_non_finite_loss_stops_with_last_good_checkpoint(synthetic_store, tmp_path):
+    out = tmp_path / "nan"
+    done = subprocess.run([sys.executable, "recipes/mae_random.py", *recipe_args(synthetic_store, out, 30),
+                           "--lr", "1e12", "--checkpoint-every", "1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "MASTER_PORT": str(free_port())})
+    assert done.returncode == 2
+    assert "cellssl: error: loss is nan" in done.stderr and "last good checkpoint" in done.stderr
+    latest = (out / "checkpoints" / "latest").read_text()
+    assert (out / "checkpoints" / latest).is_dir() and not (out / "model.pt").exists()
+
+
+def test_embed_writes_every_cell(synthetic_store, tmp_path):
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from engine.cli import main
+    from loaders import CellStore
+
+    out = tmp_path / "run"
+    run([sys.executable, "recipes/mae_random.py", *recipe_args(synthetic_store, out, 2)])
+    assert main(["embed", str(out / "model.pt"), str(synthetic_store), str(tmp_path / "e.parquet")]) == 0
+    assert main(["embed", str(out / "model.pt"), str(synthetic_store), str(tmp_path / "e.h5ad")]) == 0
+    frame = pd.read_parquet(tmp_path / "e.parquet")
+    store = CellStore(synthetic_store)
+    assert len(frame) == store.n_cells and [f"z{j}" for j in range(64)] == list(frame.columns[-64:])
+    assert list(frame["cell_type"]) == list(store.obs()["cell_type"])
+    adata = ad.read_h5ad(tmp_path / "e.h5ad")
+    np.testing.assert_allclose(adata.obsm["X_cellssl"], frame[[f"z{j}" for j in range(64)]].to_numpy(), rtol=1e-5)
+    other = tmp_path / "other.cellstore"
+    from loaders.synthetic import synth
+    (tmp_path / "genes.txt").write_text("\n".join(store.genes.gene_id[:100]))
+    synth(other, 200, genes=tmp_path / "genes.txt", progress=False)
+    assert main(["embed", str(out / "model.pt"), str(other), str(tmp_path / "x.parquet")]) == 2
