@@ -126,12 +126,12 @@ def train(cfg: TrainConfig) -> Path:
             bar.update(1)
             if log and (step % cfg.log_every == 0 or step == cfg.max_steps):
                 seconds = time.perf_counter() - started
-                record = {"step": step, "epoch": epoch, "loss": float(loss), "lr": scheduler.get_last_lr()[0],
+                record = {"step": step, "epoch": epoch, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0],
                           "cells_per_s": cells / seconds, "seconds": seconds,
                           **{k: float(v) for k, v in metrics.items() if k != "loss"}}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-                bar.set_postfix(loss=f"{float(loss):.4f}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
             if val is not None and step % cfg.val_every == 0:
                 val_loss = validate(engine, val, cfg, device, step)
                 if log:
