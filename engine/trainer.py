@@ -111,8 +111,9 @@ def train(cfg: TrainConfig) -> Path:
         for batch in stream:
             x = batch.x.to(device, non_blocking=True)
             loss, metrics = engine(x, batch.obs.get(cfg.objective.label, None), step)
-            if not math.isfinite(float(loss.detach())):
-                raise NonFiniteLoss(f"loss is {float(loss.detach())} at step {step}; stopping with the last good checkpoint "
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"loss is {value} at step {step}; stopping with the last good checkpoint "
                                     f"in {out / 'checkpoints'} intact (lower the learning rate, or check the data)")
             engine.backward(loss)
             engine.step()
@@ -126,12 +127,12 @@ def train(cfg: TrainConfig) -> Path:
             bar.update(1)
             if log and (step % cfg.log_every == 0 or step == cfg.max_steps):
                 seconds = time.perf_counter() - started
-                record = {"step": step, "epoch": epoch, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0],
+                record = {"step": step, "epoch": epoch, "loss": value, "lr": scheduler.get_last_lr()[0],
                           "cells_per_s": cells / seconds, "seconds": seconds,
                           **{k: float(v) for k, v in metrics.items() if k != "loss"}}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+                bar.set_postfix(loss=f"{value:.4f}")
             if val is not None and step % cfg.val_every == 0:
                 val_loss = validate(engine, val, cfg, device, step)
                 if log:
