@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from bench.kernels import eager_nb_augment, eager_programme_mask  # noqa: E402
 from engine.config import ObjectiveConfig, TrainConfig  # noqa: E402
+from engine.objectives import view_coins  # noqa: E402
 from engine.setup import build_objective  # noqa: E402
 from loaders import BatchStream, CellStore  # noqa: E402
 from loaders.synthetic import default_store  # noqa: E402
@@ -57,27 +58,39 @@ def paper_style(objective, name: str, members, x: torch.Tensor, step: int) -> to
     if name.startswith("mae gp"):
         return None  # the reference code has no GP→TF on this scale to compare with
     views = []
-    for _ in range(2):
+    for view in range(2 if name == "byol" else 1):  # ours' augmentation decisions, done the reference's way
         v = x
-        if torch.rand(()) < 0.5:
+        noise, drop = view_coins(objective.seed, step, view, 0.5 if name == "byol" else 1.0)
+        if noise:
             v = eager_nb_augment(v)
-        if torch.rand(()) < 0.5:
+        if drop:
             v = v * torch.bernoulli(torch.full_like(v, 0.9)) / 0.9
         views.append(v)
     if name == "byol":
-        p = F.normalize(objective.predictor(objective.projector(objective.encoder(views[0]))), dim=1)
-        with torch.no_grad():
-            z = F.normalize(objective.target_projector(objective.target_encoder(views[1])), dim=1)
-        return (2 - 2 * (p * z).sum(1)).mean()
+        def pair(a, b):
+            p = F.normalize(objective.predictor(objective.projector(objective.encoder(a))), dim=1)
+            with torch.no_grad():
+                z = F.normalize(objective.target_projector(objective.target_encoder(b)), dim=1)
+            return (2 - 2 * (p * z).sum(1)).mean()
+        return pair(views[0], views[1]) + pair(views[1], views[0])
     z1, z2 = objective.projector(objective.encoder(views[0])), objective.projector(objective.encoder(x))
     z1, z2 = (z1 - z1.mean(0)) / z1.std(0), (z2 - z2.mean(0)) / z2.std(0)
     c = z1.T @ z2 / x.shape[0]
     return (torch.diagonal(c) - 1).pow(2).sum() + objective.lambd * (c.pow(2).sum() - torch.diagonal(c).pow(2).sum())
 
 
+def batches(stream):
+    """Endless batches, epoch after epoch (a small store has few steps per epoch)."""
+    epoch = 0
+    while True:
+        stream.set_epoch(epoch)
+        yield from stream
+        epoch += 1
+
+
 def timed_steps(loss_fn, objective, stream, steps: int) -> float:
     opt = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
-    it = iter(stream)
+    it = batches(stream)
     for i in range(steps + 1):
         if i == 1:
             t0 = time.perf_counter()

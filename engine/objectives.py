@@ -77,13 +77,19 @@ class MaskedAutoencoder(Objective):
         return loss, {"loss": loss.detach()}
 
 
+def view_coins(seed: int, step: int, view: int, p: float = 0.5) -> tuple[bool, bool]:
+    """Whether a view gets NB noise and dropout at this step (seeded, so a resumed run draws the same)."""
+    coin = torch.rand(2, generator=torch.Generator().manual_seed(random_key(seed, step, 10 + view)))
+    return bool(coin[0] < p), bool(coin[1] < p)
+
+
 def augment(x: torch.Tensor, seed: int, step: int, view: int, intensity: float = 0.1, dropout: float = 0.1,
             p: float = 0.5) -> torch.Tensor:
     """The paper's contrastive view: NB noise (intensity 0.1) and dropout (10 %), each applied with p = 0.5."""
-    coin = torch.rand(2, generator=torch.Generator().manual_seed(random_key(seed, step, 10 + view)))
-    if coin[0] < p:
+    noise, drop = view_coins(seed, step, view, p)
+    if noise:
         x = kernels.nb_augment(x, intensity, seed, step * 4 + view)
-    if coin[1] < p:
+    if drop:
         x = kernels.random_mask(x, dropout, seed + 1, step * 4 + view)[0]
     return x
 

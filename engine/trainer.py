@@ -72,7 +72,8 @@ def validate(engine, stream: BatchStream, cfg: TrainConfig, device, step: int) -
     for i, batch in enumerate(stream):
         if i >= cfg.val_batches:
             break
-        loss, _ = engine(batch.x.to(device), batch.obs.get(cfg.objective.label, None), step)
+        labels = batch.obs.get(cfg.objective.label)
+        loss, _ = engine(batch.x.to(device), None if labels is None else labels.to(device), step)
         losses.append(float(loss))
     engine.train()
     return sum(losses) / max(len(losses), 1)
@@ -110,7 +111,8 @@ def train(cfg: TrainConfig) -> Path:
     while step < cfg.max_steps:
         for batch in stream:
             x = batch.x.to(device, non_blocking=True)
-            loss, metrics = engine(x, batch.obs.get(cfg.objective.label, None), step)
+            labels = batch.obs.get(cfg.objective.label)
+            loss, metrics = engine(x, None if labels is None else labels.to(device), step)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise NonFiniteLoss(f"loss is {value} at step {step}; stopping with the last good checkpoint "

@@ -73,3 +73,17 @@ def test_bad_configurations(synthetic_store, tmp_path):
         build_objective(config("supervised", label="tumour_stage"), store)
     with pytest.raises(InputError, match="needs a TF"):
         build_objective(config("mae", "gp_to_tf"), store)
+
+
+def test_finetuning_starts_from_the_pretrained_encoder(synthetic_store, tmp_path):
+    from engine.checkpoint import export_model
+
+    store = CellStore(synthetic_store)
+    pretrained = build_objective(config("mae"), store)
+    export_model(pretrained, config("mae").to_json(), list(store.genes.gene_id), tmp_path / "model.pt")
+    cfg = config("supervised")
+    cfg.init_encoder = str(tmp_path / "model.pt")
+    finetune = build_objective(cfg, store)
+    for a, b in zip(pretrained.encoder.state_dict().values(), finetune.encoder.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not hasattr(finetune.autoencoder, "decoder")
