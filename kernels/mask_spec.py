@@ -9,7 +9,7 @@ are the torch references of the masks. Never imports engine or loaders.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -86,6 +86,7 @@ class MaskSpec:
     scale: torch.Tensor         # float32 [B]: input upscaling, 1 / (1 - fraction masked)
     target_gene: torch.Tensor   # int32 [B] (TARGET_GENE only)
     triton: bool                # whose random stream (Philox in Triton, torch.Generator otherwise)
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -99,7 +100,11 @@ class MaskSpec:
                 from .masking import apply_mask
 
                 return apply_mask(torch.ones(self.shape, device=self.scale.device), self) != 0
-            return random_keep(self.key, self.shape, self.rate, self.scale.device)
+            # the CPU path keeps the bool mask it drew (1 byte per element) for the loss: drawing it again
+            # costs more than holding it; the Triton path stores nothing and regenerates
+            if "keep" not in self._cache:
+                self._cache["keep"] = random_keep(self.key, self.shape, self.rate, self.scale.device)
+            return self._cache["keep"]
         keep = unpack_bits(self.row_bits, self.n_genes)
         keep = ~keep if self.mode == DROP_BITS else keep
         return keep.expand(self.n_cells, -1) if len(keep) == 1 else keep[self.row_index.long()]
