@@ -17,7 +17,6 @@ class Spill:
     def __init__(self, root: Path, row_dtype: np.dtype, elem_dtypes: dict[str, np.dtype]):
         self.root, self.row_dtype, self.elem_dtypes = Path(root), np.dtype(row_dtype), elem_dtypes
         self.root.mkdir(parents=True, exist_ok=True)
-        self.bytes = 0
 
     def _file(self, bucket: int, field: str) -> Path:
         return self.root / f"{bucket}.{field}"
@@ -27,7 +26,6 @@ class Spill:
             for field, arr in (("rows", rows), *elems.items()):
                 with open(self._file(bucket, field), "ab") as fh:
                     fh.write(np.ascontiguousarray(arr).data)
-                self.bytes += arr.nbytes
         except OSError as exc:
             raise disk_error(self.root, exc) from exc
 

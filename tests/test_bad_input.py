@@ -7,10 +7,9 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
 import zarr
 
-from conftest import gene_table, make_anndata, write_10x
+from conftest import make_anndata, write_10x
 from loaders import CellStore, CellStoreError, InputError
 from loaders.convert import convert, open_source
 

@@ -5,7 +5,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import scipy.sparse as sp
 
 from conftest import gene_table, make_anndata, write_10x
 from loaders import CellStore

@@ -137,7 +137,6 @@ def test_gradients_flow_through_the_mask(backend):
     (out * torch.arange(300.0)).sum().backward()
     expected = mask_reference(torch.arange(300.0).expand(6, 300).contiguous(), spec, spec.keep())
     torch.testing.assert_close(x.grad, expected)
-    keep = spec.keep()
     x64 = torch.rand(3, 20, dtype=torch.float64, requires_grad=True)
     small = random_mask(torch.rand(3, 20), 0.5)[1]
     torch.autograd.gradcheck(lambda t: mask_reference(t, small, small.keep()), (x64,))
