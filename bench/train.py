@@ -32,9 +32,9 @@ OBJECTIVES = [("mae random", ObjectiveConfig("mae", "random")),
               ("byol", ObjectiveConfig("byol")), ("barlow twins", ObjectiveConfig("barlow_twins"))]
 
 
-def matmul_rate(batch: int, n_genes: int) -> float:
-    """FLOP/s of this machine's float32 matmul at the first layer's shape (the step's dominant product)."""
-    a, b = torch.randn(batch, n_genes), torch.randn(n_genes, 512)
+def matmul_rate(batch: int, n_genes: int, dtype=torch.float32) -> float:
+    """FLOP/s of this machine's matmul in `dtype` at the first layer's shape (the step's dominant product)."""
+    a, b = torch.randn(batch, n_genes, dtype=dtype), torch.randn(n_genes, 512, dtype=dtype)
     a @ b
     t0 = time.perf_counter()
     for _ in range(3):
@@ -107,18 +107,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8192)
     parser.add_argument("--data", default=None)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="ours and the ceiling in this precision; the paper-style step stays fp32, as it was")
     args = parser.parse_args()
     store = CellStore(args.data or default_store())
-    rate = matmul_rate(args.batch_size, store.n_genes)
+    rate = matmul_rate(args.batch_size, store.n_genes, torch.bfloat16 if args.precision == "bf16" else torch.float32)
     tf_gmt = store.path / "synthetic_truth" / "tf_targets.gmt"
     print(f"{store.path.name}: batch {args.batch_size} x {store.n_genes} genes, {args.steps} timed steps after one, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, matmul {rate / 1e9:.0f} GFLOP/s")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.precision} matmul {rate / 1e9:.0f} GFLOP/s")
     print("| objective | ours cells/s | ceiling cells/s | ours / ceiling | paper-style cells/s | ours / paper |")
     print("|---|---|---|---|---|---|")
     for name, ocfg in OBJECTIVES:
         if ocfg.mask == "gp_to_tf":
             ocfg = ObjectiveConfig(ocfg.name, ocfg.mask, programmes=str(tf_gmt), per="cell")
-        cfg = TrainConfig(objective=ocfg)
+        cfg = TrainConfig(objective=ocfg, precision=args.precision)
         torch.manual_seed(0)
         objective = build_objective(cfg, store)
         stream = BatchStream(store, "train", args.batch_size, seed=0, columns=[])
@@ -133,6 +135,7 @@ def main() -> None:
 
             members = index_programmes(read_gmt(), store.genes).members
         paper = float("nan")
+        objective.compute_dtype = None  # the reference ran in fp32
         if paper_style(objective, name, members, x[:16], 0) is not None:
             paper = timed_steps(lambda xb, i: paper_style(objective, name, members, xb, i), objective, stream,
                                 args.steps)

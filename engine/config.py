@@ -29,6 +29,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     lr_step_epochs: int = 2              # StepLR(step 2 epochs, gamma 0.9)
     lr_gamma: float = 0.9
+    precision: str = "fp32"              # "bf16": matmuls under bf16 autocast (fp32 weights, optimiser and loss)
     max_steps: int = 1000
     seed: int = 0
     log_every: int = 10

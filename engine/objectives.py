@@ -25,10 +25,18 @@ class Objective(nn.Module):
         super().__init__()
         self.autoencoder = AutoEncoder(n_genes, model)
         self.seed = seed
+        self.compute_dtype: torch.dtype | None = None  # torch.bfloat16: matmuls in bf16, weights and loss in fp32
 
     @property
     def encoder(self) -> nn.Module:
         return self.autoencoder.encoder
+
+    def net(self, fn, x: torch.Tensor) -> torch.Tensor:
+        """fn(x) under autocast when a compute dtype is set; the result back in float32 for the kernels."""
+        if self.compute_dtype is None:
+            return fn(x)
+        with torch.autocast(x.device.type, dtype=self.compute_dtype):
+            return fn(x).float()
 
     def after_step(self) -> None:
         """Called after each optimiser step (BYOL moves its target network here)."""
@@ -38,7 +46,7 @@ class Reconstruction(Objective):
     """Plain autoencoder: MSE over every gene."""
 
     def forward(self, x, labels=None, step: int = 0):
-        loss = F.mse_loss(self.autoencoder(x), x)
+        loss = F.mse_loss(self.net(self.autoencoder, x), x)
         return loss, {"loss": loss.detach()}
 
 
@@ -73,7 +81,7 @@ class MaskedAutoencoder(Objective):
 
     def forward(self, x, labels=None, step: int = 0):
         x_in, spec = self.masked(x, step)
-        loss = kernels.masked_recon_loss(self.autoencoder(x_in), x, spec)
+        loss = kernels.masked_recon_loss(self.net(self.autoencoder, x_in), x, spec)
         return loss, {"loss": loss.detach()}
 
 
@@ -110,9 +118,9 @@ class BYOL(Objective):
         self.ema = ema
 
     def _pair_loss(self, online_in, target_in):
-        prediction = F.normalize(self.predictor(self.projector(self.encoder(online_in))), dim=1)
+        prediction = F.normalize(self.net(lambda v: self.predictor(self.projector(self.encoder(v))), online_in), dim=1)
         with torch.no_grad():
-            target = F.normalize(self.target_projector(self.target_encoder(target_in)), dim=1)
+            target = F.normalize(self.net(lambda v: self.target_projector(self.target_encoder(v)), target_in), dim=1)
         return (2 - 2 * (prediction * target).sum(1)).mean()
 
     def forward(self, x, labels=None, step: int = 0):
@@ -138,8 +146,8 @@ class BarlowTwins(Objective):
         self.lambd = lambd
 
     def forward(self, x, labels=None, step: int = 0):
-        z1 = self.projector(self.encoder(augment(x, self.seed, step, 0, p=1.0)))
-        z2 = self.projector(self.encoder(x))
+        z1 = self.net(lambda v: self.projector(self.encoder(v)), augment(x, self.seed, step, 0, p=1.0))
+        z2 = self.net(lambda v: self.projector(self.encoder(v)), x)
         z1 = (z1 - z1.mean(0)) / (z1.std(0) + 1e-6)
         z2 = (z2 - z2.mean(0)) / (z2.std(0) + 1e-6)
         c = z1.T @ z2 / x.shape[0]
@@ -160,7 +168,7 @@ class Supervised(Objective):
         del self.autoencoder.decoder  # never used: keep it out of the optimiser and the checkpoint
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.encoder(x))
+        return self.net(lambda v: self.classifier(self.encoder(v)), x)
 
     def forward(self, x, labels=None, step: int = 0):
         if labels is None:

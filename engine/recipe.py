@@ -17,6 +17,8 @@ def parse(defaults: TrainConfig, argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="cells per rank per step")
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=defaults.precision,
+                   help="bf16: matmuls in bfloat16 autocast (4x the CPU matmul rate where AVX512-BF16/AMX exist)")
     p.add_argument("--programmes", default=defaults.objective.programmes, help="GMT file of gene programmes")
     p.add_argument("--per", choices=["batch", "cell"], default=defaults.objective.per)
     p.add_argument("--label", default=defaults.objective.label, help="obs column for supervised objectives")
@@ -30,7 +32,7 @@ def parse(defaults: TrainConfig, argv: list[str] | None = None) -> TrainConfig:
     args, _ = p.parse_known_args(argv)  # the deepspeed launcher appends --local_rank
     objective = replace(defaults.objective, programmes=args.programmes, per=args.per, label=args.label)
     return replace(defaults, data=args.data, out=args.out, max_steps=args.max_steps, batch_size=args.batch_size,
-                   lr=args.lr, seed=args.seed, objective=objective, init_encoder=args.init_encoder,
+                   lr=args.lr, seed=args.seed, precision=args.precision, objective=objective, init_encoder=args.init_encoder,
                    log_every=args.log_every, val_every=args.val_every, checkpoint_every=args.checkpoint_every,
                    deepspeed_config=args.deepspeed_config, resume=args.resume, trace=args.trace)
 

@@ -63,6 +63,9 @@ def build_objective(cfg: TrainConfig, store: CellStore) -> Objective:
         objective = OBJECTIVES["supervised"](g, cfg.model, len(categories), cfg.seed)
     else:
         objective = OBJECTIVES[o.name](g, cfg.model, seed=cfg.seed)
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', not {cfg.precision!r}")
+    objective.compute_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
     if cfg.init_encoder:
         from .checkpoint import load_model
 

@@ -54,8 +54,6 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     ds.pop("train_batch_size", None)  # derived: micro-batch × accumulation × world size
     ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay,
                                                    "torch_adam": True}}
-    if ds.get("bf16", {}).get("enabled") == "auto":
-        ds["bf16"] = {"enabled": torch.cuda.is_available() and torch.cuda.is_bf16_supported()}
     return ds
 
 

@@ -87,3 +87,18 @@ def test_finetuning_starts_from_the_pretrained_encoder(synthetic_store, tmp_path
     for a, b in zip(pretrained.encoder.state_dict().values(), finetune.encoder.state_dict().values()):
         assert torch.equal(a, b)
     assert not hasattr(finetune.autoencoder, "decoder")
+
+
+@pytest.mark.parametrize("name", ["mae", "byol"])
+def test_bf16_compute_trains_and_keeps_fp32_weights(synthetic_store, name):
+    store = CellStore(synthetic_store)
+    cfg = config(name)
+    cfg.precision = "bf16"
+    objective = build_objective(cfg, store)
+    assert objective.compute_dtype == torch.bfloat16
+    trace = losses(objective, store)
+    assert sum(trace[-5:]) / 5 < 0.8 * sum(trace[:5]) / 5
+    assert all(p.dtype == torch.float32 for p in objective.parameters())
+    cfg.precision = "fp8"
+    with pytest.raises(ValueError, match="precision must be"):
+        build_objective(cfg, store)
