@@ -41,3 +41,9 @@ def export_model(objective: torch.nn.Module, config_json: str, gene_ids: list[st
 
 def load_model(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def encoder_state(saved: dict) -> dict:
+    """The encoder's weights out of an exported model (whatever objective trained it)."""
+    prefix = "autoencoder.encoder."
+    return {k[len(prefix):]: v for k, v in saved["state_dict"].items() if k.startswith(prefix)}

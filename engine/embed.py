@@ -10,7 +10,7 @@ import torch
 
 from loaders import BatchStream, CellStore, InputError
 
-from .checkpoint import load_model
+from .checkpoint import encoder_state, load_model
 from .config import TrainConfig
 from .models import AutoEncoder
 
@@ -19,9 +19,7 @@ def load_encoder(model_path: str | Path) -> tuple[torch.nn.Module, list[str]]:
     saved = load_model(Path(model_path))
     cfg = TrainConfig.from_dict(json.loads(saved["config"]))
     autoencoder = AutoEncoder(len(saved["gene_ids"]), cfg.model)
-    prefix = "autoencoder.encoder."
-    autoencoder.encoder.load_state_dict({k[len(prefix):]: v for k, v in saved["state_dict"].items()
-                                         if k.startswith(prefix)})
+    autoencoder.encoder.load_state_dict(encoder_state(saved))
     return autoencoder.encoder.eval(), list(saved["gene_ids"])
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from loaders import CellStore, InputError
-from loaders.genes import strip_version
 from loaders.genesets import index_programmes, read_gmt
 
 from .config import TrainConfig
@@ -31,9 +30,9 @@ def tf_programmes(cfg: TrainConfig, store: CellStore) -> tuple[torch.Tensor, tor
         raise InputError("objective.programmes", "GP→TF needs a TF → targets GMT file",
                          "pass --programmes (e.g. MSigDB C3 TFT, or synthetic_truth/tf_targets.gmt of a synthetic store)")
     sets = read_gmt(cfg.objective.programmes)
-    by_id = {strip_version(g): i for i, g in enumerate(store.genes.gene_id)}
-    by_name = {str(n).upper(): i for i, n in enumerate(store.genes.gene_name)}
-    tfs = [by_id.get(strip_version(s.description), by_name.get(s.name.split("_")[0].upper(), -1)) for s in sets]
+    genes = store.genes
+    tfs = [genes.column(s.description) if genes.column(s.description) >= 0 else genes.column(s.name.split("_")[0])
+           for s in sets]
     keep = [s for s, t in zip(sets, tfs) if t >= 0]
     if not keep:
         raise InputError(cfg.objective.programmes, "no programme's transcription factor is a gene of the store",
@@ -67,14 +66,12 @@ def build_objective(cfg: TrainConfig, store: CellStore) -> Objective:
         raise ValueError(f"precision must be 'fp32' or 'bf16', not {cfg.precision!r}")
     objective.compute_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
     if cfg.init_encoder:
-        from .checkpoint import load_model
+        from .checkpoint import encoder_state, load_model
 
         saved = load_model(Path(cfg.init_encoder))
         if list(saved["gene_ids"]) != list(store.genes.gene_id):
             raise InputError(cfg.init_encoder, "the pretrained model's genes differ from the store's",
                              "convert the store with --genes PRETRAINING_STORE so both share one gene space")
-        prefix = "autoencoder.encoder."
-        encoder = {k[len(prefix):]: v for k, v in saved["state_dict"].items() if k.startswith(prefix)}
-        objective.encoder.load_state_dict(encoder)
+        objective.encoder.load_state_dict(encoder_state(saved))
     return objective
 

@@ -89,6 +89,19 @@ class GeneSpace:
             frame = pd.DataFrame(index=pd.Index(lines))
         return cls.from_frame(frame, str(path))
 
+    def lookup(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(version-stripped Ensembl id → column, upper-case symbol → first column with it), built once."""
+        if "_lookup" not in self.__dict__:
+            by_id = {strip_version(str(g)): i for i, g in enumerate(self.gene_id)}
+            by_name = {str(n).upper(): i for i, n in reversed(list(enumerate(self.gene_name)))}
+            object.__setattr__(self, "_lookup", (by_id, by_name))
+        return self.__dict__["_lookup"]
+
+    def column(self, key: str) -> int:
+        """Column of a gene given by Ensembl id (any version) or symbol (any case); -1 if absent."""
+        by_id, by_name = self.lookup()
+        return by_id.get(strip_version(str(key)), by_name.get(str(key).upper(), -1))
+
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame({"gene_id": self.gene_id.astype(str), "gene_name": self.gene_name.astype(str)})
 
@@ -140,9 +153,7 @@ def _unique_or_raise(keys: np.ndarray, where: str, what: str) -> None:
 def align_genes(source: GeneSpace, target: GeneSpace, where: str) -> GeneAlignment:
     """Map source columns onto target columns, by Ensembl id when possible, else by symbol."""
     src_ids = np.array([strip_version(g) for g in source.gene_id], dtype=object)
-    tgt_ids = np.array([strip_version(g) for g in target.gene_id], dtype=object)
-    by_id = dict(zip(tgt_ids, range(len(tgt_ids))))
-    by_name = {str(n).upper(): i for i, n in reversed(list(enumerate(target.gene_name)))}
+    by_id, by_name = target.lookup()
     id_hits = np.array([by_id.get(g, -1) for g in src_ids], dtype=np.int64)
     name_hits = np.array([by_name.get(str(n).upper(), -1) for n in source.gene_name], dtype=np.int64)
     use_ids = (id_hits >= 0).sum() >= (name_hits >= 0).sum()

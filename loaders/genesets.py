@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .genes import GeneSpace, strip_version
+from .genes import GeneSpace
 
 GO_BP_RESOURCE = "go_bp_programs.gmt.gz"
 
@@ -85,11 +85,9 @@ class ProgrammeIndex:
 def index_programmes(sets: list[GeneSet], space: GeneSpace, min_genes: int = 1, max_genes: int | None = None,
                      where: str = "gene programmes") -> ProgrammeIndex:
     """Map each set's genes (Ensembl ids or symbols, matched per gene) to columns; keep sets within the size limits."""
-    by_id = {strip_version(str(g)): i for i, g in enumerate(space.gene_id)}
-    by_name = {str(n).upper(): i for i, n in reversed(list(enumerate(space.gene_name)))}
     names, members, listed, mapped = [], [], 0, 0
     for s in sets:
-        cols = {by_id.get(strip_version(g), by_name.get(g.upper(), -1)) for g in s.genes}
+        cols = {space.column(g) for g in s.genes}
         cols.discard(-1)
         listed += len(s.genes)
         mapped += len(cols)
