@@ -5,7 +5,7 @@ finishes with numpy's own log1p, so a batch equals `np.log1p(dense / dense.sum(1
 np.float32(1e4))` bit for bit (integer row sums below 2^24 are exact in float32, whatever the summation order).
 `scatter_rows` zeroes and fills each output row in one pass, while the row is hot in cache: about twice as fast
 as zeroing the whole buffer first. `gather_rows` copies rows into one contiguous CSR (the csr output). Both are single-threaded numba with the GIL released: the stream runs them beside its decode
-threads, where numba's own thread pool competing with those was measured 30-50 % slower on 2 cores.
+threads, where numba's own thread pool competing with those was slower in A/B runs on 2 cores.
 Never imports engine or kernels.
 """
 from __future__ import annotations

@@ -1,0 +1,56 @@
+"""Where one masked-autoencoder training step spends its time on this machine (batch 8,192, paper network).
+
+Times mask, forward, fused loss, backward and AdamW separately for a few steps at the given precision.
+Usage: python bench/step_profile.py [--precision fp32|bf16] [--steps 3]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+from engine.config import ObjectiveConfig, TrainConfig  # noqa: E402
+from engine.setup import build_objective  # noqa: E402
+from loaders import BatchStream, CellStore  # noqa: E402
+from loaders.synthetic import default_store  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    store = CellStore(default_store())
+    objective = build_objective(TrainConfig(objective=ObjectiveConfig("mae", "random"), precision=args.precision),
+                                store)
+    opt = torch.optim.AdamW(objective.parameters(), lr=1e-3, weight_decay=0.01)
+    x = next(iter(BatchStream(store, "train", 8192, columns=[]))).x.clone()
+    print(f"MAE random, batch 8192 x {store.n_genes}, {args.precision}, seconds per phase")
+    print("| step | mask | forward | loss | backward | AdamW | total |")
+    print("|---|---|---|---|---|---|---|")
+    for step in range(args.steps + 1):
+        t = [time.perf_counter()]
+        x_in, spec = kernels.random_mask(x, 0.5, 0, step)
+        t.append(time.perf_counter())
+        pred = objective.net(objective.autoencoder, x_in)
+        t.append(time.perf_counter())
+        loss = kernels.masked_recon_loss(pred, x, spec)
+        t.append(time.perf_counter())
+        opt.zero_grad()
+        loss.backward()
+        t.append(time.perf_counter())
+        opt.step()
+        t.append(time.perf_counter())
+        if step:  # the first step warms allocators up
+            phases = [b - a for a, b in zip(t[:-1], t[1:])]
+            print(f"| {step} | " + " | ".join(f"{p:.2f}" for p in phases) + f" | {t[-1] - t[0]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
