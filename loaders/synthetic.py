@@ -42,6 +42,8 @@ class SyntheticConfig:
     targets_per_tf: int = 40
     n_proteins: int = 32
     n_state_programmes: int = 12
+    datasets: tuple[int, ...] | None = None   # draw cells from these datasets only (None: all), e.g. a held-out target
+    draw: int = 0                              # another draw of cells from the same atlas (same types, genes, batches)
 
 
 @dataclass
@@ -55,6 +57,8 @@ class SyntheticAtlas:
 
     def __post_init__(self):
         cfg, rng, G = self.config, np.random.default_rng([self.config.seed, 0]), len(self.genes)
+        if cfg.datasets is not None and (not cfg.datasets or not all(0 <= d < cfg.n_datasets for d in cfg.datasets)):
+            raise ValueError(f"datasets must be a non-empty subset of 0…{cfg.n_datasets - 1}, not {cfg.datasets}")
         programmes = index_programmes(read_gmt(), self.genes, min_genes=15, max_genes=300, where="GO programmes") \
             if len(self.genes) > 1000 else None
         self.type_names, lineage = [], []
@@ -127,14 +131,15 @@ class SyntheticAtlas:
             pending: deque = deque()
             for i, start in enumerate(starts + [None] * 3):
                 if start is not None:
-                    pending.append(pool.submit(self._chunk, np.random.default_rng([self.config.seed, 1, i]),
+                    key = [self.config.seed, 1, i] + ([self.config.draw] if self.config.draw else [])
+                    pending.append(pool.submit(self._chunk, np.random.default_rng(key),
                                                min(chunk_cells, n_cells - start)))
                 if len(pending) > 2 or (start is None and pending):
                     yield pending.popleft().result()
 
     def _chunk(self, rng, n: int):
         cfg = self.config
-        dataset = rng.integers(0, cfg.n_datasets, n)
+        dataset = rng.integers(0, cfg.n_datasets, n) if cfg.datasets is None else rng.choice(cfg.datasets, n)
         donor = dataset * cfg.donors_per_dataset + rng.integers(0, cfg.donors_per_dataset, n)
         cell_type = np.empty(n, np.int64)
         for d in np.unique(dataset):
@@ -264,18 +269,21 @@ def default_store(progress: bool = True) -> Path:
 
 
 def synth(dst: str | Path, n_cells: int, fmt: str = "cellstore", seed: int = 0, genes: str | Path = "default",
-          overwrite: bool = False, progress: bool = True) -> Path:
-    """Write a synthetic atlas of `n_cells` as a cell store, an .h5ad or an scTab-layout directory."""
+          overwrite: bool = False, progress: bool = True, datasets: tuple[int, ...] | None = None, draw: int = 0,
+          **split_options) -> Path:
+    """Write a synthetic atlas of `n_cells` as a cell store, an .h5ad or an scTab-layout directory. `datasets` and
+    `draw` carve stores with a shift out of one atlas (e.g. an auxiliary store from datasets 0–9 and a target from
+    10–11); `split_options` (val_frac, test_frac) go to the conversion."""
     from .convert import convert, resolve_genes
     from .store import remove_tree
     from .writers import write_h5ad, write_sctab
 
     dst = Path(dst)
     space = resolve_genes(genes, GeneSpace.default())
-    config = SyntheticConfig(seed=seed)
+    config = SyntheticConfig(seed=seed, datasets=tuple(datasets) if datasets is not None else None, draw=draw)
     if fmt == "cellstore":
         source = SyntheticSource(n_cells, config, space)
-        convert(source, dst, overwrite=overwrite, seed=seed, progress=progress)
+        convert(source, dst, overwrite=overwrite, seed=seed, progress=progress, **split_options)
         source.atlas.write_truth(dst / "synthetic_truth")
         return dst
     if fmt not in ("h5ad", "sctab-parquet"):
@@ -286,7 +294,7 @@ def synth(dst: str | Path, n_cells: int, fmt: str = "cellstore", seed: int = 0, 
     atlas = SyntheticAtlas(config, space)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     try:
-        (write_h5ad if fmt == "h5ad" else write_sctab)(atlas, n_cells, tmp, progress=progress)
+        (write_h5ad if fmt == "h5ad" else write_sctab)(atlas, n_cells, tmp, progress=progress, **split_options)
         if fmt == "sctab-parquet":
             atlas.write_truth(tmp / "synthetic_truth")
         if dst.exists():

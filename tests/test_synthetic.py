@@ -34,6 +34,22 @@ def test_same_seed_same_atlas():
         np.testing.assert_array_equal(va, vb)
 
 
+def test_held_out_datasets_and_a_second_draw_share_the_atlas():
+    import pytest
+
+    genes = GeneSpace.default()
+    base = SyntheticAtlas(SyntheticConfig(), genes)
+    target = SyntheticAtlas(SyntheticConfig(datasets=(10, 11), draw=1), genes)
+    np.testing.assert_array_equal(base.type_profile, target.type_profile)  # same types, genes and batch effects
+    first, held = next(base.cells(500)), next(target.cells(500))
+    assert set(np.unique(held[3]["dataset_id"])) == {10, 11}
+    assert set(np.unique(first[3]["dataset_id"])) == set(range(12))
+    again = next(SyntheticAtlas(SyntheticConfig(draw=1), genes).cells(500))
+    assert not np.array_equal(again[0], first[0])  # another draw: other cells
+    with pytest.raises(ValueError, match="subset of 0…11"):
+        SyntheticAtlas(SyntheticConfig(datasets=(12,)), genes)
+
+
 def test_nb_sampler_moments():
     from loaders.synthetic import NB_THETA, sample_nb
 
