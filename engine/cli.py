@@ -1,4 +1,4 @@
-"""The `cellssl` command line: convert, synth, info, embed.
+"""The `cellssl` command line: convert, synth, info, embed, eval.
 
 Argument parsing and printing only; the work lives in loaders (and, as it lands, the engine). A bad input ends
 in one line on stderr and exit status 2, never a traceback.
@@ -9,10 +9,14 @@ import argparse
 import json
 import sys
 
+from pathlib import Path
+
 from loaders import CellStore, InputError
 from loaders.convert import convert, open_source
 from loaders.store import Layout
 from loaders.synthetic import default_store, synth
+
+from .evaluate.config import TASKS, EvalConfig
 
 
 def _add_convert(sub) -> None:
@@ -41,6 +45,9 @@ def _add_synth(sub) -> None:
     p.add_argument("--format", choices=["cellstore", "h5ad", "sctab-parquet"], default="cellstore")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--genes", default="default", help="gene space: 'default', a cell store or a gene-list file")
+    p.add_argument("--datasets", default=None,
+                   help="draw cells from these of the 12 datasets only, e.g. 10,11 (a target with a batch shift)")
+    p.add_argument("--draw", type=int, default=0, help="an independent draw of cells from the same atlas")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
 
@@ -57,6 +64,44 @@ def _add_embed(sub) -> None:
     p.add_argument("store")
     p.add_argument("out", help="OUT.parquet (obs columns + z0…) or OUT.h5ad (obsm['X_cellssl'])")
     p.add_argument("--batch-size", type=int, default=8192)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate models and baselines on a labelled store (results.json/.md, plots)")
+    p.add_argument("models", nargs="*", help="model.pt files, optionally named: NAME=PATH (default name: its folder)")
+    p.add_argument("--data", default="default", help="labelled cell store with train and test splits "
+                                                     "(default: the embedded synthetic store)")
+    p.add_argument("--out", default="runs/evaluate")
+    p.add_argument("--label", default="cell_type", help="categorical obs column to predict")
+    p.add_argument("--batch", default="dataset_id", help="categorical obs column of batches (integration)")
+    p.add_argument("--modality", default=None, help="paired-modality obs columns, comma-separated (default: protein_*)")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    p.add_argument("--no-baselines", action="store_true", help="skip PCA and the supervised model from scratch")
+    p.add_argument("--finetune-steps", type=int, default=200)
+    p.add_argument("--crossmodal-steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--knn", type=int, default=5, help="neighbours of the zero-shot kNN classifier")
+    p.add_argument("--integration-cells", type=int, default=10_000, help="subsample for the scIB metrics")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def eval_config(args) -> EvalConfig:
+    models = {}
+    for item in args.models:
+        name, _, path = item.rpartition("=")
+        name = name or Path(path).parent.name or Path(path).stem
+        if name in models:
+            raise InputError(item, f"two models are named {name!r}", "name them: NAME=PATH")
+        models[name] = path
+    return EvalConfig(store=str(default_store() if args.data == "default" else args.data), models=models,
+                      out=args.out, label=args.label, batch=args.batch,
+                      modality=args.modality.split(",") if args.modality else None,
+                      tasks=tuple(t for t in args.tasks.split(",") if t), baselines=not args.no_baselines,
+                      finetune_steps=args.finetune_steps, crossmodal_steps=args.crossmodal_steps,
+                      batch_size=args.batch_size, precision=args.precision, knn_k=args.knn,
+                      integration_cells=args.integration_cells, plots=not args.no_plots, seed=args.seed)
 
 
 def info(store: CellStore) -> dict:
@@ -79,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_synth(sub)
     _add_info(sub)
     _add_embed(sub)
+    _add_eval(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "convert":
@@ -90,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                     value_kind=None if args.value_kind == "auto" else args.value_kind,
                     layout=Layout(codec=args.codec), progress=not args.quiet)
         elif args.command == "synth":
-            synth(args.dst, args.cells, args.format, args.seed, args.genes, args.overwrite, progress=not args.quiet)
+            datasets = tuple(int(d) for d in args.datasets.split(",")) if args.datasets else None
+            synth(args.dst, args.cells, args.format, args.seed, args.genes, args.overwrite, progress=not args.quiet,
+                  datasets=datasets, draw=args.draw)
             print(f"wrote {args.dst}", file=sys.stderr)
         elif args.command == "embed":
             from .embed import embed, write_embeddings
@@ -99,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
             write_embeddings(embeddings, obs, args.out)
             print(f"wrote {args.out}: {embeddings.shape[0]:,} cells x {embeddings.shape[1]} dimensions",
                   file=sys.stderr)
+        elif args.command == "eval":
+            from .evaluate.suite import evaluate
+
+            cfg = eval_config(args)
+            evaluate(cfg)
+            print(Path(cfg.out, "results.md").read_text())
+            print(f"wrote {cfg.out}/results.json, results.md and plots/", file=sys.stderr)
         elif args.command == "info":
             path = default_store() if args.store == "default" else args.store
             report = info(CellStore(path))

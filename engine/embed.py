@@ -1,8 +1,10 @@
-"""Embeddings of every cell of a store from a trained model's encoder, written as parquet or as obsm of an h5ad."""
+"""Embeddings of every cell of a store from a trained model's encoder, written as parquet or as obsm of an h5ad;
+`map_split` runs any network over a split's cells in store order (embedding, prediction, reconstruction)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -15,33 +17,60 @@ from .config import TrainConfig
 from .models import AutoEncoder
 
 
-def load_encoder(model_path: str | Path) -> tuple[torch.nn.Module, list[str]]:
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_genes(store: CellStore, gene_ids: list[str], model_path: str | Path) -> None:
+    if list(store.genes.gene_id) != list(gene_ids):
+        raise InputError(store.path, f"its {store.n_genes:,} genes are not the {len(gene_ids):,} of model {model_path}",
+                         "convert the data with `cellssl convert … --genes PRETRAINING_STORE` first")
+
+
+def load_autoencoder(model_path: str | Path) -> tuple[AutoEncoder, list[str], TrainConfig]:
+    """The exported model's autoencoder (decoder weights only where the objective trained one)."""
     saved = load_model(Path(model_path))
     cfg = TrainConfig.from_dict(json.loads(saved["config"]))
     autoencoder = AutoEncoder(len(saved["gene_ids"]), cfg.model)
     autoencoder.encoder.load_state_dict(encoder_state(saved))
-    return autoencoder.encoder.eval(), list(saved["gene_ids"])
+    prefix = "autoencoder.decoder."
+    decoder = {k[len(prefix):]: v for k, v in saved["state_dict"].items() if k.startswith(prefix)}
+    if decoder:
+        autoencoder.decoder.load_state_dict(decoder)
+    else:
+        autoencoder.decoder = None
+    return autoencoder.eval(), list(saved["gene_ids"]), cfg
+
+
+def load_encoder(model_path: str | Path) -> tuple[torch.nn.Module, list[str]]:
+    autoencoder, gene_ids, _ = load_autoencoder(model_path)
+    return autoencoder.encoder, gene_ids
 
 
 @torch.no_grad()
+def map_split(store: CellStore, split: str, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+              batch_size: int = 8192) -> np.ndarray:
+    """fn(dense log1p batch on the device, its store rows) for every cell of `split`, stacked in store order."""
+    start, stop = store.split(split)
+    stream = BatchStream(store, split, min(batch_size, stop - start), seed=0, rank=0, world_size=1,
+                         drop_last=False, columns=[])
+    out = None
+    for batch in stream:
+        y = fn(batch.x.to(device()), batch.index).float().cpu().numpy()
+        out = np.empty((stop - start, *y.shape[1:]), np.float32) if out is None else out
+        out[batch.index.numpy() - start] = y
+    return out
+
+
 def embed(model_path: str | Path, store_path: str | Path, batch_size: int = 8192) -> tuple[np.ndarray, pd.DataFrame]:
     """(embeddings [n_cells, latent] in store order, obs) for every split of the store."""
     encoder, gene_ids = load_encoder(model_path)
     store = CellStore(store_path)
-    if list(store.genes.gene_id) != gene_ids:
-        raise InputError(store_path, f"its {store.n_genes:,} genes are not the model's {len(gene_ids):,}",
-                         "convert the data with `cellssl convert … --genes PRETRAINING_STORE` first")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoder.to(device)
-    out = None
-    for split, (start, stop) in store.splits.items():
-        stream = BatchStream(store, split, min(batch_size, stop - start), seed=0, rank=0, world_size=1,
-                             drop_last=False, columns=[])
-        for batch in stream:
-            z = encoder(batch.x.to(device)).float().cpu().numpy()
-            out = np.empty((store.n_cells, z.shape[1]), np.float32) if out is None else out
-            out[batch.index.numpy()] = z
-    return out, store.obs()
+    check_genes(store, gene_ids, model_path)
+    encoder.to(device())
+    parts = [map_split(store, split, lambda x, _: encoder(x), batch_size)
+             for split, _ in sorted(store.splits.items(), key=lambda kv: kv[1][0])]
+    return np.concatenate(parts), store.obs()
 
 
 def write_embeddings(embeddings: np.ndarray, obs: pd.DataFrame, path: str | Path) -> None:

@@ -1,0 +1,84 @@
+"""Cell-type prediction, the paper's headline task: a linear probe and kNN on frozen embeddings (fit on the
+train split, scored on the test split), and fine-tuning through the engine (the supervised objective with the
+encoder started from a pretrained model, or from scratch: the no-pretraining baseline). Macro F1 is the headline."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from loaders import CellStore
+
+from ..checkpoint import load_model
+from ..config import ObjectiveConfig, TrainConfig
+from ..embed import check_genes, device, map_split
+from ..objectives import Supervised
+from .inputs import labels
+from .metrics import f1_scores
+
+
+def _labelled(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if len(z) != len(y):
+        raise ValueError(f"{len(z):,} embeddings but {len(y):,} labels: they must describe the same cells")
+    keep = y >= 0
+    return z[keep], y[keep]
+
+
+def linear_probe(z_train, y_train, z_test, y_test, names=None, seed: int = 0) -> dict:
+    """Multinomial logistic regression on standardised embeddings."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    (z_train, y_train), (z_test, y_test) = _labelled(z_train, y_train), _labelled(z_test, y_test)
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+    return f1_scores(y_test, probe.fit(z_train, y_train).predict(z_test), names)
+
+
+def knn(z_train, y_train, z_test, y_test, names=None, k: int = 5) -> dict:
+    """Zero-shot: each test cell takes the majority label of its k nearest train cells (Euclidean)."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    (z_train, y_train), (z_test, y_test) = _labelled(z_train, y_train), _labelled(z_test, y_test)
+    model = KNeighborsClassifier(n_neighbors=min(k, len(z_train)))
+    return f1_scores(y_test, model.fit(z_train, y_train).predict(z_test), names)
+
+
+def finetune(store: CellStore, label: str, out: Path, init: Path | None, steps: int, batch_size: int = 8192,
+             seed: int = 0, precision: str = "fp32", lr: float = 1e-3) -> Path:
+    """Train the supervised objective on the store's train split through the engine (DeepSpeed trainer);
+    `init`: a pretrained model whose encoder starts it. Returns the exported model."""
+    from ..trainer import train
+
+    start, stop = store.split("train")
+    cfg = TrainConfig(data=str(store.path), out=str(out), objective=ObjectiveConfig(name="supervised", label=label),
+                      batch_size=min(batch_size, stop - start), max_steps=steps, seed=seed, precision=precision,
+                      lr=lr, init_encoder=str(init) if init else None, log_every=max(1, steps // 10),
+                      val_every=max(1, steps // 4), checkpoint_every=steps)
+    if init is not None:  # the pretrained encoder's architecture, whatever the defaults
+        cfg = replace(cfg, model=TrainConfig.from_dict(json.loads(load_model(init)["config"])).model)
+    return train(cfg)
+
+
+def classify(model_path: Path, store: CellStore, split: str) -> np.ndarray:
+    """Predicted label codes of a supervised model for every cell of a split."""
+    saved = load_model(model_path)
+    if "classifier.weight" not in saved["state_dict"]:
+        raise ValueError(f"{model_path} holds no classifier: fine-tune it (recipes/finetune.py) first")
+    check_genes(store, saved["gene_ids"], model_path)
+    cfg = TrainConfig.from_dict(json.loads(saved["config"]))
+    model = Supervised(len(saved["gene_ids"]), cfg.model, saved["state_dict"]["classifier.weight"].shape[0])
+    model.load_state_dict(saved["state_dict"])
+    model.to(device()).eval()
+    return map_split(store, split, lambda x, _: model.logits(x).argmax(1)).astype(np.int64)
+
+
+def finetuned_scores(model_path: Path, store: CellStore, label: str, split: str = "test") -> dict:
+    y = labels(store, label, split)
+    with torch.no_grad():
+        predicted = classify(model_path, store, split)
+    keep = y >= 0
+    return f1_scores(y[keep], predicted[keep], store.categories[label])

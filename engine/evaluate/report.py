@@ -1,0 +1,97 @@
+"""results.json → a markdown table (one row per model or baseline, one column per headline number) and PNG
+plots: a UMAP of each embedding coloured by cell type and by batch, and per-class F1 bars."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+COLUMNS = [  # (header, task, path into that task's entry)
+    ("macro F1 linear probe", "cell_type", ("linear_probe", "macro_f1")),
+    ("macro F1 kNN", "cell_type", ("knn", "macro_f1")),
+    ("macro F1 fine-tuned", "cell_type", ("finetune", "macro_f1")),
+    ("micro F1 fine-tuned", "cell_type", ("finetune", "micro_f1")),
+    ("expl. var. (weighted)", "reconstruction", ("all", "variance_weighted")),
+    ("expl. var. masked", "reconstruction", ("masked", "variance_weighted")),
+    ("Pearson/feature frozen", "cross_modality", ("frozen", "pearson_per_feature")),
+    ("Pearson/feature fine-tuned", "cross_modality", ("finetuned", "pearson_per_feature")),
+    ("Pearson/cell fine-tuned", "cross_modality", ("finetuned", "pearson_per_cell")),
+    ("scIB batch", "integration", ("batch_correction",)),
+    ("scIB bio", "integration", ("bio_conservation",)),
+    ("scIB total", "integration", ("total",)),
+]
+
+
+def lookup(results: dict, task: str, name: str, path: tuple[str, ...]):
+    value = results.get(task, {}).get(name)
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def markdown(results: dict) -> str:
+    names = list(results["representations"])
+    columns = [c for c in COLUMNS if any(lookup(results, c[1], n, c[2]) is not None for n in names)]
+    lines = [f"Evaluation of `{results['store']}` (label `{results['label']}`; fitted on train, scored on test)", "",
+             "| representation | " + " | ".join(c[0] for c in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for name in names:
+        cells = [lookup(results, task, name, path) for _, task, path in columns]
+        kind = results["representations"][name]["kind"]
+        label = f"{name} *(baseline)*" if kind == "baseline" else name
+        lines.append(f"| {label} | " + " | ".join("–" if v is None else f"{v:.4f}" for v in cells) + " |")
+    for task, why in results.get("skipped", {}).items():
+        lines.append(f"\n{task} skipped: {why}")
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: dict, embeddings: dict[str, np.ndarray], labels: np.ndarray, label_names: list[str],
+          batch: np.ndarray | None, folder: Path, seed: int = 0, max_cells: int = 10_000) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import umap
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    keep = np.arange(len(labels))
+    if len(keep) > max_cells:
+        keep = np.sort(np.random.default_rng(seed).choice(keep, max_cells, replace=False))
+    colourings = [("cell type", labels[keep])] + ([("batch", batch[keep])] if batch is not None else [])
+    size = float(np.clip(30_000 / len(keep), 2, 20))
+    for name, z in embeddings.items():
+        xy = umap.UMAP(random_state=seed, n_jobs=1).fit_transform(z[keep])
+        fig, axes = plt.subplots(1, len(colourings), figsize=(6 * len(colourings), 5.5), squeeze=False)
+        for ax, (title, codes) in zip(axes[0], colourings):
+            # a continuous map spread over the codes: tab20 would repeat colours beyond 20 cell types
+            ax.scatter(xy[:, 0], xy[:, 1], c=codes, cmap="nipy_spectral", vmin=codes.min(), vmax=codes.max() + 1,
+                       s=size, linewidths=0, rasterized=True)
+            ax.set(title=f"{name}: coloured by {title}", xticks=[], yticks=[])
+        path = folder / f"umap_{_slug(name)}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path))
+    per_class = {n: r["finetune"]["per_class_f1"] for n, r in results.get("cell_type", {}).items() if "finetune" in r}
+    if not per_class:
+        per_class = {n: r["linear_probe"]["per_class_f1"] for n, r in results.get("cell_type", {}).items()}
+    if per_class:
+        classes = sorted({c for scores in per_class.values() for c in scores}, key=label_names.index)
+        fig, ax = plt.subplots(figsize=(max(8, 0.35 * len(classes) * len(per_class) ** 0.5), 5))
+        width = 0.8 / len(per_class)
+        for i, (name, scores) in enumerate(per_class.items()):
+            ax.bar(np.arange(len(classes)) + i * width, [scores.get(c, 0.0) for c in classes], width, label=name)
+        ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=90, fontsize=7)
+        ax.set(ylabel="F1 (test)", ylim=(0, 1.05), title="per-class F1")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = folder / "per_class_f1.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path))
+    return written
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")

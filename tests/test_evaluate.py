@@ -1,0 +1,146 @@
+"""Evaluators on cases with known answers, their input checks, and `cellssl eval` end to end on a small store."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from engine.evaluate import celltype, crossmodal
+from engine.evaluate.inputs import labels, modality, modality_columns, split_range
+from engine.evaluate.reconstruction import reconstruction_scores
+from engine.evaluate.representations import PCARepresentation
+from loaders import CellStore, InputError
+from test_trainer import recipe_args, run
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    """1,200 synthetic cells in a 2,000-gene space: every evaluator runs in seconds."""
+    from loaders import GeneSpace
+    from loaders.synthetic import synth
+
+    folder = tmp_path_factory.mktemp("eval")
+    (folder / "genes.txt").write_text("\n".join(GeneSpace.default().gene_id[:2000]))
+    return synth(folder / "small.cellstore", 1200, genes=folder / "genes.txt", progress=False, test_frac=0.25)
+
+
+def clusters(n, k, seed, spread=0.1):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    return np.eye(k)[y] * 5 + rng.normal(0, spread, (n, k)), y
+
+
+def test_linear_probe_and_knn_on_separable_and_on_shuffled_labels():
+    z_train, y_train = clusters(400, 4, 0)
+    z_test, y_test = clusters(200, 4, 1)
+    assert celltype.linear_probe(z_train, y_train, z_test, y_test)["macro_f1"] == 1.0
+    assert celltype.knn(z_train, y_train, z_test, y_test)["macro_f1"] == 1.0
+    shuffled = np.random.default_rng(2).permutation(y_train)
+    assert celltype.knn(z_train, shuffled, z_test, y_test)["macro_f1"] < 0.45
+
+
+def test_unlabelled_cells_are_left_out_and_mismatches_refused():
+    z, y = clusters(300, 3, 0)
+    y_gaps = y.copy()
+    y_gaps[::3] = -1
+    assert celltype.knn(z, y_gaps, z, y_gaps)["support"] == {str(c): int(((y_gaps == c)).sum()) for c in range(3)}
+    with pytest.raises(ValueError, match="300 embeddings but 299 labels"):
+        celltype.linear_probe(z, y[:-1], z, y)
+
+
+def test_frozen_cross_modal_head_recovers_a_linear_modality():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(1200, 16)).astype(np.float32)
+    y = z @ rng.normal(size=(16, 5)) + 3.0
+    got = crossmodal.frozen(z[:1000], y[:1000], z[1000:], y[1000:], list("abcde"), epochs=60)
+    assert got["pearson_per_feature"] > 0.95 and got["pearson_per_cell"] > 0.9
+    noise = crossmodal.frozen(z[:1000], rng.normal(size=(1000, 5)), z[1000:], y[1000:], list("abcde"), epochs=5)
+    assert abs(noise["pearson_per_feature"]) < 0.2
+    with pytest.raises(ValueError, match="paired measurements"):
+        crossmodal.frozen(z[:1000], y[:999], z[1000:], y[1000:], list("abcde"))
+
+
+def test_reconstruction_identity_explains_everything_but_not_masked_genes(small_store):
+    store = CellStore(small_store)
+    identity = reconstruction_scores(lambda x: x, store, "test")
+    assert identity["variance_weighted"] == pytest.approx(1.0)
+    masked = reconstruction_scores(lambda x: x, store, "test", mask_rate=0.5)
+    assert masked["variance_weighted"] < 0.05        # masked inputs are zero: nothing of them is reconstructed
+    assert masked["n_values"] == pytest.approx(identity["n_values"] / 2, rel=0.02)
+
+
+def test_pca_baseline_embeds_and_reconstructs(small_store):
+    store = CellStore(small_store)
+    pca = PCARepresentation(store)
+    z = pca.embed(store, "test")
+    assert z.shape == (split_range(store, "test")[1] - split_range(store, "test")[0], 50)
+    ev = reconstruction_scores(pca.reconstructor, store, "test")["variance_weighted"]
+    assert 0.0 < ev < 1.0
+
+
+def test_store_inputs_are_checked(small_store):
+    store = CellStore(small_store)
+    with pytest.raises(InputError, match="obs.parquet: no column 'celltype'.*choose --label from"):
+        labels(store, "celltype", "test")
+    with pytest.raises(InputError, match="'protein_.*' is not categorical"):
+        labels(store, modality_columns(store)[0], "test")
+    with pytest.raises(InputError, match="no 'holdout' split"):
+        labels(store, "cell_type", "holdout")
+    assert len(modality_columns(store)) == 32
+    with pytest.raises(InputError, match="categorical, not measurements"):
+        modality_columns(store, ["cell_type"])
+    with pytest.raises(InputError, match="no paired-modality columns"):
+        modality_columns(store, prefix="atac_")
+    assert modality(store, modality_columns(store), "test").dtype == np.float32
+
+
+def test_integration_refuses_mismatched_cells():
+    from engine.evaluate.integration import scib_scores
+
+    with pytest.raises(ValueError, match="must be the same cells"):
+        scib_scores({"m": np.zeros((10, 4))}, np.zeros(9, int), np.zeros(9, int), np.zeros((9, 4)))
+
+
+def test_cellssl_eval_end_to_end(small_store, tmp_path):
+    model = tmp_path / "mae"
+    run([sys.executable, "recipes/mae_random.py", *recipe_args(small_store, model, 3)])
+    out = tmp_path / "eval"
+    run([sys.executable, "-m", "engine.cli", "eval", f"mae={model / 'model.pt'}", "--data", str(small_store),
+         "--out", str(out), "--finetune-steps", "3", "--crossmodal-steps", "3", "--batch-size", "256",
+         "--integration-cells", "300"])
+    results = json.loads((out / "results.json").read_text())
+    names = {"mae", "PCA", "no pretraining"}
+    assert set(results["representations"]) == names
+    assert set(results["cell_type"]) == names
+    assert set(results["cell_type"]["mae"]) == {"linear_probe", "knn", "finetune"}
+    assert "finetune" not in results["cell_type"]["PCA"]
+    assert set(results["reconstruction"]) == {"mae", "PCA"}
+    assert set(results["reconstruction"]["mae"]) == {"all", "masked"}
+    assert "finetuned" in results["cross_modality"]["no pretraining"]
+    assert len(results["cross_modality"]["mae"]["frozen"]["per_feature"]) == 32
+    for name in names:
+        total = results["integration"][name]
+        assert total["total"] == pytest.approx(0.4 * total["batch_correction"] + 0.6 * total["bio_conservation"])
+    for value in (results["cell_type"]["mae"]["finetune"]["macro_f1"], results["reconstruction"]["PCA"]["all"][
+            "variance_weighted"], results["cross_modality"]["PCA"]["frozen"]["pearson_per_feature"]):
+        assert np.isfinite(value)
+    table = (out / "results.md").read_text()
+    assert "| mae |" in table and "PCA *(baseline)*" in table and "scIB total" in table
+    assert {p.name for p in (out / "plots").iterdir()} == {"umap_mae.png", "umap_PCA.png",
+                                                         "umap_no_pretraining.png", "per_class_f1.png"}
+
+
+def test_cellssl_eval_bad_arguments_are_one_line_errors(small_store, tmp_path, capsys):
+    from engine.cli import main
+
+    assert main(["eval", "--data", str(small_store), "--tasks", "cell_type,clustering", "--out", str(tmp_path)]) == 2
+    assert "unknown task(s) ['clustering']" in capsys.readouterr().err
+    assert main(["eval", "--data", str(small_store), "--label", "celltype", "--out", str(tmp_path)]) == 2
+    assert "no column 'celltype'" in capsys.readouterr().err
+    assert main(["eval", "--data", str(small_store), "--no-baselines", "--out", str(tmp_path)]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+    assert main(["eval", "a=x/model.pt", "a=y/model.pt", "--data", str(small_store), "--out", str(tmp_path)]) == 2
+    assert "two models are named 'a'" in capsys.readouterr().err
