@@ -35,8 +35,8 @@ def _triton_available() -> bool:
 def random_key(seed: int, step: int, stream: int = 0) -> int:
     """A 63-bit key from (seed, step, stream) by splitmix64 rounds: nearby seeds and steps give unrelated keys.
 
-    Triton's Philox takes it as its key and (row * n_genes + gene) as its counter; the torch references seed a
-    torch.Generator with it."""
+    Triton's Philox takes it as its key and (row * n_genes + gene) as its counter; on CPU the random mask hashes it
+    with the element's position (kernels/cpu.py) and the other references seed a torch.Generator with it."""
     z = 0
     for part in (seed, step, stream):
         z = (z ^ (int(part) & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64

@@ -83,10 +83,24 @@ def apply_mask(x: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
     return _ApplyMask.apply(x, spec)
 
 
+def mask_spec(x: torch.Tensor, mask: str, rate: float = 0.5, seed: int = 0, step: int = 0,
+              programmes: torch.Tensor | None = None, tf_genes: torch.Tensor | None = None,
+              per: str = "batch") -> MaskSpec:
+    """The spec of a mask ("random", "gene_program", "isolated") without applying it: for `masked_linear`, which
+    applies it inside the first layer, and `masked_recon_loss`."""
+    check_matrix(x, "x")
+    if mask == "random":
+        return random_spec(x, rate, seed, step, use_triton(x))
+    if mask == "gene_program":
+        return programme_spec(x, programmes, rate, seed, step, per, use_triton(x))
+    if mask == "isolated":
+        return isolated_spec(x, programmes, seed, step, tf_genes, per, use_triton(x))
+    raise ValueError(f"unknown mask {mask!r}: random, gene_program or isolated")
+
+
 def random_mask(x: torch.Tensor, rate: float = 0.5, seed: int = 0, step: int = 0) -> tuple[torch.Tensor, MaskSpec]:
     """Mask each element with probability `rate` (paper: 0.5); the rest is upscaled by 1 / (1 − rate)."""
-    check_matrix(x, "x")
-    spec = random_spec(x, rate, seed, step, use_triton(x))
+    spec = mask_spec(x, "random", rate, seed, step)
     return apply_mask(x, spec), spec
 
 
@@ -94,8 +108,7 @@ def gene_program_mask(x: torch.Tensor, programmes: torch.Tensor, rate: float = 0
                       per: str = "batch") -> tuple[torch.Tensor, MaskSpec]:
     """Mask the genes of ⌊rate · P⌋ programmes, chosen per batch (the paper) or per cell; `programmes` are int32
     bitsets [P, ceil(G / 32)]. The rest is upscaled by 1 / (1 − fraction of genes masked in that row)."""
-    check_matrix(x, "x")
-    spec = programme_spec(x, programmes, rate, seed, step, per, use_triton(x))
+    spec = mask_spec(x, "gene_program", rate, seed, step, programmes, per=per)
     return apply_mask(x, spec), spec
 
 
@@ -104,10 +117,9 @@ def isolated_mask(x: torch.Tensor, programmes: torch.Tensor, seed: int = 0, step
     """Keep only one programme's genes. Without `tf_genes`: GP→GP, the loss reads that programme's genes. With
     `tf_genes` (the gene column of each programme's TF, programmes being TF target sets): GP→TF, the input is
     the TF's targets and the loss reads the TF's own expression."""
-    check_matrix(x, "x")
-    spec = isolated_spec(x, programmes, seed, step, tf_genes, per, use_triton(x))
+    spec = mask_spec(x, "isolated", 0.0, seed, step, programmes, tf_genes, per)
     return apply_mask(x, spec), spec
 
 
 __all__ = ["MaskSpec", "apply_mask", "gene_program_mask", "isolated_mask", "keep_tile", "mask_reference",
-           "random_mask"]
+           "mask_spec", "random_mask"]

@@ -2,16 +2,18 @@
 (sum over selected positions ÷ number of all elements), with ∂loss/∂pred produced in the same pass.
 
 The Triton kernel regenerates the selection from the spec (`keep_tile`), so no mask is stored; each program
-writes its partial sum and its gradient tile, and the partials are added in a fixed order (deterministic).
+writes its partial sum and its gradient tile, and the partials are added in a fixed order (deterministic). On CPU
+the random mask's loss is one numba pass that regenerates the bits the same way (kernels/cpu.py).
 Never imports engine or loaders.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._triton import grid, jit, tile, tl
 from .dispatch import check_matrix, check_same
-from .mask_spec import TARGET_GENE, TARGET_MASKED, MaskSpec
+from .mask_spec import RANDOM, TARGET_GENE, TARGET_MASKED, MaskSpec, threshold16
 from .masking import keep_tile
 
 
@@ -70,10 +72,26 @@ def recon_loss_reference(pred: torch.Tensor, x: torch.Tensor, spec: MaskSpec,
     return torch.dot(flat, flat) * inv_n, diff.mul_(2.0 * inv_n)
 
 
+def _loss_cpu_random(pred: torch.Tensor, x: torch.Tensor, spec: MaskSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random mask's loss in one numba pass that regenerates the mask bits (kernels/cpu.py)."""
+    from .cpu import random_masked_loss
+
+    pred, x = pred.contiguous(), x.contiguous()
+    grad, partial = torch.empty_like(pred), np.empty(len(pred), np.float64)
+    inv_n = 1.0 / x.numel()
+    random_masked_loss(pred.detach().numpy(), x.detach().numpy(), spec.key, threshold16(spec.rate), inv_n, grad.numpy(), partial)
+    return torch.tensor(partial.sum() * inv_n, dtype=torch.float32), grad
+
+
 class _MaskedReconLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, x, spec):
-        loss, grad = _loss_triton(pred, x, spec) if spec.triton else recon_loss_reference(pred, x, spec)
+        if spec.triton:
+            loss, grad = _loss_triton(pred, x, spec)
+        elif spec.mode == RANDOM and spec.target == TARGET_MASKED and pred.device.type == "cpu":
+            loss, grad = _loss_cpu_random(pred, x, spec)
+        else:
+            loss, grad = recon_loss_reference(pred, x, spec)
         ctx.save_for_backward(grad)
         return loss
 
