@@ -71,17 +71,29 @@ class MaskedAutoencoder(Objective):
         self.register_buffer("tf_genes", tf_genes if tf_genes is not None else torch.zeros(0, dtype=torch.int32),
                              persistent=False)
 
-    def masked(self, x: torch.Tensor, step: int):
+    def spec(self, x: torch.Tensor, step: int) -> kernels.MaskSpec:
         if self.mask == "random":
-            return kernels.random_mask(x, self.rate, self.seed, step)
+            return kernels.mask_spec(x, "random", self.rate, self.seed, step)
         if self.mask == "gene_program":
-            return kernels.gene_program_mask(x, self.programmes, self.rate, self.seed, step, self.per)
+            return kernels.mask_spec(x, "gene_program", self.rate, self.seed, step, self.programmes, per=self.per)
         tf = self.tf_genes if self.mask == "gp_to_tf" else None
-        return kernels.isolated_mask(x, self.programmes, self.seed, step, tf_genes=tf, per=self.per)
+        return kernels.mask_spec(x, "isolated", 0.0, self.seed, step, self.programmes, tf, self.per)
+
+    def first_layer(self, x: torch.Tensor, spec: kernels.MaskSpec) -> torch.Tensor:
+        """The encoder's first Linear on the masked input: the mask is applied inside it (on CPU only the kept
+        nonzeros are multiplied, in float32), so the masked copy of the batch is never made."""
+        first = self.encoder[0]
+        return self.net(lambda v: kernels.masked_linear(v, spec, first.weight, first.bias), x)
+
+    def rest_of_network(self, h: torch.Tensor) -> torch.Tensor:
+        """Everything after the first Linear, under the compute dtype."""
+        rest = nn.Sequential(*list(self.encoder)[1:], self.autoencoder.decoder)
+        return self.net(rest, h)
 
     def forward(self, x, labels=None, step: int = 0):
-        x_in, spec = self.masked(x, step)
-        loss = kernels.masked_recon_loss(self.net(self.autoencoder, x_in), x, spec)
+        spec = self.spec(x, step)
+        pred = self.rest_of_network(self.first_layer(x, spec))
+        loss = kernels.masked_recon_loss(pred, x, spec)
         return loss, {"loss": loss.detach()}
 
 
