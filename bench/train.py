@@ -1,14 +1,17 @@
 """End-to-end training throughput per objective, beside the compute ceiling and a paper-style step.
 
 For each objective: cells/s of full training steps (BatchStream batches → objective forward → backward → AdamW)
-at batch 8,192 on this machine; the ceiling, i.e. the step's matmul FLOPs (counted by torch's FlopCounterMode)
-at the matmul rate measured in the same run; and a faithful paper-style step that does the per-element work as
-the reference code did (Bernoulli mask tensors, numpy programme masks built per batch, torch.distributions NB
-noise, unfused loss). Usage: python bench/train.py [--steps 3] [--batch-size 8192] [--data STORE]
+at batch 8,192 on this machine (a GPU where there is one); the ceiling, i.e. the dense network's matmul FLOPs per
+step (counted by torch's FlopCounterMode with the sparse first layer switched off: the model's FLOPs, not the
+fewer that our CPU path multiplies) at the matmul rate measured in the same run; and a faithful paper-style step
+that does the per-element work as the reference code did (Bernoulli mask tensors, numpy programme masks built per
+batch, torch.distributions NB noise, unfused loss). Usage: python bench/train.py [--steps 3] [--batch-size 8192]
+[--data STORE] [--precision fp32|bf16]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,13 +35,23 @@ OBJECTIVES = [("mae random", ObjectiveConfig("mae", "random")),
               ("byol", ObjectiveConfig("byol")), ("barlow twins", ObjectiveConfig("barlow_twins"))]
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def matmul_rate(batch: int, n_genes: int, dtype=torch.float32) -> float:
     """FLOP/s of this machine's matmul in `dtype` at the first layer's shape (the step's dominant product)."""
-    a, b = torch.randn(batch, n_genes, dtype=dtype), torch.randn(n_genes, 512, dtype=dtype)
+    a, b = torch.randn(batch, n_genes, dtype=dtype, device=DEVICE), torch.randn(n_genes, 512, dtype=dtype, device=DEVICE)
     a @ b
+    sync()
     t0 = time.perf_counter()
     for _ in range(3):
         a @ b
+    sync()
     return 3 * 2 * batch * n_genes * 512 / (time.perf_counter() - t0)
 
 
@@ -94,11 +107,12 @@ def timed_steps(loss_fn, objective, stream, steps: int) -> float:
         if i == 1:
             t0 = time.perf_counter()
         batch = next(it)
-        loss = loss_fn(batch.x, i)
+        loss = loss_fn(batch.x.to(DEVICE, non_blocking=True), i)
         opt.zero_grad()
         loss.backward()
         opt.step()
         objective.after_step()
+    sync()
     return steps * stream.sampler.batch_size / (time.perf_counter() - t0)
 
 
@@ -114,7 +128,8 @@ def main() -> None:
     rate = matmul_rate(args.batch_size, store.n_genes, torch.bfloat16 if args.precision == "bf16" else torch.float32)
     tf_gmt = store.path / "synthetic_truth" / "tf_targets.gmt"
     print(f"{store.path.name}: batch {args.batch_size} x {store.n_genes} genes, {args.steps} timed steps after one, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.precision} matmul {rate / 1e9:.0f} GFLOP/s")
+          f"torch {torch.__version__}, {DEVICE.type if DEVICE.type == 'cpu' else torch.cuda.get_device_name()}, "
+          f"{torch.get_num_threads()} threads, {args.precision} matmul {rate / 1e9:.0f} GFLOP/s")
     print("| objective | ours cells/s | ceiling cells/s | ours / ceiling | paper-style cells/s | ours / paper |")
     print("|---|---|---|---|---|---|")
     for name, ocfg in OBJECTIVES:
@@ -122,11 +137,13 @@ def main() -> None:
             ocfg = ObjectiveConfig(ocfg.name, ocfg.mask, programmes=str(tf_gmt), per="cell")
         cfg = TrainConfig(objective=ocfg, precision=args.precision)
         torch.manual_seed(0)
-        objective = build_objective(cfg, store)
+        objective = build_objective(cfg, store).to(DEVICE)
         stream = BatchStream(store, "train", args.batch_size, seed=0, columns=[])
-        x = next(iter(stream)).x.clone()
+        x = next(iter(stream)).x.clone().to(DEVICE)
+        os.environ["CELLSSL_SPARSE_INPUT"] = "0"
         with FlopCounterMode(display=False) as counter:
             objective(x, None, 0)[0].backward()
+        os.environ.pop("CELLSSL_SPARSE_INPUT")
         ceiling = args.batch_size / (counter.get_total_flops() / rate)
         ours = timed_steps(lambda xb, i: objective(xb, None, i)[0], objective, stream, args.steps)
         members = None
