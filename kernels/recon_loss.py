@@ -79,7 +79,8 @@ def _loss_cpu_random(pred: torch.Tensor, x: torch.Tensor, spec: MaskSpec) -> tup
     pred, x = pred.contiguous(), x.contiguous()
     grad, partial = torch.empty_like(pred), np.empty(len(pred), np.float64)
     inv_n = 1.0 / x.numel()
-    random_masked_loss(pred.detach().numpy(), x.detach().numpy(), spec.key, threshold16(spec.rate), inv_n, grad.numpy(), partial)
+    random_masked_loss(pred.detach().numpy(), x.detach().numpy(), spec.key, threshold16(spec.rate),
+                       np.float32(2.0 * inv_n), grad.numpy(), partial)
     return torch.tensor(partial.sum() * inv_n, dtype=torch.float32), grad
 
 
