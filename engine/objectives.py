@@ -38,6 +38,12 @@ class Objective(nn.Module):
         with torch.autocast(x.device.type, dtype=self.compute_dtype):
             return fn(x).float()
 
+    def encode(self, encoder: nn.Module, x: torch.Tensor, spec: kernels.MaskSpec) -> torch.Tensor:
+        """encoder(apply_mask(x, spec)) with the mask applied inside the first Linear (on CPU, a sparse product of
+        the kept nonzeros whenever x is sparse), the rest under the compute dtype."""
+        first, rest = encoder[0], nn.Sequential(*list(encoder)[1:])
+        return self.net(rest, self.net(lambda v: kernels.masked_linear(v, spec, first.weight, first.bias), x))
+
     def after_step(self) -> None:
         """Called after each optimiser step (BYOL moves its target network here)."""
 
@@ -46,7 +52,8 @@ class Reconstruction(Objective):
     """Plain autoencoder: MSE over every gene."""
 
     def forward(self, x, labels=None, step: int = 0):
-        loss = F.mse_loss(self.net(self.autoencoder, x), x)
+        z = self.encode(self.encoder, x, kernels.mask_spec(x, "random", 0.0))
+        loss = F.mse_loss(self.net(self.autoencoder.decoder, z), x)
         return loss, {"loss": loss.detach()}
 
 
@@ -79,20 +86,9 @@ class MaskedAutoencoder(Objective):
         tf = self.tf_genes if self.mask == "gp_to_tf" else None
         return kernels.mask_spec(x, "isolated", 0.0, self.seed, step, self.programmes, tf, self.per)
 
-    def first_layer(self, x: torch.Tensor, spec: kernels.MaskSpec) -> torch.Tensor:
-        """The encoder's first Linear on the masked input: the mask is applied inside it (on CPU only the kept
-        nonzeros are multiplied, in float32), so the masked copy of the batch is never made."""
-        first = self.encoder[0]
-        return self.net(lambda v: kernels.masked_linear(v, spec, first.weight, first.bias), x)
-
-    def rest_of_network(self, h: torch.Tensor) -> torch.Tensor:
-        """Everything after the first Linear, under the compute dtype."""
-        rest = nn.Sequential(*list(self.encoder)[1:], self.autoencoder.decoder)
-        return self.net(rest, h)
-
     def forward(self, x, labels=None, step: int = 0):
-        spec = self.spec(x, step)
-        pred = self.rest_of_network(self.first_layer(x, spec))
+        spec = self.spec(x, step)  # the masked copy of the batch is never made: the mask acts in the first layer
+        pred = self.net(self.autoencoder.decoder, self.encode(self.encoder, x, spec))
         loss = kernels.masked_recon_loss(pred, x, spec)
         return loss, {"loss": loss.detach()}
 
@@ -103,15 +99,19 @@ def view_coins(seed: int, step: int, view: int, p: float = 0.5) -> tuple[bool, b
     return bool(coin[0] < p), bool(coin[1] < p)
 
 
+def augmented_view(x: torch.Tensor, seed: int, step: int, view: int, intensity: float = 0.1, dropout: float = 0.1,
+                   p: float = 0.5) -> tuple[torch.Tensor, kernels.MaskSpec]:
+    """The paper's contrastive view, NB noise (intensity 0.1) and dropout (10 %) each applied with p = 0.5, as
+    (base, dropout spec): the view is apply_mask(base, spec); a view without dropout has a keep-all spec."""
+    noise, drop = view_coins(seed, step, view, p)
+    base = kernels.nb_augment(x, intensity, seed, step * 4 + view) if noise else x
+    return base, kernels.mask_spec(base, "random", dropout if drop else 0.0, seed + 1, step * 4 + view)
+
+
 def augment(x: torch.Tensor, seed: int, step: int, view: int, intensity: float = 0.1, dropout: float = 0.1,
             p: float = 0.5) -> torch.Tensor:
-    """The paper's contrastive view: NB noise (intensity 0.1) and dropout (10 %), each applied with p = 0.5."""
-    noise, drop = view_coins(seed, step, view, p)
-    if noise:
-        x = kernels.nb_augment(x, intensity, seed, step * 4 + view)
-    if drop:
-        x = kernels.random_mask(x, dropout, seed + 1, step * 4 + view)[0]
-    return x
+    """The view itself, materialised."""
+    return kernels.apply_mask(*augmented_view(x, seed, step, view, intensity, dropout, p))
 
 
 class BYOL(Objective):
@@ -130,13 +130,13 @@ class BYOL(Objective):
         self.ema = ema
 
     def _pair_loss(self, online_in, target_in):
-        prediction = F.normalize(self.net(lambda v: self.predictor(self.projector(self.encoder(v))), online_in), dim=1)
+        prediction = self.net(lambda v: self.predictor(self.projector(v)), self.encode(self.encoder, *online_in))
         with torch.no_grad():
-            target = F.normalize(self.net(lambda v: self.target_projector(self.target_encoder(v)), target_in), dim=1)
-        return (2 - 2 * (prediction * target).sum(1)).mean()
+            target = self.net(self.target_projector, self.encode(self.target_encoder, *target_in))
+        return (2 - 2 * (F.normalize(prediction, dim=1) * F.normalize(target, dim=1)).sum(1)).mean()
 
     def forward(self, x, labels=None, step: int = 0):
-        v1, v2 = augment(x, self.seed, step, 0), augment(x, self.seed, step, 1)
+        v1, v2 = augmented_view(x, self.seed, step, 0), augmented_view(x, self.seed, step, 1)
         loss = self._pair_loss(v1, v2) + self._pair_loss(v2, v1)
         return loss, {"loss": loss.detach()}
 
@@ -158,8 +158,9 @@ class BarlowTwins(Objective):
         self.lambd = lambd
 
     def forward(self, x, labels=None, step: int = 0):
-        z1 = self.net(lambda v: self.projector(self.encoder(v)), augment(x, self.seed, step, 0, p=1.0))
-        z2 = self.net(lambda v: self.projector(self.encoder(v)), x)
+        keep_all = kernels.mask_spec(x, "random", 0.0)
+        z1 = self.net(self.projector, self.encode(self.encoder, *augmented_view(x, self.seed, step, 0, p=1.0)))
+        z2 = self.net(self.projector, self.encode(self.encoder, x, keep_all))
         z1 = (z1 - z1.mean(0)) / (z1.std(0) + 1e-6)
         z2 = (z2 - z2.mean(0)) / (z2.std(0) + 1e-6)
         c = z1.T @ z2 / x.shape[0]
@@ -180,7 +181,7 @@ class Supervised(Objective):
         del self.autoencoder.decoder  # never used: keep it out of the optimiser and the checkpoint
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(lambda v: self.classifier(self.encoder(v)), x)
+        return self.net(self.classifier, self.encode(self.encoder, x, kernels.mask_spec(x, "random", 0.0)))
 
     def forward(self, x, labels=None, step: int = 0):
         if labels is None:

@@ -96,6 +96,12 @@ def _compact(slots, counts, indptr, cols, vals, out_cols, out_vals):
             out_vals[b + k] = vals[a + k]
 
 
+def nonzero_fraction(x: np.ndarray) -> float:
+    counts = np.empty(x.shape[0], np.int64)
+    _nonzeros_per_row(x, counts)
+    return counts.sum() / max(x.size, 1)
+
+
 def kept_entries(x: np.ndarray, mode: int, key: int, threshold: int, row_bits: np.ndarray, row_index: np.ndarray,
                  scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The masked input x · keep · scale as CSR (indptr int64, cols int32, vals float32), zeros left out."""

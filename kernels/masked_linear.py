@@ -3,7 +3,7 @@
 On CPU the input is the sparse part of the step: ~9 % of a log1p expression batch is nonzero and the mask
 drops half of that, so the kept nonzeros (kernels/cpu.py, one pass) enter a sparse × dense product and the
 backward's ∂W is the transposed sparse product; neither touches the 19,350-wide dense batch again. Elsewhere
-(CUDA, where dense GEMMs are what the hardware is for, or when x needs a gradient) it is the reference:
+(CUDA, where dense GEMMs are what the hardware is for, a dense x, or when x needs a gradient) it is the reference:
 `F.linear(apply_mask(x, spec), W, b)`. `CELLSSL_SPARSE_INPUT=0` forces the reference (A/B runs, FLOP counts).
 Never imports engine or loaders.
 """
@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from .dispatch import check_matrix
 from .mask_spec import MaskSpec, threshold16
 from .masking import apply_mask
+
+
+MAX_DENSITY = 0.2  # above this fraction of nonzeros (e.g. an NB-noised view, ~90 %) the dense GEMM is faster
 
 
 def _sparse(indptr, cols, vals, shape) -> torch.Tensor:
@@ -63,6 +66,10 @@ def masked_linear(x: torch.Tensor, spec: MaskSpec, weight: torch.Tensor, bias: t
         raise ValueError(f"weight has {weight.shape[1]} inputs, x {x.shape[1]} genes")
     sparse = (not spec.triton and x.device.type == "cpu" and not x.requires_grad
               and weight.dtype == torch.float32 and os.environ.get("CELLSSL_SPARSE_INPUT", "1") != "0")
+    if sparse:
+        from .cpu import nonzero_fraction
+
+        sparse = nonzero_fraction(x.detach().numpy()) <= MAX_DENSITY
     if not sparse:
         return F.linear(apply_mask(x, spec), weight, bias)
     return _SparseMaskedLinear.apply(x, spec, weight, bias)

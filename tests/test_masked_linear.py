@@ -99,3 +99,21 @@ def test_masked_linear_on_either_backend_equals_reference(backend):
     w, b = torch.randn(4, 130), torch.randn(4)
     torch.testing.assert_close(kernels.masked_linear(x, spec, w, b), F.linear(mask_reference(x, spec), w, b),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_dense_inputs_take_the_dense_product(monkeypatch):
+    import importlib
+
+    ml = importlib.import_module("kernels.masked_linear")  # the package's masked_linear attribute is the function
+
+    monkeypatch.setenv("CELLSSL_KERNELS", "torch")
+    calls = []
+    real = ml._SparseMaskedLinear.apply
+    monkeypatch.setattr(ml._SparseMaskedLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    w = torch.randn(4, 301)
+    dense = torch.rand(23, 301) + 0.1                       # an NB-noised view: every gene nonzero
+    spec = kernels.mask_spec(dense, "random", 0.1, 0, 0)
+    torch.testing.assert_close(kernels.masked_linear(dense, spec, w), F.linear(mask_reference(dense, spec), w))
+    assert calls == []
+    kernels.masked_linear(sparse_batch(), kernels.mask_spec(sparse_batch(), "random", 0.1, 0, 0), w)
+    assert calls == [1]
