@@ -102,10 +102,14 @@ def view_coins(seed: int, step: int, view: int, p: float = 0.5) -> tuple[bool, b
 def augmented_view(x: torch.Tensor, seed: int, step: int, view: int, intensity: float = 0.1, dropout: float = 0.1,
                    p: float = 0.5) -> tuple[torch.Tensor, kernels.MaskSpec]:
     """The paper's contrastive view, NB noise (intensity 0.1) and dropout (10 %) each applied with p = 0.5, as
-    (base, dropout spec): the view is apply_mask(base, spec); a view without dropout has a keep-all spec."""
+    (base, spec) with view = apply_mask(base, spec). A noised view is dense: its dropout is applied here, once
+    (both encoders read it); a sparse one keeps the dropout as a spec, applied inside the first layer."""
     noise, drop = view_coins(seed, step, view, p)
-    base = kernels.nb_augment(x, intensity, seed, step * 4 + view) if noise else x
-    return base, kernels.mask_spec(base, "random", dropout if drop else 0.0, seed + 1, step * 4 + view)
+    spec = kernels.mask_spec(x, "random", dropout if drop else 0.0, seed + 1, step * 4 + view)
+    if not noise:
+        return x, spec
+    noised = kernels.nb_augment(x, intensity, seed, step * 4 + view)
+    return (kernels.apply_mask(noised, spec) if drop else noised), kernels.mask_spec(x, "random", 0.0)
 
 
 def augment(x: torch.Tensor, seed: int, step: int, view: int, intensity: float = 0.1, dropout: float = 0.1,

@@ -47,6 +47,20 @@ def random_keep(key, n, g, threshold, out):
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
+def random_apply(x, key, threshold, scale, out):
+    """out = x · keep · scale[row] for the random mask, branch-free (the dense masked copy, when one is needed)."""
+    n, g = x.shape
+    words = (g + 3) // 4
+    thr = np.uint64(threshold)
+    for r in prange(n):
+        xr, orow, s = x[r], out[r], scale[r]
+        for w in range(words):
+            bits = _word(key, r, words, w)
+            for c in range(4 * w, min(4 * w + 4, g)):
+                orow[c] = xr[c] * s * np.float32(_lane(bits, c) >= thr)
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
 def _nonzeros_per_row(x, out):
     n, g = x.shape
     for r in prange(n):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import check_matrix
-from .mask_spec import MaskSpec, threshold16
+from .mask_spec import RANDOM, MaskSpec, threshold16
 from .masking import apply_mask
 
 
@@ -71,5 +71,6 @@ def masked_linear(x: torch.Tensor, spec: MaskSpec, weight: torch.Tensor, bias: t
 
         sparse = nonzero_fraction(x.detach().numpy()) <= MAX_DENSITY
     if not sparse:
-        return F.linear(apply_mask(x, spec), weight, bias)
+        keep_all = spec.mode == RANDOM and spec.rate == 0.0
+        return F.linear(x if keep_all else apply_mask(x, spec), weight, bias)
     return _SparseMaskedLinear.apply(x, spec, weight, bias)

@@ -12,7 +12,7 @@ import torch
 
 from ._triton import grid, jit, tile, tl
 from .dispatch import check_matrix, use_triton
-from .mask_spec import MaskSpec, isolated_spec, programme_spec, random_spec
+from .mask_spec import RANDOM, MaskSpec, isolated_spec, programme_spec, random_spec, threshold16
 
 
 @jit
@@ -61,16 +61,33 @@ def mask_reference(x: torch.Tensor, spec: MaskSpec, keep: torch.Tensor | None = 
     return torch.where(keep, x, 0.0).mul_(spec.scale[:, None])
 
 
+def _mask_cpu_random(x: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
+    """The random mask applied in one numba pass that regenerates the bits (kernels/cpu.py)."""
+    from .cpu import random_apply
+
+    x = x.detach().contiguous()
+    out = torch.empty_like(x)
+    random_apply(x.numpy(), spec.key, threshold16(spec.rate), spec.scale.numpy(), out.numpy())
+    return out
+
+
+def _apply(x: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
+    if spec.triton:
+        return _mask_triton(x, spec)
+    if spec.mode == RANDOM and x.device.type == "cpu":
+        return _mask_cpu_random(x, spec)
+    return mask_reference(x, spec)
+
+
 class _ApplyMask(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, spec):
         ctx.spec = spec
-        return _mask_triton(x, spec) if spec.triton else mask_reference(x, spec)
+        return _apply(x, spec)
 
     @staticmethod
     def backward(ctx, grad):
-        spec = ctx.spec
-        return (_mask_triton(grad, spec) if spec.triton else mask_reference(grad, spec)), None
+        return _apply(grad, ctx.spec), None
 
 
 def apply_mask(x: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
