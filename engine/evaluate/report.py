@@ -42,7 +42,32 @@ def markdown(results: dict) -> str:
         lines.append(f"| {label} | " + " | ".join("–" if v is None else f"{v:.4f}" for v in cells) + " |")
     for task, why in results.get("skipped", {}).items():
         lines.append(f"\n{task} skipped: {why}")
+    lines += per_class_table(results)
     return "\n".join(lines) + "\n"
+
+
+def per_class_scores(results: dict) -> tuple[str, dict[str, dict[str, float]]]:
+    """F1 per class of each representation: fine-tuned where it was, else the linear probe."""
+    chosen = {}
+    for name, r in results.get("cell_type", {}).items():
+        chosen[name] = (r.get("finetune") or r["linear_probe"])["per_class_f1"]
+    fine = all("finetune" in r for r in results.get("cell_type", {}).values())
+    return ("fine-tuned" if fine else "fine-tuned where available, else linear probe"), chosen
+
+
+def per_class_table(results: dict) -> list[str]:
+    if not results.get("cell_type"):
+        return []
+    how, scores = per_class_scores(results)
+    names = list(scores)
+    support = next(iter(results["cell_type"].values()))["linear_probe"]["support"]
+    classes = sorted({c for s in scores.values() for c in s}, key=lambda c: -support.get(c, 0))
+    lines = ["", f"Per-class F1 on the test split ({how}), classes by test support:", "",
+             "| cell type | test cells | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+    for c in classes:
+        lines.append(f"| {c} | {support.get(c, 0)} | " + " | ".join(
+            "–" if c not in scores[n] else f"{scores[n][c]:.3f}" for n in names) + " |")
+    return lines
 
 
 def plots(results: dict, embeddings: dict[str, np.ndarray], labels: np.ndarray, label_names: list[str],
@@ -73,9 +98,7 @@ def plots(results: dict, embeddings: dict[str, np.ndarray], labels: np.ndarray, 
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(str(path))
-    per_class = {n: r["finetune"]["per_class_f1"] for n, r in results.get("cell_type", {}).items() if "finetune" in r}
-    if not per_class:
-        per_class = {n: r["linear_probe"]["per_class_f1"] for n, r in results.get("cell_type", {}).items()}
+    how, per_class = per_class_scores(results)
     if per_class:
         classes = sorted({c for scores in per_class.values() for c in scores}, key=label_names.index)
         fig, ax = plt.subplots(figsize=(max(8, 0.35 * len(classes) * len(per_class) ** 0.5), 5))
@@ -83,7 +106,7 @@ def plots(results: dict, embeddings: dict[str, np.ndarray], labels: np.ndarray, 
         for i, (name, scores) in enumerate(per_class.items()):
             ax.bar(np.arange(len(classes)) + i * width, [scores.get(c, 0.0) for c in classes], width, label=name)
         ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=90, fontsize=7)
-        ax.set(ylabel="F1 (test)", ylim=(0, 1.05), title="per-class F1")
+        ax.set(ylabel="F1 (test)", ylim=(0, 1.05), title=f"per-class F1 ({how})")
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = folder / "per_class_f1.png"
