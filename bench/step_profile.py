@@ -37,6 +37,7 @@ def main() -> None:
                                 store)
     opt = torch.optim.AdamW(objective.parameters(), lr=1e-3, weight_decay=0.01)
     x = next(iter(BatchStream(store, "train", 8192, columns=[]))).x.clone()
+    rest = torch.nn.Sequential(*list(objective.encoder)[1:], objective.autoencoder.decoder)
     print(f"MAE random, batch 8192 x {store.n_genes}, {args.precision}, {'dense' if args.dense else 'sparse'} "
           "first layer, seconds per phase")
     print("| step | mask + first layer | rest of forward | loss | backward | AdamW | total |")
@@ -44,9 +45,9 @@ def main() -> None:
     for step in range(args.steps + 1):
         t = [time.perf_counter()]
         spec = kernels.mask_spec(x, "random", 0.5, 0, step)
-        h = objective.first_layer(x, spec)
+        h = objective.first_layer(objective.encoder, x, spec)
         t.append(time.perf_counter())
-        pred = objective.rest_of_network(h)
+        pred = objective.net(rest, h)
         t.append(time.perf_counter())
         loss = kernels.masked_recon_loss(pred, x, spec)
         t.append(time.perf_counter())

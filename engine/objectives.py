@@ -38,11 +38,15 @@ class Objective(nn.Module):
         with torch.autocast(x.device.type, dtype=self.compute_dtype):
             return fn(x).float()
 
+    def first_layer(self, encoder: nn.Module, x: torch.Tensor, spec: kernels.MaskSpec) -> torch.Tensor:
+        """encoder[0](apply_mask(x, spec)) with the mask applied inside the Linear (on CPU, a sparse product of
+        the kept nonzeros whenever x is sparse)."""
+        first = encoder[0]
+        return self.net(lambda v: kernels.masked_linear(v, spec, first.weight, first.bias), x)
+
     def encode(self, encoder: nn.Module, x: torch.Tensor, spec: kernels.MaskSpec) -> torch.Tensor:
-        """encoder(apply_mask(x, spec)) with the mask applied inside the first Linear (on CPU, a sparse product of
-        the kept nonzeros whenever x is sparse), the rest under the compute dtype."""
-        first, rest = encoder[0], nn.Sequential(*list(encoder)[1:])
-        return self.net(rest, self.net(lambda v: kernels.masked_linear(v, spec, first.weight, first.bias), x))
+        """encoder(apply_mask(x, spec)), the layers after the first under the compute dtype."""
+        return self.net(nn.Sequential(*list(encoder)[1:]), self.first_layer(encoder, x, spec))
 
     def after_step(self) -> None:
         """Called after each optimiser step (BYOL moves its target network here)."""
