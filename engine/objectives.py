@@ -116,12 +116,6 @@ def augmented_view(x: torch.Tensor, seed: int, step: int, view: int, intensity: 
     return (kernels.apply_mask(noised, spec) if drop else noised), kernels.mask_spec(x, "random", 0.0)
 
 
-def augment(x: torch.Tensor, seed: int, step: int, view: int, intensity: float = 0.1, dropout: float = 0.1,
-            p: float = 0.5) -> torch.Tensor:
-    """The view itself, materialised."""
-    return kernels.apply_mask(*augmented_view(x, seed, step, view, intensity, dropout, p))
-
-
 class BYOL(Objective):
     """Bootstrap-your-own-latent: online encoder → projector → predictor chases an EMA target of encoder →
     projector (projector 256, hidden 4,096, EMA 0.99)."""

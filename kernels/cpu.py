@@ -14,8 +14,9 @@ import numba
 import numpy as np
 from numba import prange
 
+from .mask_spec import DROP_BITS, RANDOM
+
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-RANDOM, DROP_BITS, KEEP_BITS = 0, 1, 2   # MaskSpec modes
 
 
 @numba.njit(inline="always")
