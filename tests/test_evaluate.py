@@ -145,3 +145,15 @@ def test_cellssl_eval_bad_arguments_are_one_line_errors(small_store, tmp_path, c
     assert "nothing to evaluate" in capsys.readouterr().err
     assert main(["eval", "a=x/model.pt", "a=y/model.pt", "--data", str(small_store), "--out", str(tmp_path)]) == 2
     assert "two models are named 'a'" in capsys.readouterr().err
+
+
+def test_integration_without_scib_metrics_is_refused_up_front_or_skipped(small_store, tmp_path, monkeypatch, capsys):
+    from engine.cli import main
+    from engine.evaluate import integration, suite
+
+    monkeypatch.setattr(integration, "available", lambda: False)
+    assert main(["eval", "--data", str(small_store), "--tasks", "integration", "--out", str(tmp_path)]) == 2
+    assert 'scib-metrics: the integration task needs it. Fix: pip install "cellssl[eval]"' in capsys.readouterr().err
+    monkeypatch.setattr(suite.celltype, "finetune", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("ran")))
+    with pytest.raises(RuntimeError, match="ran"):  # default tasks: it goes on to the work (skipping integration)
+        suite.evaluate(suite.EvalConfig(store=str(small_store), out=str(tmp_path)))

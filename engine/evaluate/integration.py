@@ -10,6 +10,12 @@ import pandas as pd
 from loaders import InputError
 
 
+def available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("scib_metrics") is not None
+
+
 def scib_scores(embeddings: dict[str, np.ndarray], batch: np.ndarray, labels: np.ndarray, unintegrated: np.ndarray,
                 max_cells: int = 10_000, seed: int = 0) -> dict[str, dict]:
     """{embedding name: {metric: value, …, "batch_correction", "bio_conservation", "total"}} on the same cells
