@@ -111,18 +111,17 @@ def _compact(slots, counts, indptr, cols, vals, out_cols, out_vals):
             out_vals[b + k] = vals[a + k]
 
 
-def nonzero_fraction(x: np.ndarray) -> float:
+def nonzeros_per_row(x: np.ndarray) -> np.ndarray:
     counts = np.empty(x.shape[0], np.int64)
     _nonzeros_per_row(x, counts)
-    return counts.sum() / max(x.size, 1)
+    return counts
 
 
-def kept_entries(x: np.ndarray, mode: int, key: int, threshold: int, row_bits: np.ndarray, row_index: np.ndarray,
-                 scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The masked input x · keep · scale as CSR (indptr int64, cols int32, vals float32), zeros left out."""
+def kept_entries(x: np.ndarray, nonzeros: np.ndarray, mode: int, key: int, threshold: int, row_bits: np.ndarray,
+                 row_index: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The masked input x · keep · scale as CSR (indptr int64, cols int32, vals float32), zeros left out;
+    `nonzeros`: nonzeros_per_row(x), which the caller has already counted to choose this path."""
     n = x.shape[0]
-    nonzeros = np.empty(n, np.int64)
-    _nonzeros_per_row(x, nonzeros)
     slots = np.zeros(n + 1, np.int64)
     np.cumsum(nonzeros + 1, out=slots[1:])
     cols, vals, counts = np.empty(slots[-1], np.int32), np.empty(slots[-1], np.float32), np.empty(n, np.int64)

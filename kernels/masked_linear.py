@@ -33,10 +33,10 @@ def _sparse(indptr, cols, vals, shape) -> torch.Tensor:
 class _SparseMaskedLinear(torch.autograd.Function):
     @staticmethod
     @torch.autocast("cpu", enabled=False)  # a float32 sparse product whatever the caller's autocast
-    def forward(ctx, x, spec, weight, bias):
+    def forward(ctx, x, spec, weight, bias, nonzeros):
         from .cpu import kept_entries
 
-        entries = kept_entries(x.detach().contiguous().numpy(), spec.mode, spec.key, threshold16(spec.rate),
+        entries = kept_entries(x.detach().contiguous().numpy(), nonzeros, spec.mode, spec.key, threshold16(spec.rate),
                                spec.row_bits.numpy(), spec.row_index.numpy(), spec.scale.numpy())
         ctx.entries, ctx.shape = entries, tuple(x.shape)
         ctx.save_for_backward(weight)
@@ -54,7 +54,7 @@ class _SparseMaskedLinear(torch.autograd.Function):
             grad_w = (_sparse(t_indptr, t_rows, t_vals, ctx.shape[::-1]) @ grad_out.contiguous()).t().contiguous()
         if ctx.needs_input_grad[3]:
             grad_b = grad_out.sum(0)
-        return None, None, grad_w, grad_b
+        return None, None, grad_w, grad_b, None
 
 
 def masked_linear(x: torch.Tensor, spec: MaskSpec, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,10 +67,11 @@ def masked_linear(x: torch.Tensor, spec: MaskSpec, weight: torch.Tensor, bias: t
     sparse = (not spec.triton and x.device.type == "cpu" and not x.requires_grad
               and weight.dtype == torch.float32 and os.environ.get("CELLSSL_SPARSE_INPUT", "1") != "0")
     if sparse:
-        from .cpu import nonzero_fraction
+        from .cpu import nonzeros_per_row
 
-        sparse = nonzero_fraction(x.detach().numpy()) <= MAX_DENSITY
+        nonzeros = nonzeros_per_row(x.detach().numpy())
+        sparse = nonzeros.sum() <= MAX_DENSITY * x.numel()
     if not sparse:
         keep_all = spec.mode == RANDOM and spec.rate == 0.0
         return F.linear(x if keep_all else apply_mask(x, spec), weight, bias)
-    return _SparseMaskedLinear.apply(x, spec, weight, bias)
+    return _SparseMaskedLinear.apply(x, spec, weight, bias, nonzeros)

@@ -107,7 +107,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     elif "integration" in cfg.tasks:
         batch = labels(store, cfg.batch, "test")
         results["integration"] = integration.scib_scores({r.name: z[r.name]["test"] for r in reps}, batch, y["test"],
-                                                         pca.embed(store, "test"), cfg.integration_cells, cfg.seed)
+                                                         z[pca.name]["test"] if pca.name in z else pca.embed(store, "test"),
+                                                         cfg.integration_cells, cfg.seed)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(report.markdown(results))
     if cfg.plots:
