@@ -13,6 +13,12 @@ def jit(fn):
     return triton.jit(fn) if triton is not None else fn
 
 
+def constexpr(value):
+    """A module-level constant a kernel may read: the Triton compiler accepts only `tl.constexpr` globals (its
+    interpreter accepts any, so only an ahead-of-time compile catches a plain float; kernels/variants.py)."""
+    return tl.constexpr(value) if tl is not None else value
+
+
 def tile(n_rows: int, n_cols: int, on_gpu: bool) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_G): small tiles for many GPU programs; few large ones for the CPU interpreter, whose cost
     is per program instance."""

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import jit, log1p, tl
+from ._triton import constexpr, jit, log1p, tl
 from .dispatch import use_triton
 
 TARGET_SUM = 1e4
+_TARGET_SUM = constexpr(TARGET_SUM)  # what the kernel reads
 _INDEX_DTYPES = (torch.uint16, torch.int16, torch.int32, torch.int64)
 _VALUE_DTYPES = (torch.float32, torch.uint16, torch.int16, torch.int32, torch.uint32, torch.int64)
 
@@ -36,7 +37,7 @@ def _csr_kernel(indptr_ptr, indices_ptr, data_ptr, out_ptr, n_genes, NORMALIZE: 
         cols = tl.load(indices_ptr + pos, mask=inside, other=0).to(tl.int64)
         values = tl.load(data_ptr + pos, mask=inside, other=0).to(tl.float32)
         if NORMALIZE:
-            values = log1p(values / row_sum * TARGET_SUM)
+            values = log1p(values / row_sum * _TARGET_SUM)
         tl.store(out_ptr + row.to(tl.int64) * n_genes + cols, values, mask=inside)
 
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import jit, log1p, tile, tl, triton
+from ._triton import constexpr, jit, log1p, tile, tl, triton
 from .dispatch import check_matrix, generator, random_key, use_triton
 
 TOTAL_COUNT = 10
 TARGET_SUM = 1e4
+_TARGET_SUM = constexpr(TARGET_SUM)  # what the kernel reads
 
 
 def counts_from_uniform(u: torch.Tensor) -> torch.Tensor:
@@ -43,7 +44,7 @@ def _nb_kernel(x_ptr, out_ptr, n_cells, n_genes, key, intensity, RAW: tl.constex
         cols = start + tl.arange(0, BLOCK_G)
         inside = row_ok[:, None] & (cols[None, :] < n_genes)
         total += tl.sum(tl.where(inside, _counts(key, rows, cols, n_genes), 0.0), axis=1)
-    factor = tl.where(total > 0, TARGET_SUM / tl.maximum(total, 1.0), 0.0)
+    factor = tl.where(total > 0, _TARGET_SUM / tl.maximum(total, 1.0), 0.0)
     for start in range(0, n_genes, BLOCK_G):
         cols = start + tl.arange(0, BLOCK_G)
         inside = row_ok[:, None] & (cols[None, :] < n_genes)
