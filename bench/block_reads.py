@@ -9,14 +9,11 @@ from __future__ import annotations
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from loaders import CellStore  # noqa: E402
-from loaders.chunks import ShardedArray  # noqa: E402
+from cellssl.loaders import CellStore
+from cellssl.loaders.chunks import ShardedArray
 
 CELLS = 32768
 

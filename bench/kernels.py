@@ -11,17 +11,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
-from pathlib import Path
 
-# run as a script, bench/ comes first on sys.path and this file would shadow the `kernels` package
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+import numpy as np
+import torch
+from paper_style import eager_csr_to_dense, eager_nb_augment, eager_programme_mask, eager_random_mask_loss
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import kernels  # noqa: E402
+from cellssl import kernels
 
 
 def timed(fn, repeats: int, sync) -> float:
@@ -36,37 +32,6 @@ def timed(fn, repeats: int, sync) -> float:
     return best
 
 
-# --- the paper's eager formulations ----------------------------------------------------------------------
-def eager_random_mask_loss(x, pred, rate=0.5):
-    mask = torch.bernoulli(torch.full_like(x, rate))
-    x_in = x * (1 - mask) / (1 - rate)
-    p = pred.detach().requires_grad_()
-    loss = ((p - x) ** 2 * mask).sum() / x.numel()
-    loss.backward()
-    return x_in, loss, p.grad
-
-
-def eager_programme_mask(x, members: list[np.ndarray], rate=0.5, rng=np.random.default_rng(0)):
-    chosen = rng.choice(len(members), math.floor(rate * len(members)), replace=False)
-    mask = np.zeros(x.shape, dtype=np.float32)
-    for p in chosen:
-        mask[:, members[p]] = 1.0
-    mask = torch.from_numpy(mask).to(x.device)
-    frac = mask[0].mean()
-    return x * (1 - mask) / (1 - frac)
-
-
-def eager_nb_augment(x, intensity=0.1):
-    noise = torch.distributions.NegativeBinomial(total_count=10, probs=torch.rand_like(x)).sample()
-    noise = torch.log1p(noise / noise.sum(1, keepdim=True) * 1e4)
-    return torch.clamp(x + intensity * noise, min=0)
-
-
-def eager_csr_to_dense(indptr, indices, data, n_genes):
-    dense = torch.sparse_csr_tensor(indptr, indices.long(), data.float(), (len(indptr) - 1, n_genes)).to_dense()
-    return torch.log1p(dense / dense.sum(1, keepdim=True) * 1e4)
-
-
 # --- ours ------------------------------------------------------------------------------------------------
 def ours_random_mask_loss(x, pred, rate=0.5):
     x_in, spec = kernels.random_mask(x, rate, seed=0, step=1)
@@ -77,14 +42,14 @@ def ours_random_mask_loss(x, pred, rate=0.5):
 
 
 def programme_bits(n_genes: int) -> tuple[torch.Tensor, list[np.ndarray]]:
-    from loaders.genes import GeneSpace
-    from loaders.genesets import index_programmes, read_gmt
+    from cellssl.loaders.genes import GeneSpace
+    from cellssl.loaders.genesets import index_programmes, read_gmt
 
     space = GeneSpace.default()
     index = index_programmes(read_gmt(), space, min_genes=15, max_genes=500)
     if n_genes != len(space):
         members = [m[m < n_genes] for m in index.members]
-        from kernels.mask_spec import pack_bits
+        from cellssl.kernels.mask_spec import pack_bits
 
         flags = torch.zeros(len(members), n_genes, dtype=torch.bool)
         for p, m in enumerate(members):

@@ -21,9 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 BATCH = 8192
 PEERS = ("ours-raw", "ours-log1p", "ceiling", "scdataset", "bionemo-scdl", "anndata-annloader", "annbatch")
@@ -31,8 +29,8 @@ PEERS = ("ours-raw", "ours-log1p", "ceiling", "scdataset", "bionemo-scdl", "annd
 
 # --- data in each format -----------------------------------------------------------------------------------
 def prepare(workdir: Path, cells: int) -> dict[str, Path]:
-    from loaders import CellStore
-    from loaders.synthetic import synth
+    from cellssl.loaders import CellStore
+    from cellssl.loaders.synthetic import synth
 
     paths = {"store": workdir / f"synthetic-{cells}.cellstore", "h5ad": workdir / f"synthetic-{cells}.h5ad",
              "scdl": workdir / f"synthetic-{cells}.scdl", "annbatch": workdir / f"synthetic-{cells}.annbatch.zarr"}
@@ -78,7 +76,7 @@ def export_h5ad(store, path: Path, step: int = 50_000) -> None:
 
 # --- one process per loader ----------------------------------------------------------------------------------
 def run_ours(paths, batches, normalize):
-    from loaders import BatchStream
+    from cellssl.loaders import BatchStream
 
     stream = BatchStream(paths["store"], "train", batch_size=BATCH, seed=0, normalize=normalize)
     return (b.x for b in stream)
@@ -87,7 +85,7 @@ def run_ours(paths, batches, normalize):
 def run_ceiling(paths, batches):
     """Zero-fill of the batch buffer + a vectorised numpy scatter of the same rows, from CSR already in memory
     with its flat destinations precomputed: pure memory traffic, no decode, no I/O, no bookkeeping."""
-    from loaders import CellStore
+    from cellssl.loaders import CellStore
 
     store = CellStore(paths["store"])
     out = np.empty((BATCH, store.n_genes), np.float32)

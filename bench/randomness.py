@@ -10,15 +10,11 @@ Usage: python bench/randomness.py STORE [--batch-size 8192] [--epochs 2]
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from loaders import CellStore  # noqa: E402
-from loaders.sampler import BlockShuffleSampler  # noqa: E402
+from cellssl.loaders import CellStore
+from cellssl.loaders.sampler import BlockShuffleSampler
 
 
 def mean_tv(codes: np.ndarray, batches: list[np.ndarray], n_classes: int) -> float:

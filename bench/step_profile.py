@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+import torch
 
-import torch  # noqa: E402
-
-import kernels  # noqa: E402
-from engine.config import ObjectiveConfig, TrainConfig  # noqa: E402
-from engine.setup import build_objective  # noqa: E402
-from loaders import BatchStream, CellStore  # noqa: E402
-from loaders.synthetic import default_store  # noqa: E402
+from cellssl import kernels
+from cellssl.engine.config import ObjectiveConfig, TrainConfig
+from cellssl.engine.setup import build_objective
+from cellssl.loaders import BatchStream, CellStore
+from cellssl.loaders.synthetic import default_store
 
 
 def main() -> None:

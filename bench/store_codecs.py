@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from loaders.genes import GeneSpace
-from loaders.store import Layout
-from loaders.synthetic import SyntheticAtlas, SyntheticConfig
+from cellssl.loaders.genes import GeneSpace
+from cellssl.loaders.store import Layout
+from cellssl.loaders.synthetic import SyntheticAtlas, SyntheticConfig
 
 
 def arrays(n_cells: int):

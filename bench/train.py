@@ -12,22 +12,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+import torch
+import torch.nn.functional as F
+from paper_style import eager_nb_augment, eager_programme_mask
+from torch.utils.flop_counter import FlopCounterMode
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from bench.kernels import eager_nb_augment, eager_programme_mask  # noqa: E402
-from engine.config import ObjectiveConfig, TrainConfig  # noqa: E402
-from engine.objectives import view_coins  # noqa: E402
-from engine.setup import build_objective  # noqa: E402
-from loaders import BatchStream, CellStore  # noqa: E402
-from loaders.synthetic import default_store  # noqa: E402
+from cellssl.engine.config import ObjectiveConfig, TrainConfig
+from cellssl.engine.objectives import view_coins
+from cellssl.engine.setup import build_objective
+from cellssl.loaders import BatchStream, CellStore
+from cellssl.loaders.synthetic import default_store
 
 OBJECTIVES = [("mae random", ObjectiveConfig("mae", "random")),
               ("mae gene programme", ObjectiveConfig("mae", "gene_program")),
@@ -148,7 +144,7 @@ def main() -> None:
         ours = timed_steps(lambda xb, i: objective(xb, None, i)[0], objective, stream, args.steps)
         members = None
         if ocfg.mask == "gene_program":
-            from loaders.genesets import index_programmes, read_gmt
+            from cellssl.loaders.genesets import index_programmes, read_gmt
 
             members = index_programmes(read_gmt(), store.genes).members
         paper = float("nan")

@@ -8,13 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-
 from pathlib import Path
 
-from loaders import CellStore, InputError
-from loaders.convert import convert, open_source
-from loaders.store import Layout
-from loaders.synthetic import default_store, synth
+from cellssl.loaders import CellStore, InputError
+from cellssl.loaders.convert import convert, open_source
+from cellssl.loaders.store import Layout
+from cellssl.loaders.synthetic import default_store, synth
 
 from .evaluate.config import TASKS, EvalConfig
 

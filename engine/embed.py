@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from loaders import BatchStream, CellStore, InputError
+from cellssl.loaders import BatchStream, CellStore, InputError
 
 from .checkpoint import encoder_state, load_model
 from .config import TrainConfig

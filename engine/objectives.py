@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from kernels.dispatch import random_key
+from cellssl import kernels
+from cellssl.kernels.dispatch import random_key
 
 from .models import AutoEncoder, ModelConfig, classifier_head, projection_head
 

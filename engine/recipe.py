@@ -38,7 +38,7 @@ def parse(defaults: TrainConfig, argv: list[str] | None = None) -> TrainConfig:
 
 
 def run(defaults: TrainConfig) -> None:
-    from loaders import InputError
+    from cellssl.loaders import InputError
 
     from .trainer import NonFiniteLoss, train
 

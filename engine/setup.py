@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from loaders import CellStore, InputError
-from loaders.genesets import index_programmes, read_gmt
+from cellssl.loaders import CellStore, InputError
+from cellssl.loaders.genesets import index_programmes, read_gmt
 
 from .config import TrainConfig
 from .objectives import OBJECTIVES, MaskedAutoencoder, Objective

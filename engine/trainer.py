@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from loaders import BatchStream, CellStore
-from loaders.synthetic import default_store
+from cellssl.loaders import BatchStream, CellStore
+from cellssl.loaders.synthetic import default_store
 
 from . import checkpoint
 from .config import TrainConfig

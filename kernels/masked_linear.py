@@ -19,7 +19,6 @@ from .dispatch import check_matrix
 from .mask_spec import RANDOM, MaskSpec, threshold16
 from .masking import apply_mask
 
-
 MAX_DENSITY = 0.2  # above this fraction of nonzeros (e.g. an NB-noised view, ~90 %) the dense GEMM is faster
 
 

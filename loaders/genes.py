@@ -56,7 +56,7 @@ class GeneSpace:
     @classmethod
     def default(cls) -> "GeneSpace":
         """The paper's reference gene list (19,350 genes), shipped with the package."""
-        with resources.files("loaders.resources").joinpath(DEFAULT_GENES_RESOURCE).open("r") as fh:
+        with resources.files("cellssl.loaders.resources").joinpath(DEFAULT_GENES_RESOURCE).open("r") as fh:
             return cls.from_frame(pd.read_csv(fh, sep="\t", dtype=str), "the packaged default gene list")
 
     @classmethod

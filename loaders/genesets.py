@@ -29,7 +29,7 @@ class GeneSet:
 def read_gmt(path: str | Path | None = None) -> list[GeneSet]:
     """A GMT file (`name <tab> description <tab> gene …`, optionally gzipped); None reads the packaged GO BP set."""
     if path is None:
-        raw = resources.files("loaders.resources").joinpath(GO_BP_RESOURCE).read_bytes()
+        raw = resources.files("cellssl.loaders.resources").joinpath(GO_BP_RESOURCE).read_bytes()
         text, where = gzip.decompress(raw).decode(), f"packaged {GO_BP_RESOURCE}"
     else:
         path = Path(path)

@@ -25,6 +25,7 @@ from .densify import gather_rows, log1p_per_10k, scatter_rows
 from .sampler import BlockShuffleSampler
 from .store import CellStore, open_store
 
+
 def _held() -> int:
     """Yielded batches whose buffers stay untouched: two when an async host→device copy may still read one."""
     return 2 if torch.cuda.is_available() else 1

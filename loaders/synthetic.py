@@ -106,7 +106,7 @@ class SyntheticAtlas:
 
         import pandas as pd
 
-        with resources.files("loaders.resources").joinpath("human_tfs.tsv").open() as fh:
+        with resources.files("cellssl.loaders.resources").joinpath("human_tfs.tsv").open() as fh:
             tf_ids = set(pd.read_csv(fh, sep="\t")["gene_id"])
         candidates = np.array([i for i, g in enumerate(self.genes.gene_id) if g in tf_ids])
         if len(candidates) < self.config.n_tfs:

@@ -1,7 +1,7 @@
 """Recipe: byol. `deepspeed recipes/byol.py [--data STORE] [--max-steps N] [--out DIR] [--resume]`
 or `python recipes/byol.py` (one process). Paper hyper-parameters are the config defaults."""
-from engine.config import ObjectiveConfig, TrainConfig
-from engine.recipe import run
+from cellssl.engine.config import ObjectiveConfig, TrainConfig
+from cellssl.engine.recipe import run
 
 CONFIG = TrainConfig(objective=ObjectiveConfig(name="byol", mask="random"), out="runs/byol")
 

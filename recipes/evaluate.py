@@ -5,7 +5,7 @@ it evaluates every `runs/*/model.pt` that a pretraining recipe wrote. Same optio
 import sys
 from pathlib import Path
 
-from engine.cli import main
+from cellssl.engine.cli import main
 
 PRETRAINING = ("mae_random", "mae_gene_program", "mae_gp_to_gp", "mae_gp_to_tf", "byol", "barlow_twins",
                "reconstruction")

@@ -1,7 +1,7 @@
 """Recipe: mae_gene_program. `deepspeed recipes/mae_gene_program.py [--data STORE] [--max-steps N] [--out DIR] [--resume]`
 or `python recipes/mae_gene_program.py` (one process). Paper hyper-parameters are the config defaults."""
-from engine.config import ObjectiveConfig, TrainConfig
-from engine.recipe import run
+from cellssl.engine.config import ObjectiveConfig, TrainConfig
+from cellssl.engine.recipe import run
 
 CONFIG = TrainConfig(objective=ObjectiveConfig(name="mae", mask="gene_program"), out="runs/mae_gene_program")
 

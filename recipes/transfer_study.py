@@ -4,7 +4,7 @@ writes records.json (every run) and summary.md (mean ± sd over seeds) in --out.
 import argparse
 from pathlib import Path
 
-from engine.evaluate.transfer import METHODS, StudyConfig, run_study, summary
+from cellssl.engine.evaluate.transfer import METHODS, StudyConfig, run_study, summary
 
 if __name__ == "__main__":
     d = StudyConfig()

@@ -83,7 +83,7 @@ def write_10x(folder, x: sp.csr_matrix, n_antibody=3, gz=True):
 
 @pytest.fixture(scope="session")
 def synthetic_store(tmp_path_factory):
-    from loaders.synthetic import synth
+    from cellssl.loaders.synthetic import synth
 
     return synth(tmp_path_factory.mktemp("synth") / "s.cellstore", 1500, progress=False)
 
@@ -99,7 +99,7 @@ def block_programmes(n_genes: int, n_programmes: int, size: int):
     """Disjoint programmes of `size` consecutive genes, as int32 bitsets."""
     import torch
 
-    from kernels.mask_spec import pack_bits
+    from cellssl.kernels.mask_spec import pack_bits
 
     flags = torch.zeros(n_programmes, n_genes, dtype=torch.bool)
     for p in range(n_programmes):

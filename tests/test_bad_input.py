@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
-
 from conftest import make_anndata, write_10x
-from loaders import CellStore, CellStoreError, InputError
-from loaders.convert import convert, open_source
+
+from cellssl.loaders import CellStore, CellStoreError, InputError
+from cellssl.loaders.convert import convert, open_source
 
 
 def leftovers(folder, name="out"):
@@ -95,7 +95,7 @@ def test_output_exists_refused_unless_overwrite(tmp_path, counts):
 
 
 def test_disk_full_leaves_nothing(tmp_path, counts, monkeypatch):
-    from loaders import store as store_module
+    from cellssl.loaders import store as store_module
 
     def full(self, n):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -107,7 +107,7 @@ def test_disk_full_leaves_nothing(tmp_path, counts, monkeypatch):
 
 
 def test_disk_full_while_spilling_keeps_old_store(tmp_path, counts, monkeypatch):
-    from loaders import spill
+    from cellssl.loaders import spill
 
     convert_h5ad(tmp_path, counts)
     monkeypatch.setattr(spill.np, "ascontiguousarray", lambda a: (_ for _ in ()).throw(
@@ -120,7 +120,7 @@ def test_disk_full_while_spilling_keeps_old_store(tmp_path, counts, monkeypatch)
 
 
 def test_interrupted_conversion_leaves_no_store(tmp_path, counts, monkeypatch):
-    import loaders.convert as conv
+    import cellssl.loaders.convert as conv
 
     def boom(*a, **k):
         raise KeyboardInterrupt

@@ -6,8 +6,8 @@ import os
 import subprocess
 import sys
 
-from engine.cli import main
-from loaders import CellStore
+from cellssl.engine.cli import main
+from cellssl.loaders import CellStore
 
 
 def test_synth_convert_info(tmp_path, capsys):

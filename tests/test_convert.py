@@ -5,10 +5,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import gene_table, make_anndata, write_10x
-from loaders import CellStore
-from loaders.convert import convert, open_source
+
+from cellssl.loaders import CellStore
+from cellssl.loaders.convert import convert, open_source
 
 
 def store_dense(store: CellStore) -> np.ndarray:
@@ -87,7 +87,7 @@ def test_alignment_by_symbol_with_versioned_ids(tmp_path, counts):
 
 
 def test_default_gene_space(tmp_path, counts):
-    from loaders.genes import GeneSpace
+    from cellssl.loaders.genes import GeneSpace
 
     default = GeneSpace.default()
     adata = make_anndata(counts)
@@ -111,7 +111,7 @@ def test_10x_round_trip(tmp_path, counts, gz):
 
 
 def test_sctab_round_trip(tmp_path):
-    from loaders.synthetic import synth
+    from cellssl.loaders.synthetic import synth
 
     src = synth(tmp_path / "merlin_cxg_2023_05_15_sf-log1p", 700, "sctab-parquet", progress=False)
     store = convert(open_source("sctab", src), tmp_path / "out", progress=False)
@@ -157,7 +157,7 @@ def make_anndata_split(path) -> np.ndarray:
 
 def test_bounded_buckets_still_exact(tmp_path, counts, monkeypatch):
     """Many tiny scratch buckets (as a huge atlas would have) give the same store as one bucket."""
-    import loaders.convert as conv
+    import cellssl.loaders.convert as conv
 
     make_anndata(counts).write_h5ad(tmp_path / "in.h5ad")
     one = convert(open_source("h5ad", tmp_path / "in.h5ad"), tmp_path / "one", genes="keep", progress=False)
@@ -168,7 +168,7 @@ def test_bounded_buckets_still_exact(tmp_path, counts, monkeypatch):
 
 
 def test_multi_shard_store_reads_any_range(tmp_path, counts):
-    from loaders.store import Layout
+    from cellssl.loaders.store import Layout
 
     make_anndata(counts).write_h5ad(tmp_path / "in.h5ad")
     store = convert(open_source("h5ad", tmp_path / "in.h5ad"), tmp_path / "o", genes="keep", progress=False,

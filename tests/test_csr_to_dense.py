@@ -6,7 +6,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from kernels import csr_to_dense
+from cellssl.kernels import csr_to_dense
 
 
 def batch(n=16, g=2049, seed=0):

@@ -6,21 +6,20 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-
-from engine.evaluate import celltype, crossmodal
-from engine.evaluate.inputs import labels, modality, modality_columns, split_range
-from engine.evaluate.reconstruction import reconstruction_scores
-from engine.evaluate.representations import PCARepresentation
-from loaders import CellStore, InputError
 from test_trainer import recipe_args, run
+
+from cellssl.engine.evaluate import celltype, crossmodal
+from cellssl.engine.evaluate.inputs import labels, modality, modality_columns, split_range
+from cellssl.engine.evaluate.reconstruction import reconstruction_scores
+from cellssl.engine.evaluate.representations import PCARepresentation
+from cellssl.loaders import CellStore, InputError
 
 
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory):
     """1,200 synthetic cells in a 2,000-gene space: every evaluator runs in seconds."""
-    from loaders import GeneSpace
-    from loaders.synthetic import synth
+    from cellssl.loaders import GeneSpace
+    from cellssl.loaders.synthetic import synth
 
     folder = tmp_path_factory.mktemp("eval")
     (folder / "genes.txt").write_text("\n".join(GeneSpace.default().gene_id[:2000]))
@@ -98,7 +97,7 @@ def test_store_inputs_are_checked(small_store):
 
 
 def test_integration_refuses_mismatched_cells():
-    from engine.evaluate.integration import scib_scores
+    from cellssl.engine.evaluate.integration import scib_scores
 
     with pytest.raises(ValueError, match="must be the same cells"):
         scib_scores({"m": np.zeros((10, 4))}, np.zeros(9, int), np.zeros(9, int), np.zeros((9, 4)))
@@ -135,7 +134,7 @@ def test_cellssl_eval_end_to_end(small_store, tmp_path):
 
 
 def test_cellssl_eval_bad_arguments_are_one_line_errors(small_store, tmp_path, capsys):
-    from engine.cli import main
+    from cellssl.engine.cli import main
 
     assert main(["eval", "--data", str(small_store), "--tasks", "cell_type,clustering", "--out", str(tmp_path)]) == 2
     assert "unknown task(s) ['clustering']" in capsys.readouterr().err
@@ -148,8 +147,8 @@ def test_cellssl_eval_bad_arguments_are_one_line_errors(small_store, tmp_path, c
 
 
 def test_integration_without_scib_metrics_is_refused_up_front_or_skipped(small_store, tmp_path, monkeypatch, capsys):
-    from engine.cli import main
-    from engine.evaluate import integration, suite
+    from cellssl.engine.cli import main
+    from cellssl.engine.evaluate import integration, suite
 
     monkeypatch.setattr(integration, "available", lambda: False)
     assert main(["eval", "--data", str(small_store), "--tasks", "integration", "--out", str(tmp_path)]) == 2

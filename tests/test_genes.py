@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loaders import GeneSpace, InputError, align_genes
-from loaders.genes import strip_version
-from loaders.genesets import index_programmes, read_gmt
+from cellssl.loaders import GeneSpace, InputError, align_genes
+from cellssl.loaders.genes import strip_version
+from cellssl.loaders.genesets import index_programmes, read_gmt
 
 
 def test_default_space_is_the_reference_list():

@@ -2,15 +2,14 @@
 for every mask kind; the fused CPU loss equals the reference; the random stream has the right statistics."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.mask_spec import pack_bits, random_keep
-from kernels.masking import mask_reference
-from kernels.recon_loss import recon_loss_reference
+from cellssl import kernels
+from cellssl.kernels.mask_spec import pack_bits, random_keep
+from cellssl.kernels.masking import mask_reference
+from cellssl.kernels.recon_loss import recon_loss_reference
 
 
 def sparse_batch(n=23, g=301, seed=0):

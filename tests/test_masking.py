@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import block_programmes
-from kernels import apply_mask, gene_program_mask, isolated_mask, random_mask
-from kernels.mask_spec import pack_bits, unpack_bits
-from kernels.masking import mask_reference
+
+from cellssl.kernels import apply_mask, gene_program_mask, isolated_mask, random_mask
+from cellssl.kernels.mask_spec import pack_bits, unpack_bits
+from cellssl.kernels.masking import mask_reference
 
 SHAPES = [(16, 2048), (7, 2049), (3, 100)]
 

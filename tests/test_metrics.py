@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import explained_variance_score
 
-from engine.evaluate.metrics import ExplainedVariance, explained_variance, f1_scores, pearson
+from cellssl.engine.evaluate.metrics import ExplainedVariance, explained_variance, f1_scores, pearson
 
 
 def test_f1_perfect_and_all_wrong():

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import nb_augment
-from kernels.nb_augment import counts_from_uniform, nb_augment_reference, nb_noise
+from cellssl.kernels import nb_augment
+from cellssl.kernels.nb_augment import counts_from_uniform, nb_augment_reference, nb_noise
 
 
 def mixture_cdf(k: np.ndarray) -> np.ndarray:

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import ObjectiveConfig, TrainConfig
-from engine.models import AutoEncoder, ModelConfig
-from engine.setup import build_objective
-from loaders import BatchStream, CellStore, InputError
+from cellssl.engine.config import ObjectiveConfig, TrainConfig
+from cellssl.engine.models import AutoEncoder, ModelConfig
+from cellssl.engine.setup import build_objective
+from cellssl.loaders import BatchStream, CellStore, InputError
 
 SMALL = ModelConfig(hidden=(64, 32), latent=16, dropout=0.0)
 
@@ -76,7 +76,7 @@ def test_bad_configurations(synthetic_store, tmp_path):
 
 
 def test_finetuning_starts_from_the_pretrained_encoder(synthetic_store, tmp_path):
-    from engine.checkpoint import export_model
+    from cellssl.engine.checkpoint import export_model
 
     store = CellStore(synthetic_store)
     pretrained = build_objective(config("mae"), store)

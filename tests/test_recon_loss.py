@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import block_programmes
-from kernels import gene_program_mask, isolated_mask, masked_recon_loss, random_mask
-from kernels.recon_loss import recon_loss_reference
+
+from cellssl.kernels import gene_program_mask, isolated_mask, masked_recon_loss, random_mask
+from cellssl.kernels.recon_loss import recon_loss_reference
 
 
 def naive(pred, x, selected):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from loaders import CellStore, CellStoreError
-from loaders.sampler import BlockShuffleSampler
-from loaders.stream import BatchStream
+from cellssl.loaders import CellStore, CellStoreError
+from cellssl.loaders.sampler import BlockShuffleSampler
+from cellssl.loaders.stream import BatchStream
 
 KW = dict(batch_size=100, block_size=16, buffer_batches=3)
 
@@ -84,7 +84,7 @@ def test_dense_values_equal_store_rows(synthetic_store, normalize):
 
 
 def test_csr_output_densifies_to_the_same(synthetic_store):
-    from kernels import csr_to_dense
+    from cellssl.kernels import csr_to_dense
 
     store = CellStore(synthetic_store)
     for batch in BatchStream(store, "test", output="csr", drop_last=False, **KW):
@@ -94,8 +94,8 @@ def test_csr_output_densifies_to_the_same(synthetic_store):
 
 
 def test_log1p_store_values_pass_through(tmp_path, synthetic_store):
-    from loaders.convert import convert, open_source
-    from loaders.synthetic import synth
+    from cellssl.loaders.convert import convert, open_source
+    from cellssl.loaders.synthetic import synth
 
     src = synth(tmp_path / "sctab", 400, "sctab-parquet", progress=False)
     store = convert(open_source("sctab", src), tmp_path / "s.cellstore", progress=False)

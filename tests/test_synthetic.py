@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from loaders import CellStore
-from loaders.genesets import index_programmes, read_gmt
-from loaders.synthetic import SyntheticAtlas, SyntheticConfig, default_store
-from loaders.genes import GeneSpace
+from cellssl.loaders import CellStore
+from cellssl.loaders.genes import GeneSpace
+from cellssl.loaders.genesets import index_programmes, read_gmt
+from cellssl.loaders.synthetic import SyntheticAtlas, SyntheticConfig, default_store
 
 
 def test_store_shape_and_realism(synthetic_store):
@@ -51,7 +51,7 @@ def test_held_out_datasets_and_a_second_draw_share_the_atlas():
 
 
 def test_nb_sampler_moments():
-    from loaders.synthetic import NB_THETA, sample_nb
+    from cellssl.loaders.synthetic import NB_THETA, sample_nb
 
     rng = np.random.default_rng(0)
     means = np.array([0.01, 0.1, 0.29, 0.5, 3.0, 40.0], np.float32)
@@ -95,7 +95,7 @@ def test_proteins_follow_their_genes(synthetic_store):
 
 
 def test_default_store_built_once(tmp_path, monkeypatch):
-    import loaders.synthetic as synthetic
+    import cellssl.loaders.synthetic as synthetic
 
     monkeypatch.setenv("CELLSSL_CACHE", str(tmp_path))
     monkeypatch.setattr(synthetic, "DEFAULT_CELLS", 400)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -107,8 +106,8 @@ def test_embed_writes_every_cell(synthetic_store, tmp_path):
     import numpy as np
     import pandas as pd
 
-    from engine.cli import main
-    from loaders import CellStore
+    from cellssl.engine.cli import main
+    from cellssl.loaders import CellStore
 
     out = tmp_path / "run"
     run([sys.executable, "recipes/mae_random.py", *recipe_args(synthetic_store, out, 2)])
@@ -121,7 +120,7 @@ def test_embed_writes_every_cell(synthetic_store, tmp_path):
     adata = ad.read_h5ad(tmp_path / "e.h5ad")
     np.testing.assert_allclose(adata.obsm["X_cellssl"], frame[[f"z{j}" for j in range(64)]].to_numpy(), rtol=1e-5)
     other = tmp_path / "other.cellstore"
-    from loaders.synthetic import synth
+    from cellssl.loaders.synthetic import synth
     (tmp_path / "genes.txt").write_text("\n".join(store.genes.gene_id[:100]))
     synth(other, 200, genes=tmp_path / "genes.txt", progress=False)
     assert main(["embed", str(out / "model.pt"), str(other), str(tmp_path / "x.parquet")]) == 2

@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import sys
 
-from engine.evaluate.transfer import summary
 from test_trainer import run
+
+from cellssl.engine.evaluate.transfer import summary
 
 
 def test_transfer_study_runs_every_setting(tmp_path):
@@ -17,7 +18,7 @@ def test_transfer_study_runs_every_setting(tmp_path):
     records = json.loads((out / "records.json").read_text())["records"]
     assert [(r["setting"], r["method"]) for r in records] == [("a", "supervised"), ("b", "mae_random"), ("c", "byol")]
     assert all(0.0 <= r["macro_f1"] <= 1.0 for r in records) and "knn_macro_f1" in records[1]
-    import loaders
+    from cellssl import loaders
 
     aux = loaders.CellStore(out / "auxiliary.cellstore")
     target = loaders.CellStore(out / "target.cellstore")

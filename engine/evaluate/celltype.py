@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loaders import CellStore
+from cellssl.loaders import CellStore
 
 from ..checkpoint import load_model
 from ..config import ObjectiveConfig, TrainConfig

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from loaders import BatchStream, CellStore
+from cellssl.loaders import BatchStream, CellStore
 
 from ..embed import device, map_split
 from ..models import MLP

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from loaders import CellStore, InputError
-from loaders.densify import log1p_per_10k
+from cellssl.loaders import CellStore, InputError
+from cellssl.loaders.densify import log1p_per_10k
 
 
 def split_range(store: CellStore, split: str) -> tuple[int, int]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from loaders import InputError
+from cellssl.loaders import InputError
 
 
 def available() -> bool:

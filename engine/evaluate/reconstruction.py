@@ -3,11 +3,10 @@ variance-weighted (the paper's number) and uniform, over every position or, with
 positions only (the input has those genes zeroed by the same random mask the masked autoencoder trains with)."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-import kernels
-from loaders import CellStore
+from cellssl import kernels
+from cellssl.loaders import CellStore
 
 from ..embed import map_split
 from .metrics import ExplainedVariance

@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from loaders import CellStore
+from cellssl.loaders import CellStore
 
 from ..embed import check_genes, device, load_autoencoder, map_split
 from .inputs import expression

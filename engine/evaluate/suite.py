@@ -6,9 +6,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
-from loaders import CellStore, InputError
+from cellssl.loaders import CellStore, InputError
 
 from ..models import AutoEncoder, ModelConfig
 from . import celltype, crossmodal, integration, report
@@ -16,6 +14,7 @@ from .config import NO_PRETRAINING, TASKS, EvalConfig
 from .inputs import labels, modality, modality_columns
 from .reconstruction import reconstruction_scores
 from .representations import ModelRepresentation, PCARepresentation
+
 
 def _check(cfg: EvalConfig, store: CellStore) -> None:
     unknown = set(cfg.tasks) - set(TASKS)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from loaders import CellStore, GeneSpace
-from loaders.synthetic import SyntheticConfig, synth
+from cellssl.loaders import CellStore, GeneSpace
+from cellssl.loaders.synthetic import synth
 
 from ..config import ObjectiveConfig, TrainConfig
 from . import celltype
