@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the converted store")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    cli = [sys.executable, "-m", "engine.cli"]
+    cli = [sys.executable, "-m", "cellssl.engine.cli"]
     rows = []
     for n in args.cells:
         src = args.workdir / f"sctab-{n}"
@@ -65,7 +65,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--_child":
-        seconds, peak = run([sys.executable, "-m", "engine.cli", "convert", "sctab", sys.argv[2], sys.argv[3],
+        seconds, peak = run([sys.executable, "-m", "cellssl.engine.cli", "convert", "sctab", sys.argv[2], sys.argv[3],
                              "--quiet"])
         print(seconds, peak)
     else:

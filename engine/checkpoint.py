@@ -1,20 +1,73 @@
-"""Checkpoints: DeepSpeed's engine state plus what it does not hold (loader position, step, RNG), and the
-plain exported model.
+"""Checkpoints and exported models, read without ever executing code from a file.
 
-DeepSpeed writes a tag directory and only then updates the `latest` file, so an interrupted save leaves the
-previous checkpoint as the one a resume finds. The exported model (`model.pt`) is a plain torch file with the
-config and gene ids beside the weights, readable without DeepSpeed.
+Checkpoints: DeepSpeed's engine state plus what it does not hold (loader position, step, RNG, the store's
+fingerprint and the run's config). DeepSpeed writes a tag directory and only then updates the `latest` file, so an
+interrupted save leaves the previous checkpoint as the one a resume finds. DeepSpeed unpickles its files with
+`weights_only=False`; `SafeCheckpointEngine` replaces that with torch's restricted unpickler (tensors, plain
+containers and the few DeepSpeed types its state holds), so a crafted checkpoint is refused, not run.
+
+Exported models (`model.safetensors`): the weights as safetensors, the run config and gene ids as JSON metadata.
+safetensors holds tensors and strings only, so a model file from anyone is safe to open. A pickle-based `model.pt`
+from cellssl < 0.2 is refused with the command that converts it (`cellssl upgrade-model`, which itself reads it
+with the restricted unpickler).
 """
 from __future__ import annotations
 
+import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
 
+from cellssl.loaders import InputError
 
-def save(engine, folder: Path, step: int, stream_state: dict) -> None:
-    client = {"step": step, "stream": stream_state, "torch_rng": torch.get_rng_state()}
+MODEL_FILE = "model.safetensors"
+MODEL_FORMAT = "cellssl-model"
+MODEL_FORMAT_VERSION = "1"
+UNPICKLE_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError, TypeError)
+
+
+def _safe_globals() -> list:
+    """Types DeepSpeed's own checkpoint state holds besides tensors and plain containers."""
+    import argparse
+    import collections
+
+    found = [argparse.Namespace, collections.OrderedDict]
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        found += [ZeroStageEnum, LossScaler]
+    except ImportError:  # pragma: no cover - other DeepSpeed layouts: the refusal names what is missing
+        pass
+    return found
+
+
+def safe_load(path: str | Path, map_location="cpu"):
+    """torch.load with the restricted unpickler: a file that needs anything else is refused, not executed."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except UNPICKLE_ERRORS as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(path, f"refusing to load it: it holds objects beyond tensors and plain values ({first[:200]})",
+                         "load only checkpoints this cellssl wrote; a file from elsewhere may run code when unpickled")
+
+
+def safe_checkpoint_engine(engine) -> None:
+    """Make DeepSpeed read this engine's checkpoints with `safe_load` instead of its unrestricted torch.load."""
+    current = engine.checkpoint_engine
+
+    class SafeCheckpointEngine(type(current)):
+        def load(self, path: str, map_location=None):
+            return safe_load(path, map_location)
+
+    current.__class__ = SafeCheckpointEngine
+
+
+def save(engine, folder: Path, step: int, client: dict) -> None:
+    client = {**client, "step": step, "torch_rng": torch.get_rng_state()}
     engine.save_checkpoint(str(folder), tag=f"step{step:08d}", client_state=client)
 
 
@@ -28,19 +81,90 @@ def load(engine, folder: Path) -> dict | None:
     tag = latest_tag(folder)
     if tag is None:
         return None
-    _, client = engine.load_checkpoint(str(folder), tag=tag)
+    if not (folder / tag).is_dir() or "/" in tag or tag.startswith("."):
+        raise InputError(folder / "latest", f"names checkpoint {tag!r}, which is not a folder beside it",
+                         "restore the checkpoints folder from a copy, or start the run again with --overwrite")
+    safe_checkpoint_engine(engine)
+    path, client = engine.load_checkpoint(str(folder), tag=tag)
+    if path is None or client is None:
+        raise InputError(folder / tag, "DeepSpeed could not read this checkpoint",
+                         "restore it from a copy, or start the run again with --overwrite")
     torch.set_rng_state(client["torch_rng"])
     return client
 
 
+# --- exported models ---------------------------------------------------------------------------------------------
 def export_model(objective: torch.nn.Module, config_json: str, gene_ids: list[str], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"config": config_json, "gene_ids": gene_ids, "state_dict": objective.state_dict()}, tmp)
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in objective.state_dict().items()}
+    meta = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "config": config_json,
+            "gene_ids": json.dumps(list(gene_ids))}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
 
 
-def load_model(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+def model_path(path: str | Path) -> Path:
+    """A model file, or a run folder holding one."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / MODEL_FILE).is_file():
+            return path / MODEL_FILE
+        raise InputError(path, f"no {MODEL_FILE} in this folder",
+                         "pass a finished run's folder or its model file (a run exports it at its end)")
+    if not path.is_file():
+        raise InputError(path, "no such model file", f"pass a {MODEL_FILE} written by a recipe, or its run folder")
+    return path
+
+
+def _is_pickle(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return head[:2] == b"PK" or head[:1] == b"\x80"  # torch's zip format, or a bare pickle
+
+
+def load_model(path: str | Path) -> dict:
+    """{"config": JSON text, "gene_ids": [...], "state_dict": {name: tensor}} of an exported model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = model_path(path)
+    if _is_pickle(path):
+        raise InputError(path, "a pickle-based model file (cellssl < 0.2): loading pickles can run code",
+                         f"if you trust its origin, convert it once: cellssl upgrade-model {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        if meta.get("format") != MODEL_FORMAT:
+            raise InputError(path, f"a safetensors file, but not a cellssl model (format {meta.get('format')!r})",
+                             "pass a model written by a cellssl recipe")
+        if meta.get("format_version") != MODEL_FORMAT_VERSION:
+            raise InputError(path, f"model format_version {meta.get('format_version')!r}; this cellssl reads "
+                             f"{MODEL_FORMAT_VERSION}", "use the cellssl version that wrote it")
+        return {"config": meta["config"], "gene_ids": json.loads(meta["gene_ids"]), "state_dict": load_file(str(path))}
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        raise InputError(path, f"not a readable model file ({str(exc)[:200]})",
+                         f"pass a {MODEL_FILE} written by a recipe; re-copy it if it is truncated") from None
+
+
+def upgrade_model(old: str | Path, new: str | Path | None = None) -> Path:
+    """Convert a cellssl < 0.2 `model.pt` (config, gene ids and weights pickled by torch) to model.safetensors;
+    it is read with the restricted unpickler, so even this step runs no code from the file."""
+    old = Path(old)
+    if not old.is_file():
+        raise InputError(old, "no such model file", "pass the model.pt to convert")
+    saved = safe_load(old)
+    if not isinstance(saved, dict) or not {"config", "gene_ids", "state_dict"} <= set(saved):
+        raise InputError(old, "not a cellssl model (it lacks config, gene_ids or state_dict)",
+                         "pass a model.pt written by cellssl < 0.2")
+    new = Path(new) if new else old.with_name(MODEL_FILE)
+    from safetensors.torch import save_file
+
+    meta = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "config": saved["config"],
+            "gene_ids": json.dumps([str(g) for g in saved["gene_ids"]])}
+    save_file({k: v.contiguous() for k, v in saved["state_dict"].items()}, str(new), metadata=meta)
+    return new
 
 
 def encoder_state(saved: dict) -> dict:

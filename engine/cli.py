@@ -59,15 +59,22 @@ def _add_info(sub) -> None:
 
 def _add_embed(sub) -> None:
     p = sub.add_parser("embed", help="write embeddings of every cell of a store (parquet, or obsm of an .h5ad)")
-    p.add_argument("model", help="model.pt written by a recipe")
+    p.add_argument("model", help="a model written by a recipe (model.safetensors), or its run folder")
     p.add_argument("store")
     p.add_argument("out", help="OUT.parquet (obs columns + z0…) or OUT.h5ad (obsm['X_cellssl'])")
     p.add_argument("--batch-size", type=int, default=8192)
 
 
+def _add_upgrade(sub) -> None:
+    p = sub.add_parser("upgrade-model", help="convert a model.pt of cellssl < 0.2 to model.safetensors (read with "
+                       "torch's restricted unpickler: no code in the file runs)")
+    p.add_argument("model", help="the old model.pt")
+    p.add_argument("out", nargs="?", help="where to write (default: model.safetensors beside it)")
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate models and baselines on a labelled store (results.json/.md, plots)")
-    p.add_argument("models", nargs="*", help="model.pt files, optionally named: NAME=PATH (default name: its folder)")
+    p.add_argument("models", nargs="*", help="models (model.safetensors or run folders), optionally named: NAME=PATH (default name: the run folder)")
     p.add_argument("--data", default="default", help="labelled cell store with train and test splits "
                                                      "(default: the embedded synthetic store)")
     p.add_argument("--out", default="runs/evaluate")
@@ -90,7 +97,7 @@ def eval_config(args) -> EvalConfig:
     models = {}
     for item in args.models:
         name, _, path = item.rpartition("=")
-        name = name or Path(path).parent.name or Path(path).stem
+        name = name or (Path(path).name if Path(path).is_dir() else Path(path).parent.name) or Path(path).stem
         if name in models:
             raise InputError(item, f"two models are named {name!r}", "name them: NAME=PATH")
         models[name] = path
@@ -124,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_info(sub)
     _add_embed(sub)
     _add_eval(sub)
+    _add_upgrade(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "convert":
@@ -139,9 +147,14 @@ def main(argv: list[str] | None = None) -> int:
             synth(args.dst, args.cells, args.format, args.seed, args.genes, args.overwrite, progress=not args.quiet,
                   datasets=datasets, draw=args.draw)
             print(f"wrote {args.dst}", file=sys.stderr)
-        elif args.command == "embed":
-            from .embed import embed, write_embeddings
+        elif args.command == "upgrade-model":
+            from .checkpoint import upgrade_model
 
+            print(f"wrote {upgrade_model(args.model, args.out)}", file=sys.stderr)
+        elif args.command == "embed":
+            from .embed import check_output, embed, write_embeddings
+
+            check_output(args.out)
             embeddings, obs = embed(args.model, args.store, args.batch_size)
             write_embeddings(embeddings, obs, args.out)
             print(f"wrote {args.out}: {embeddings.shape[0]:,} cells x {embeddings.shape[1]} dimensions",
@@ -169,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"cellssl: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM during a conversion: its temporary files are already gone
+        print("cellssl: interrupted; nothing partial was kept", file=sys.stderr)
+        return 130
     return 0
 
 

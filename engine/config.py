@@ -1,45 +1,81 @@
-"""Run configuration: plain dataclasses a recipe fills in and the trainer reads. Paper defaults throughout."""
+"""Run configuration: plain dataclasses a recipe fills in and the trainer reads; their fields are the command line.
+
+Each field's metadata gives its help text and, where it concerns only some objectives, which ones: the recipe
+command line (engine/options.py) offers a recipe exactly the fields that apply to it. Defaults are declared here
+once; the per-objective values of the paper's reference code live in the experiment registry (engine/experiments.py).
+"""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .models import ModelConfig
 
+MAE, BYOL, BT, SUPERVISED = ("mae",), ("byol",), ("barlow_twins",), ("supervised",)
+CONTRASTIVE = BYOL + BT
+
+
+def opt(default, help: str, objectives: tuple[str, ...] | None = None, choices=None, **kw):
+    """A config field with its command-line help; `objectives`: the objectives it concerns (None: all)."""
+    factory = {"default_factory": default} if callable(default) else {"default": default}
+    return field(**factory, metadata={"help": help, "objectives": objectives, "choices": choices}, **kw)
+
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "mae"                    # mae, reconstruction, byol, barlow_twins, supervised
-    mask: str = "random"                 # mae: random, gene_program, gp_to_gp, gp_to_tf
-    rate: float = 0.5
-    programmes: str | None = None        # GMT file (symbols or Ensembl ids); None: the packaged GO programmes
-    per: str = "batch"                   # programme choice per "batch" (paper) or per "cell"
-    label: str = "cell_type"             # supervised: the obs column to predict
+    name: str = opt("mae", "objective (fixed by the recipe)", choices=("mae", "reconstruction", "byol",
+                                                                       "barlow_twins", "supervised"))
+    mask: str = opt("random", "masking strategy", MAE, ("random", "gene_program", "gp_to_gp", "gp_to_tf"))
+    rate: float = opt(0.5, "masking rate: of genes (random), of programmes or genes (gene_program, see --rate-of)",
+                      MAE)
+    rate_of: str = opt("programmes", "gene_program: the rate is the fraction of programmes drawn (the paper) or the "
+                       "fraction of genes to mask, drawing programmes until it is covered", MAE,
+                       ("programmes", "genes"))
+    programmes: str | None = opt(None, "GMT file of gene programmes (symbols or Ensembl ids); default: the "
+                                 "packaged GO programmes, or the synthetic atlas's own for its stores", MAE)
+    per: str = opt("batch", "draw the programmes once per batch (the paper) or per cell", MAE, ("batch", "cell"))
+    label: str = opt("cell_type", "obs column to predict", SUPERVISED)
+    class_weighted: bool = opt(True, "weight the cross-entropy by inverse class frequency (the reference's "
+                               "fine-tuning)", SUPERVISED)
+    augment_p: float = opt(0.5, "probability of each augmentation of a view (NB noise, dropout)", BYOL)
+    noise_intensity: float = opt(0.1, "NB-noise intensity of the augmented views", CONTRASTIVE)
+    dropout_intensity: float = opt(0.1, "fraction of genes dropped in the augmented views", CONTRASTIVE)
+    ema: float = opt(0.99, "EMA decay of the target network", BYOL)
+    lambd: float = opt(0.0051, "weight of the off-diagonal terms", BT)
 
 
 @dataclass
 class TrainConfig:
-    data: str | None = None              # a cell store; None: the embedded synthetic default
-    out: str = "runs/default"
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    batch_size: int = 8192               # per rank (DeepSpeed's micro-batch)
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    lr_step_epochs: int = 2              # StepLR(step 2 epochs, gamma 0.9)
-    lr_gamma: float = 0.9
-    precision: str = "fp32"              # "bf16": matmuls under bf16 autocast (fp32 weights, optimiser and loss)
-    max_steps: int = 1000
-    seed: int = 0
-    log_every: int = 10
-    val_every: int = 200
-    val_batches: int = 4
-    checkpoint_every: int = 500
-    resume: bool = False
-    init_encoder: str | None = None      # fine-tuning: a model.pt whose encoder starts this run
-    deepspeed_config: str | None = None  # JSON; None: recipes/deepspeed.json
-    trace: bool = False                  # each rank logs its batches' cells and a weight checksum (tests, debugging)
+    data: str | None = opt(None, "cell store (default: the embedded synthetic store)")
+    out: str = opt("runs/default", "run folder")
+    objective: ObjectiveConfig = opt(ObjectiveConfig, "")
+    model: ModelConfig = opt(ModelConfig, "")
+    batch_size: int = opt(8192, "cells per rank per step (DeepSpeed's micro-batch)")
+    optimizer: str = opt("adamw", "optimiser", choices=("adamw", "lars"))
+    lr: float = opt(1e-3, "learning rate (LARS: of the weights)")
+    lr_biases: float = opt(0.0, "LARS: learning rate of biases and norms (0: the same as --lr)")
+    weight_decay: float = opt(0.01, "weight decay")
+    scheduler: str = opt("step", "learning-rate schedule: StepLR (×gamma every lr-step-epochs), linear warm-up then "
+                         "cosine decay to 1/1000, or constant", choices=("step", "warmup_cosine", "none"))
+    lr_step_epochs: int = opt(2, "StepLR period in epochs of the training split")
+    lr_gamma: float = opt(0.9, "StepLR factor")
+    warmup_fraction: float = opt(0.01, "warmup_cosine: fraction of max-steps spent warming up (the reference: 10 of "
+                                 "1,000 epochs)")
+    gradient_clipping: float = opt(1.0, "max gradient norm; 0: off")
+    precision: str = opt("fp32", "fp32, or bf16 matmuls under autocast (fp32 weights, optimiser and loss)",
+                         choices=("fp32", "bf16"))
+    max_steps: int = opt(1000, "optimiser steps to train for")
+    seed: int = opt(0, "seed of the weights, the data order and every mask and view")
+    log_every: int = opt(10, "steps between log lines")
+    val_every: int = opt(200, "steps between validations")
+    val_batches: int = opt(4, "validation batches (a fixed pass over the same cells each time)")
+    checkpoint_every: int = opt(500, "steps between checkpoints")
+    resume: bool = opt(False, "continue the run in --out from its last checkpoint")
+    overwrite: bool = opt(False, "start again in an --out that holds a run, deleting its files")
+    init_encoder: str | None = opt(None, "a model (or run folder) whose encoder starts this run (fine-tuning)")
+    deepspeed_config: str | None = opt(None, "DeepSpeed JSON; default: recipes/deepspeed.json")
+    trace: bool = opt(False, "each rank logs its batches' cells and a weight checksum (trace-rankN.jsonl)")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -47,10 +83,12 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         d = dict(d)
-        d["objective"] = ObjectiveConfig(**d.get("objective", {}))
+        names = {f.name for f in fields(ObjectiveConfig)}
+        d["objective"] = ObjectiveConfig(**{k: v for k, v in d.get("objective", {}).items() if k in names})
         model = d.get("model", {})
         d["model"] = ModelConfig(**{**model, "hidden": tuple(model.get("hidden", ModelConfig.hidden))})
-        return cls(**d)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
     def save(self, path: Path) -> None:
         path.write_text(self.to_json())

@@ -29,7 +29,7 @@ def check_genes(store: CellStore, gene_ids: list[str], model_path: str | Path) -
 
 def load_autoencoder(model_path: str | Path) -> tuple[AutoEncoder, list[str], TrainConfig]:
     """The exported model's autoencoder (decoder weights only where the objective trained one)."""
-    saved = load_model(Path(model_path))
+    saved = load_model(model_path)
     cfg = TrainConfig.from_dict(json.loads(saved["config"]))
     autoencoder = AutoEncoder(len(saved["gene_ids"]), cfg.model)
     autoencoder.encoder.load_state_dict(encoder_state(saved))
@@ -71,6 +71,19 @@ def embed(model_path: str | Path, store_path: str | Path, batch_size: int = 8192
     parts = [map_split(store, split, lambda x, _: encoder(x), batch_size)
              for split, _ in sorted(store.splits.items(), key=lambda kv: kv[1][0])]
     return np.concatenate(parts), store.obs()
+
+
+EMBEDDING_FORMATS = (".parquet", ".h5ad")
+
+
+def check_output(path: str | Path) -> None:
+    """Before any work: the output is a format we write, in a folder that exists."""
+    path = Path(path)
+    if path.suffix not in EMBEDDING_FORMATS:
+        raise InputError(path, f"cannot write embeddings as {path.suffix!r}",
+                         "name the output OUT.parquet (obs columns + z0…) or OUT.h5ad (obsm['X_cellssl'])")
+    if not path.parent.is_dir():
+        raise InputError(path, "its folder does not exist", "create it first")
 
 
 def write_embeddings(embeddings: np.ndarray, obs: pd.DataFrame, path: str | Path) -> None:

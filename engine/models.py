@@ -5,18 +5,22 @@ decoder mirrors it back to the genes. Plain torch modules: they know nothing of 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 
+def _opt(default, help: str, choices=None):
+    return field(default=default, metadata={"help": help, "objectives": None, "choices": choices})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    hidden: tuple[int, ...] = (512, 512, 256, 256)
-    latent: int = 64
-    dropout: float = 0.1
-    norm: str | None = None          # None, "batch" or "layer"
+    hidden: tuple[int, ...] = _opt((512, 512, 256, 256), "hidden widths of the encoder (the decoder mirrors them)")
+    latent: int = _opt(64, "width of the embedding")
+    dropout: float = _opt(0.1, "dropout after each hidden layer of the encoder and decoder")
+    norm: str | None = _opt(None, "normalisation after each hidden Linear", ("batch", "layer"))
 
 
 def _norm(kind: str | None, width: int) -> nn.Module:
@@ -57,9 +61,15 @@ class AutoEncoder(nn.Module):
         return self.decoder(self.encoder(x))
 
 
-def projection_head(widths: list[int], norm: str | None = "batch") -> MLP:
-    """Projector / predictor MLP of the contrastive objectives (no dropout: it would perturb the views twice)."""
-    return MLP(widths, dropout=0.0, norm=norm)
+def projection_head(widths: list[int], bias: bool = True) -> nn.Sequential:
+    """Projector / predictor of the contrastive objectives, as in BYOL and Barlow Twins: Linear → BatchNorm → ReLU
+    blocks and a last bare Linear (no dropout: it would perturb the views twice); Barlow Twins' Linears are bias-free."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b, bias=bias))
+        if i < len(widths) - 2:
+            layers += [nn.BatchNorm1d(b), nn.ReLU()]
+    return nn.Sequential(*layers)
 
 
 def classifier_head(latent: int, n_classes: int) -> nn.Linear:

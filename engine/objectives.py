@@ -56,7 +56,7 @@ class Reconstruction(Objective):
     """Plain autoencoder: MSE over every gene."""
 
     def forward(self, x, labels=None, step: int = 0):
-        z = self.encode(self.encoder, x, kernels.mask_spec(x, "random", 0.0))
+        z = self.encode(self.encoder, x, kernels.no_mask(x))
         loss = F.mse_loss(self.net(self.autoencoder.decoder, z), x)
         return loss, {"loss": loss.detach()}
 
@@ -68,7 +68,7 @@ class MaskedAutoencoder(Objective):
 
     def __init__(self, n_genes: int, model: ModelConfig, mask: str = "random", rate: float = 0.5,
                  programmes: torch.Tensor | None = None, tf_genes: torch.Tensor | None = None, per: str = "batch",
-                 seed: int = 0):
+                 seed: int = 0, rate_of: str = "programmes"):
         super().__init__(n_genes, model, seed)
         if mask not in ("random", "gene_program", "gp_to_gp", "gp_to_tf"):
             raise ValueError(f"unknown mask {mask!r}: random, gene_program, gp_to_gp or gp_to_tf")
@@ -76,7 +76,7 @@ class MaskedAutoencoder(Objective):
             raise ValueError(f"mask {mask!r} needs gene programmes (a GMT file mapped to the store's genes)")
         if mask == "gp_to_tf" and tf_genes is None:
             raise ValueError("mask 'gp_to_tf' needs the gene column of each programme's transcription factor")
-        self.mask, self.rate, self.per = mask, rate, per
+        self.mask, self.rate, self.per, self.rate_of = mask, rate, per, rate_of
         self.register_buffer("programmes", programmes if programmes is not None else torch.zeros(0, 1, dtype=torch.int32),
                              persistent=False)
         self.register_buffer("tf_genes", tf_genes if tf_genes is not None else torch.zeros(0, dtype=torch.int32),
@@ -86,7 +86,8 @@ class MaskedAutoencoder(Objective):
         if self.mask == "random":
             return kernels.mask_spec(x, "random", self.rate, self.seed, step)
         if self.mask == "gene_program":
-            return kernels.mask_spec(x, "gene_program", self.rate, self.seed, step, self.programmes, per=self.per)
+            return kernels.mask_spec(x, "gene_program", self.rate, self.seed, step, self.programmes, per=self.per,
+                                     rate_of=self.rate_of)
         tf = self.tf_genes if self.mask == "gp_to_tf" else None
         return kernels.mask_spec(x, "isolated", 0.0, self.seed, step, self.programmes, tf, self.per)
 
@@ -94,7 +95,7 @@ class MaskedAutoencoder(Objective):
         spec = self.spec(x, step)  # the masked copy of the batch is never made: the mask acts in the first layer
         pred = self.net(self.autoencoder.decoder, self.encode(self.encoder, x, spec))
         loss = kernels.masked_recon_loss(pred, x, spec)
-        return loss, {"loss": loss.detach()}
+        return loss, {"loss": loss.detach(), "masked_fraction": spec.masked_fraction()}
 
 
 def view_coins(seed: int, step: int, view: int, p: float = 0.5) -> tuple[bool, bool]:
@@ -105,26 +106,28 @@ def view_coins(seed: int, step: int, view: int, p: float = 0.5) -> tuple[bool, b
 
 def augmented_view(x: torch.Tensor, seed: int, step: int, view: int, intensity: float = 0.1, dropout: float = 0.1,
                    p: float = 0.5) -> tuple[torch.Tensor, kernels.MaskSpec]:
-    """The paper's contrastive view, NB noise (intensity 0.1) and dropout (10 %) each applied with p = 0.5, as
-    (base, spec) with view = apply_mask(base, spec). A noised view is dense: its dropout is applied here, once
-    (both encoders read it); a sparse one keeps the dropout as a spec, applied inside the first layer."""
+    """The paper's contrastive view, NB noise (`intensity`) and dropout (`dropout` of the genes) each applied with
+    probability `p`, as (base, spec) with view = apply_mask(base, spec). A noised view is dense: its dropout is
+    applied here, once (both encoders read it); a sparse one keeps the dropout as a spec, applied inside the first
+    layer. Views are built from the data alone: no gradient flows into them."""
     noise, drop = view_coins(seed, step, view, p)
     spec = kernels.mask_spec(x, "random", dropout if drop else 0.0, seed + 1, step * 4 + view)
     if not noise:
         return x, spec
-    noised = kernels.nb_augment(x, intensity, seed, step * 4 + view)
-    return (kernels.apply_mask(noised, spec) if drop else noised), kernels.mask_spec(x, "random", 0.0)
+    noised = kernels.nb_augment(x.detach(), intensity, seed, step * 4 + view)
+    return (kernels.apply_mask(noised, spec) if drop else noised), kernels.no_mask(x)
 
 
 class BYOL(Objective):
     """Bootstrap-your-own-latent: online encoder → projector → predictor chases an EMA target of encoder →
-    projector (projector 256, hidden 4,096, EMA 0.99)."""
+    projector (projector 256, hidden 4,096, Linear → BatchNorm → ReLU → Linear; EMA 0.99 after every step)."""
 
     def __init__(self, n_genes: int, model: ModelConfig, projection: int = 256, hidden: int = 4096,
-                 ema: float = 0.99, seed: int = 0):
+                 ema: float = 0.99, seed: int = 0, p: float = 0.5, intensity: float = 0.1, dropout: float = 0.1):
         super().__init__(n_genes, model, seed)
         self.projector = projection_head([model.latent, hidden, projection])
         self.predictor = projection_head([projection, hidden, projection])
+        self.p, self.intensity, self.dropout = p, intensity, dropout
         self.target_encoder = copy.deepcopy(self.autoencoder.encoder)
         self.target_projector = copy.deepcopy(self.projector)
         for p in [*self.target_encoder.parameters(), *self.target_projector.parameters()]:
@@ -138,7 +141,7 @@ class BYOL(Objective):
         return (2 - 2 * (F.normalize(prediction, dim=1) * F.normalize(target, dim=1)).sum(1)).mean()
 
     def forward(self, x, labels=None, step: int = 0):
-        v1, v2 = augmented_view(x, self.seed, step, 0), augmented_view(x, self.seed, step, 1)
+        v1, v2 = (augmented_view(x, self.seed, step, v, self.intensity, self.dropout, self.p) for v in (0, 1))
         loss = self._pair_loss(v1, v2) + self._pair_loss(v2, v1)
         return loss, {"loss": loss.detach()}
 
@@ -150,21 +153,22 @@ class BYOL(Objective):
 
 
 class BarlowTwins(Objective):
-    """Cross-correlation of two views' projections pushed to identity (projector 256-256-512-512 after the
-    latent, λ = 0.0051); one view has NB noise and dropout, the other is the original."""
+    """Cross-correlation of two views' projections pushed to identity (bias-free projector 256-256-512-512 with
+    BatchNorm and ReLU after the latent, λ = 0.0051); one view has NB noise and dropout, the other is the original.
+    Each projection is standardised with its batch statistics (BatchNorm without affine, as the reference)."""
 
     def __init__(self, n_genes: int, model: ModelConfig, widths=(256, 256, 512, 512), lambd: float = 0.0051,
-                 seed: int = 0):
+                 seed: int = 0, intensity: float = 0.1, dropout: float = 0.1):
         super().__init__(n_genes, model, seed)
-        self.projector = projection_head([model.latent, *widths])
-        self.lambd = lambd
+        self.projector = projection_head([model.latent, *widths], bias=False)
+        self.lambd, self.intensity, self.dropout = lambd, intensity, dropout
 
     def forward(self, x, labels=None, step: int = 0):
-        keep_all = kernels.mask_spec(x, "random", 0.0)
-        z1 = self.net(self.projector, self.encode(self.encoder, *augmented_view(x, self.seed, step, 0, p=1.0)))
-        z2 = self.net(self.projector, self.encode(self.encoder, x, keep_all))
-        z1 = (z1 - z1.mean(0)) / (z1.std(0) + 1e-6)
-        z2 = (z2 - z2.mean(0)) / (z2.std(0) + 1e-6)
+        view = augmented_view(x, self.seed, step, 0, self.intensity, self.dropout, p=1.0)
+        z1 = self.net(self.projector, self.encode(self.encoder, *view))
+        z2 = self.net(self.projector, self.encode(self.encoder, x, kernels.no_mask(x)))
+        z1 = F.batch_norm(z1, None, None, training=True)
+        z2 = F.batch_norm(z2, None, None, training=True)
         c = z1.T @ z2 / x.shape[0]
         on_diag = (torch.diagonal(c) - 1).pow(2).sum()
         off_diag = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
@@ -175,21 +179,26 @@ class BarlowTwins(Objective):
 class Supervised(Objective):
     """Cell-type classification from the encoder (the no-SSL baseline, and fine-tuning after pretraining)."""
 
-    def __init__(self, n_genes: int, model: ModelConfig, n_classes: int, seed: int = 0):
+    def __init__(self, n_genes: int, model: ModelConfig, n_classes: int, seed: int = 0,
+                 class_weights: torch.Tensor | None = None):
         super().__init__(n_genes, model, seed)
         if n_classes < 2:
             raise ValueError(f"supervised training needs at least 2 classes, got {n_classes}")
         self.classifier = classifier_head(model.latent, n_classes)
         del self.autoencoder.decoder  # never used: keep it out of the optimiser and the checkpoint
+        # inverse class frequency of the training labels (the reference's class-weighted cross-entropy); not a
+        # parameter and not exported
+        self.register_buffer("class_weights", class_weights, persistent=False)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.classifier, self.encode(self.encoder, x, kernels.mask_spec(x, "random", 0.0)))
+        return self.net(self.classifier, self.encode(self.encoder, x, kernels.no_mask(x)))
 
     def forward(self, x, labels=None, step: int = 0):
         if labels is None:
             raise ValueError("the supervised objective needs cell-type labels in the batch")
         logits = self.logits(x)
-        loss = F.cross_entropy(logits, labels, ignore_index=-1)
+        weight = self.class_weights if self.training else None  # validation scores the plain loss
+        loss = F.cross_entropy(logits, labels, weight=weight, ignore_index=-1)
         accuracy = (logits.argmax(1) == labels).float().mean()
         return loss, {"loss": loss.detach(), "accuracy": accuracy.detach()}
 

@@ -6,9 +6,9 @@ Never imports engine or loaders.
 from .csr_to_dense import csr_to_dense
 from .mask_spec import MaskSpec
 from .masked_linear import masked_linear
-from .masking import apply_mask, gene_program_mask, isolated_mask, mask_spec, random_mask
+from .masking import apply_mask, gene_program_mask, isolated_mask, mask_spec, no_mask, random_mask
 from .nb_augment import nb_augment
 from .recon_loss import masked_recon_loss
 
 __all__ = ["MaskSpec", "apply_mask", "csr_to_dense", "gene_program_mask", "isolated_mask", "mask_spec",
-           "masked_linear", "masked_recon_loss", "nb_augment", "random_mask"]
+           "masked_linear", "masked_recon_loss", "nb_augment", "no_mask", "random_mask"]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import check_matrix
-from .mask_spec import RANDOM, MaskSpec, threshold16
+from .mask_spec import MaskSpec, threshold16
 from .masking import apply_mask
 
 MAX_DENSITY = 0.2  # above this fraction of nonzeros (e.g. an NB-noised view, ~90 %) the dense GEMM is faster
@@ -71,6 +71,5 @@ def masked_linear(x: torch.Tensor, spec: MaskSpec, weight: torch.Tensor, bias: t
         nonzeros = nonzeros_per_row(x.detach().numpy())
         sparse = nonzeros.sum() <= MAX_DENSITY * x.numel()
     if not sparse:
-        keep_all = spec.mode == RANDOM and spec.rate == 0.0
-        return F.linear(x if keep_all else apply_mask(x, spec), weight, bias)
+        return F.linear(x if spec.is_identity else apply_mask(x, spec), weight, bias)
     return _SparseMaskedLinear.apply(x, spec, weight, bias, nonzeros)

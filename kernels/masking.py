@@ -12,7 +12,7 @@ import torch
 
 from ._triton import grid, jit, tile, tl
 from .dispatch import check_matrix, use_triton
-from .mask_spec import RANDOM, MaskSpec, isolated_spec, programme_spec, random_spec, threshold16
+from .mask_spec import RANDOM, MaskSpec, isolated_spec, no_mask, programme_spec, random_spec, threshold16
 
 
 @jit
@@ -102,14 +102,15 @@ def apply_mask(x: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
 
 def mask_spec(x: torch.Tensor, mask: str, rate: float = 0.5, seed: int = 0, step: int = 0,
               programmes: torch.Tensor | None = None, tf_genes: torch.Tensor | None = None,
-              per: str = "batch") -> MaskSpec:
+              per: str = "batch", rate_of: str = "programmes") -> MaskSpec:
     """The spec of a mask ("random", "gene_program", "isolated") without applying it: for `masked_linear`, which
-    applies it inside the first layer, and `masked_recon_loss`."""
+    applies it inside the first layer, and `masked_recon_loss`. `rate_of` (gene_program): the rate is a fraction of
+    the programmes (the paper) or of the genes."""
     check_matrix(x, "x")
     if mask == "random":
         return random_spec(x, rate, seed, step, use_triton(x))
     if mask == "gene_program":
-        return programme_spec(x, programmes, rate, seed, step, per, use_triton(x))
+        return programme_spec(x, programmes, rate, seed, step, per, use_triton(x), rate_of)
     if mask == "isolated":
         return isolated_spec(x, programmes, seed, step, tf_genes, per, use_triton(x))
     raise ValueError(f"unknown mask {mask!r}: random, gene_program or isolated")
@@ -131,12 +132,12 @@ def gene_program_mask(x: torch.Tensor, programmes: torch.Tensor, rate: float = 0
 
 def isolated_mask(x: torch.Tensor, programmes: torch.Tensor, seed: int = 0, step: int = 0,
                   tf_genes: torch.Tensor | None = None, per: str = "cell") -> tuple[torch.Tensor, MaskSpec]:
-    """Keep only one programme's genes. Without `tf_genes`: GP→GP, the loss reads that programme's genes. With
+    """Keep only one programme's genes. Without `tf_genes`: GP→GP, the loss reads every other (masked) gene. With
     `tf_genes` (the gene column of each programme's TF, programmes being TF target sets): GP→TF, the input is
-    the TF's targets and the loss reads the TF's own expression."""
+    the TF's targets (the TF itself removed) and the loss reads the TF's own expression."""
     spec = mask_spec(x, "isolated", 0.0, seed, step, programmes, tf_genes, per)
     return apply_mask(x, spec), spec
 
 
 __all__ = ["MaskSpec", "apply_mask", "gene_program_mask", "isolated_mask", "keep_tile", "mask_reference",
-           "mask_spec", "random_mask"]
+           "mask_spec", "no_mask", "random_mask"]

@@ -32,7 +32,7 @@ def _loss_kernel(pred_ptr, x_ptr, grad_ptr, partial_ptr, row_bits_ptr, row_index
         selected = cols[None, :] == gene[:, None]
     else:
         keep = keep_tile(rows, cols, n_genes, key, rate, row_bits_ptr, row_index_ptr, n_words, row_ok, MODE)
-        selected = (keep == 0) if TARGET == 0 else keep
+        selected = keep == 0
     selected = selected & inside
     tl.store(grad_ptr + offsets, tl.where(selected, 2.0 * diff * inv_n, 0.0), mask=inside)
     partial = tl.sum(tl.sum(tl.where(selected, diff * diff, 0.0), axis=1), axis=0)

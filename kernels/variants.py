@@ -25,17 +25,17 @@ def _mask_launches():
 
 
 def _loss_launches():
-    from .mask_spec import DROP_BITS, KEEP_BITS, RANDOM, TARGET_GENE, TARGET_KEPT, TARGET_MASKED
+    from .mask_spec import DROP_BITS, KEEP_BITS, RANDOM, TARGET_GENE, TARGET_MASKED
     from .recon_loss import _loss_kernel
 
     sig = {"pred_ptr": "*fp32", "x_ptr": "*fp32", "grad_ptr": "*fp32", "partial_ptr": "*fp32",
            "row_bits_ptr": "*i32", "row_index_ptr": "*i32", "target_gene_ptr": "*i32", "n_cells": "i32",
            "n_genes": "i32", "n_words": "i32", "key": KEY, "rate": "fp32", "inv_n": "fp32", "MODE": "constexpr",
            "TARGET": "constexpr", "BLOCK_R": "constexpr", "BLOCK_G": "constexpr"}
-    # the (mode, target) pairs mask_spec produces: random and programme masks read the masked positions,
-    # isolated masks the kept ones (GP→GP) or one gene (GP→TF)
+    # the (mode, target) pairs mask_spec produces: the masked positions (random, programme and GP→GP masks) or
+    # one gene per row (GP→TF)
     for mode, target in ((RANDOM, TARGET_MASKED), (DROP_BITS, TARGET_MASKED), (KEEP_BITS, TARGET_MASKED),
-                         (KEEP_BITS, TARGET_GENE), (KEEP_BITS, TARGET_KEPT)):
+                         (KEEP_BITS, TARGET_GENE)):
         yield (f"masked_recon_loss MODE={mode} TARGET={target}", _loss_kernel, sig,
                {"MODE": mode, "TARGET": target, "BLOCK_R": 4, "BLOCK_G": 1024})
 

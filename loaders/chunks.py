@@ -23,6 +23,7 @@ import zarr
 from .errors import CellStoreError
 
 _EMPTY = np.iinfo(np.uint64).max
+MAX_CHUNK_BYTES = 1 << 30  # far above any layout we write (2^18 elements); a larger claim is a crafted header
 
 
 def _decoder(codecs: list[dict], dtype: np.dtype):
@@ -61,6 +62,9 @@ class ShardedArray:
             if decode and index_ok and conf.get("index_location", "end") == "end":
                 self.shard = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
                 self.chunk = int(conf["chunk_shape"][0])
+                if not 0 < self.chunk <= self.shard or self.chunk * self.dtype.itemsize > MAX_CHUNK_BYTES:
+                    self._fail("zarr.json", f"inner chunks of {self.chunk} elements in shards of {self.shard}: not a "
+                               "layout cellssl writes")
                 self.per_shard = self.shard // self.chunk
                 self.codec, self.checksum = decode
                 self.native = True
@@ -105,19 +109,29 @@ class ShardedArray:
         n = min(self.chunk, self.size - j * self.chunk)
         if offset == _EMPTY:
             return np.full(n, self.fill, self.dtype)
+        if offset + nbytes > os.fstat(fd).st_size:  # a crafted index must not make us allocate what is not there
+            self._fail(f"c/{k}", f"chunk {i} claims bytes [{offset}, {offset + nbytes}) beyond the end of the file")
         raw = os.pread(fd, int(nbytes), int(offset))
         if self.checksum:
             if len(raw) < 4 or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
                 self._fail(f"c/{k}", f"chunk {i} checksum mismatch")
             raw = raw[:-4]
+        # decoded into a zeroed buffer of the size the layout implies (zarr writes whole inner chunks): a chunk whose
+        # header claims more is an error, not an allocation of whatever it claims
+        out = np.zeros(self.chunk, self.dtype)
         try:
-            out = self.codec.decode(raw) if self.codec is not None else raw
-        except Exception as exc:  # numcodecs raises RuntimeError/ValueError for garbage
+            if self.codec is None:
+                if len(raw) != out.nbytes:
+                    raise ValueError(f"{len(raw)} bytes, expected {out.nbytes}")
+                out[:] = np.frombuffer(raw, self.dtype)
+            else:
+                claimed = int.from_bytes(raw[4:8], "little")  # blosc's header: the decoded size
+                if isinstance(self.codec, numcodecs.Blosc) and claimed != out.nbytes:
+                    raise ValueError(f"holds {claimed} bytes, expected {out.nbytes}")
+                self.codec.decode(raw, out=out)
+        except Exception as exc:  # numcodecs raises RuntimeError/ValueError for garbage and for oversized output
             self._fail(f"c/{k}", f"chunk {i} cannot be decoded ({exc})")
-        arr = np.frombuffer(out, dtype=self.dtype)
-        if len(arr) < n:
-            self._fail(f"c/{k}", f"chunk {i} holds {len(arr)} elements, expected {n}")
-        return arr[:n]
+        return out[:n]
 
     def read(self, ranges: np.ndarray, pool: Executor | None = None) -> np.ndarray:
         """Concatenation of the element ranges [lo, hi) (int64 [R, 2]), each needed chunk decoded once."""

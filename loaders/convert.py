@@ -8,7 +8,11 @@ interrupted or failed conversion never leaves a store that opens. Never imports 
 from __future__ import annotations
 
 import os
+import re
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +25,7 @@ from .errors import InputError
 from .genes import GeneAlignment, GeneSpace, align_genes
 from .sources import H5adSource, RowChunk, ScTabSource, Source, TenxSource
 from .spill import Spill, disk_error
-from .store import SPLITS, CellStore, CellStoreWriter, Layout, index_dtype, remove_tree
+from .store import FORMAT, SPLITS, CellStore, CellStoreWriter, Layout, index_dtype, remove_tree
 
 BUCKET_BYTES = 128 << 20     # scratch bucket size: what pass 2 holds in memory at once
 MAX_EXACT_COUNT = 1 << 24    # float32 holds every integer up to here exactly
@@ -227,6 +231,16 @@ def _install(tmp: Path, dst: Path) -> None:
         os.rename(tmp, dst)
 
 
+def is_cell_store(path: Path) -> bool:
+    """A directory whose zarr.json says format "cellstore" (any version): the only thing --overwrite replaces."""
+    import json
+
+    try:
+        return json.loads((path / "zarr.json").read_text()).get("attributes", {}).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def check_destination(dst: Path, overwrite: bool) -> None:
     if not dst.exists():
         if not dst.parent.is_dir():
@@ -234,8 +248,57 @@ def check_destination(dst: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise InputError(dst, "already exists", "pass --overwrite to replace it, or choose another path")
-    if not (dst / "zarr.json").is_file():
-        raise InputError(dst, "exists and is not a cell store; refusing to replace it", "choose another path")
+    if not dst.is_dir() or not is_cell_store(dst):
+        raise InputError(dst, "exists and is not a cell store (its zarr.json does not say format \"cellstore\"); "
+                         "refusing to replace it", "choose another path, or move it away yourself")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|scratch|old)-(?P<pid>\d+)$")
+
+
+def remove_leftovers(dst: Path, log: Callable[[str], None] = _stderr) -> None:
+    """Clear what a killed conversion into `dst` left beside it (`.NAME.tmp-PID`, `.NAME.scratch-PID`,
+    `.NAME.old-PID` of processes that no longer exist). A moved-aside old store comes back if nothing replaced it."""
+    if not dst.parent.is_dir():
+        return
+    for path in sorted(dst.parent.iterdir()):
+        m = _LEFTOVER.match(path.name)
+        if not m or m["name"] != dst.name or _alive(int(m["pid"])):
+            continue
+        if m["kind"] == "old" and not dst.exists() and is_cell_store(path):
+            os.rename(path, dst)
+            log(f"restored {dst} from {path.name}, left by an interrupted conversion (process {m['pid']})")
+            continue
+        remove_tree(path) if path.is_dir() else path.unlink()
+        log(f"removed {path}, left by an interrupted conversion (process {m['pid']})")
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a scheduler's kill, `kill PID`) unwinds like Ctrl-C, so the finally-clauses remove the temporary
+    store and the scratch buckets. Only in the main thread, where Python delivers signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def convert(source: Source, dst: str | Path, *, genes: str | Path = "keep", split_by: str | None = None,
@@ -244,6 +307,7 @@ def convert(source: Source, dst: str | Path, *, genes: str | Path = "keep", spli
             log: Callable[[str], None] = _stderr) -> CellStore:
     """Convert an opened source into a verified cell store at `dst` and return it opened."""
     dst = Path(dst)
+    remove_leftovers(dst, log)
     check_destination(dst, overwrite)
     alignment = align_genes(source.genes, resolve_genes(genes, source.genes), source.describe())
     log(f"{source.describe()}: {source.n_cells:,} cells; {alignment.report()}")
@@ -251,6 +315,15 @@ def convert(source: Source, dst: str | Path, *, genes: str | Path = "keep", spli
     dest, splits = destinations(split_codes, seed)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     scratch = dst.with_name(f".{dst.name}.scratch-{os.getpid()}")
+    with _terminate_as_interrupt():
+        kind, splits = _convert(source, dst, tmp, scratch, alignment, dest, splits, seed, value_kind, layout,
+                                progress)
+    log(f"wrote {dst} ({kind}, splits {splits})")
+    return CellStore(dst)
+
+
+def _convert(source, dst, tmp, scratch, alignment, dest, splits, seed, value_kind, layout, progress):
+    """The two passes, verification and installation; the temporary store and scratch never outlive it."""
     try:
         spill, bucket_rows, kind, max_value = _spill_pass(source, alignment, dest, scratch, value_kind, progress)
         value_dtype = _counts_dtype(max_value) if kind == "counts" else np.float32
@@ -266,8 +339,7 @@ def convert(source: Source, dst: str | Path, *, genes: str | Path = "keep", spli
     finally:
         remove_tree(scratch)
         remove_tree(tmp)
-    log(f"wrote {dst} ({kind}, splits {splits})")
-    return CellStore(dst)
+    return kind, splits
 
 
 def open_source(fmt: str, path: str | Path, **options) -> Source:

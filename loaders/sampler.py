@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InputError
+
 
 @dataclass(frozen=True)
 class BlockShuffleSampler:
@@ -35,8 +37,10 @@ class BlockShuffleSampler:
         if self.stop < self.start:
             raise ValueError(f"empty or inverted cell range [{self.start}, {self.stop})")
         if self.drop_last and self.n_cells and self.steps() == 0:
-            raise ValueError(f"batch_size {self.batch_size} exceeds the {self.n_cells // self.world_size} cells each "
-                             f"of {self.world_size} rank(s) gets from this split: lower it, or use drop_last=False")
+            share = self.n_cells // self.world_size
+            raise InputError("--batch-size", f"{self.batch_size} exceeds the {share:,} cells each of "
+                             f"{self.world_size} rank(s) gets from this split", f"use --batch-size {share} or less "
+                             "(or fewer ranks)")
 
     @property
     def n_cells(self) -> int:
@@ -76,11 +80,15 @@ class BlockShuffleSampler:
         return rows.astype(np.int64, copy=False)
 
     def batches(self, epoch: int, start_step: int = 0):
-        """(step, rows) for the remaining steps of `epoch`; windows come whole so a reader can decode them once."""
+        """(step, rows) for the remaining steps of `epoch`; windows come whole so a reader can decode them once.
+        A share that runs out early (evaluation: drop_last=False, shares differ by a cell) ends there: no empty
+        batches."""
         rows = self.order(epoch)
-        steps = self.steps()
-        for step in range(start_step, steps):
-            yield step, rows[step * self.batch_size:(step + 1) * self.batch_size]
+        for step in range(start_step, self.steps()):
+            batch = rows[step * self.batch_size:(step + 1) * self.batch_size]
+            if len(batch) == 0:
+                return
+            yield step, batch
 
     def windows(self, epoch: int, start_step: int = 0):
         """[(step, rows), …] grouped by shuffle window: the unit the reader decodes at once."""

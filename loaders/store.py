@@ -23,7 +23,7 @@ from .errors import CellStoreError
 from .genes import GeneSpace
 
 FORMAT = "cellstore"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: obs.parquet checksum in the attributes
 VALUE_KINDS = ("counts", "log1p_10k")
 SPLITS = ("train", "val", "test")
 CATEGORIES_KEY = b"cellssl.categories"
@@ -145,9 +145,18 @@ class CellStoreWriter:
             "shuffle_seed": shuffle_seed,
             "source": source,
             "var_checksum": self.genes.checksum(),
+            "obs_checksum": file_checksum(self.path / "obs.parquet"),
             "layout": {"chunk": self.layout.chunk, "shard": self.layout.shard, "codec": self.layout.codec},
             **(extra or {}),
         })
+
+
+def file_checksum(path: Path) -> str:
+    """sha256 of a file's bytes (obs.parquet: any change to the cell table is detected on open)."""
+    import hashlib
+
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _fail(path, problem, fix="reconvert the source with `cellssl convert`, or restore the store from a copy"):
@@ -176,9 +185,14 @@ class CellStore:
                   f"version {FORMAT_VERSION}", "reconvert the source with this cellssl, or install the cellssl that "
                   "wrote it")
         self.attrs = attrs
-        self.n_cells, self.n_genes, self.nnz = int(attrs["n_cells"]), int(attrs["n_genes"]), int(attrs["nnz"])
-        self.value_kind = attrs["value_kind"]
-        self.splits = {k: (int(a), int(b)) for k, (a, b) in attrs["splits"].items()}
+        try:
+            self.n_cells, self.n_genes, self.nnz = int(attrs["n_cells"]), int(attrs["n_genes"]), int(attrs["nnz"])
+            self.value_kind = attrs["value_kind"]
+            self.splits = {str(k): (int(a), int(b)) for k, (a, b) in attrs["splits"].items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            _fail(self.path / "zarr.json", f"attributes missing or malformed ({type(exc).__name__}: {exc})")
+        if min(self.n_cells, self.n_genes, self.nnz) < 0:
+            _fail(self.path / "zarr.json", "negative n_cells, n_genes or nnz")
         self._validate_arrays()
         self._validate_tables()
         if validate == "full":
@@ -202,12 +216,16 @@ class CellStore:
             _fail(self.path / "X/indices", f"uint16 indices cannot address {self.n_genes} genes")
         if self.value_kind not in VALUE_KINDS:
             _fail(self.path / "zarr.json", f"value_kind {self.value_kind!r} is not one of {VALUE_KINDS}")
+        integral = self._data.dtype.kind in "ui"
+        if integral != (self.value_kind == "counts"):
+            _fail(self.path / "X/data", f"dtype {self._data.dtype} disagrees with value_kind {self.value_kind!r} "
+                  "(counts are stored as integers, log1p_10k as float32)")
         if indptr.shape != (self.n_cells + 1,):
             _fail(self.path / "X/indptr", f"length {indptr.shape[0]}, expected n_cells + 1 = {self.n_cells + 1}")
         for arr in (self._indices, self._data):
             if arr.shape != (self.nnz,):
                 _fail(self.path / "X" / arr.basename, f"length {arr.shape[0]}, expected nnz = {self.nnz}")
-        self._check_chunk_files()
+        self._check_chunk_files(indptr)  # before decoding: sizes the header claims must exist on disk
         self.indptr = self._decode(indptr, 0, self.n_cells + 1)
         if self.indptr[0] != 0 or self.indptr[-1] != self.nnz:
             _fail(self.path / "X/indptr", f"starts at {self.indptr[0]} and ends at {self.indptr[-1]}; expected 0 "
@@ -220,9 +238,10 @@ class CellStore:
                 bounds[i][1] != bounds[i + 1][0] for i in range(len(bounds) - 1)):
             _fail(self.path / "zarr.json", f"splits {self.splits} do not tile [0, {self.n_cells})")
 
-    def _check_chunk_files(self) -> None:
-        # zarr reads a missing chunk as fill_value; a deleted shard must be an error, not a run of zeros.
-        for arr in (self._indices, self._data):
+    def _check_chunk_files(self, indptr: zarr.Array) -> None:
+        # zarr reads a missing chunk as fill_value; a deleted shard must be an error, not a run of zeros. Checked
+        # before anything is decoded, so a header claiming more than the files hold allocates nothing.
+        for arr in (indptr, self._indices, self._data):
             step = arr.shards[0] if arr.shards else arr.chunks[0]
             folder = self.path / "X" / arr.basename / "c"
             for i in range(-(-arr.shape[0] // step)):
@@ -239,6 +258,8 @@ class CellStore:
                 _fail(self.path / name, f"{n} rows, expected {rows}")
         if self.genes.checksum() != self.attrs.get("var_checksum"):
             _fail(self.path / "var.parquet", "gene ids do not match var_checksum in zarr.json")
+        if file_checksum(self.path / "obs.parquet") != self.attrs.get("obs_checksum"):
+            _fail(self.path / "obs.parquet", "contents do not match obs_checksum in zarr.json (edited or damaged)")
 
     def _decode(self, arr: zarr.Array, start: int, stop: int) -> np.ndarray:
         try:
@@ -285,8 +306,17 @@ class CellStore:
 
     def split(self, name: str) -> tuple[int, int]:
         if name not in self.splits:
-            raise KeyError(f"{self.path}: no split {name!r}; it has {sorted(self.splits)}")
+            raise CellStoreError(self.path, f"no {name!r} split (it has {sorted(self.splits)})",
+                                 "convert the dataset with --split-by or --val-frac/--test-frac to give it one")
         return self.splits[name]
+
+    @cached_property
+    def checksum(self) -> str:
+        """Identity of the data (cells, genes, values' layout and cell table), whatever path it is opened from."""
+        import hashlib
+
+        keys = ("n_cells", "n_genes", "nnz", "value_kind", "splits", "shuffle_seed", "var_checksum", "obs_checksum")
+        return hashlib.sha256(json.dumps({k: self.attrs.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()
 
     def read_rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """CSR triple of rows [start, stop): indptr rebased to 0, gene indices, values (store dtypes)."""

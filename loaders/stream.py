@@ -22,6 +22,7 @@ import torch
 
 from .chunks import ShardedArray
 from .densify import gather_rows, log1p_per_10k, scatter_rows
+from .errors import InputError
 from .sampler import BlockShuffleSampler
 from .store import CellStore, open_store
 
@@ -78,7 +79,8 @@ class BatchStream:
             columns = [c for c in ("cell_type",) if c in available]
         missing = [c for c in columns if c not in available]
         if missing:
-            raise KeyError(f"{self.store.path}: no obs column(s) {missing}; it has {sorted(available)}")
+            raise InputError(self.store.path / "obs.parquet", f"no obs column(s) {missing}",
+                             f"choose from {sorted(available)}")
         self.obs = {c: self.store.obs_codes(c).astype(np.int64) for c in columns}
         self.epoch, self.step = 0, 0
         self._buffers: torch.Tensor | None = None
@@ -91,19 +93,32 @@ class BatchStream:
         """Start `epoch` from its first batch (a complete pass also rewinds to it)."""
         self.epoch, self.step = int(epoch), 0
 
+    def endless(self):
+        """Batches epoch after epoch from the current position (each batch says its epoch): a training loop is a
+        plain `for` over this, and `state_dict()` stays exact at every batch."""
+        while True:
+            yield from self
+            self.set_epoch(self.epoch + 1)
+
     def state_dict(self) -> dict:
         s = self.sampler
         return {"epoch": self.epoch, "step": self.step, "seed": s.seed, "rank": s.rank, "world_size": s.world_size,
                 "batch_size": s.batch_size, "block_size": s.block_size, "buffer_batches": s.buffer_batches,
-                "split": self.split, "n_cells": s.n_cells}
+                "split": self.split, "n_cells": s.n_cells, "store": self.store.checksum}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        for key in ("seed", "rank", "world_size", "batch_size", "block_size", "buffer_batches", "split", "n_cells"):
+        for key in ("store", "seed", "rank", "world_size", "batch_size", "block_size", "buffer_batches", "split",
+                    "n_cells"):
             if state.get(key) != mine[key]:
-                raise ValueError(f"cannot resume: the saved stream has {key}={state.get(key)!r}, this one "
-                                 f"{mine[key]!r}; the remaining batches would differ")
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+                raise InputError(self.store.path, f"cannot resume the loader: the saved position has {key}="
+                                 f"{state.get(key)!r}, this stream {mine[key]!r}; the remaining batches would differ",
+                                 "resume with the same store, ranks and batch size")
+        epoch, step = state.get("epoch"), state.get("step")
+        if not (isinstance(epoch, int) and isinstance(step, int) and epoch >= 0 and 0 <= step <= len(self)):
+            raise InputError(self.store.path, f"cannot resume the loader: position epoch={epoch!r}, step={step!r} is "
+                             f"outside [0, {len(self)}] steps of an epoch", "resume from an intact checkpoint")
+        self.epoch, self.step = epoch, step
 
     # --- the pipeline ----------------------------------------------------------------------------------
     def __iter__(self):

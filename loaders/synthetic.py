@@ -246,7 +246,7 @@ def cache_dir() -> Path:
 
 
 DEFAULT_CELLS = 20_000
-DEFAULT_NAME = f"default-synthetic-v1-{DEFAULT_CELLS}.cellstore"
+DEFAULT_NAME = f"default-synthetic-v2-{DEFAULT_CELLS}.cellstore"  # v2: store format 2
 
 
 def default_store(progress: bool = True) -> Path:
@@ -266,6 +266,21 @@ def default_store(progress: bool = True) -> Path:
             convert(source, path, progress=progress)
             source.atlas.write_truth(path / "synthetic_truth")
     return path
+
+
+def _check_replaceable(dst: Path, fmt: str, overwrite: bool) -> None:
+    """--overwrite replaces only what `synth` itself writes in that format: an HDF5 file, or an scTab-layout folder."""
+    from .errors import InputError
+
+    if not dst.exists():
+        return
+    if not overwrite:
+        raise InputError(dst, "already exists", "pass --overwrite to replace it, or choose another path")
+    ours = (dst.is_file() and dst.open("rb").read(8) == b"\x89HDF\r\n\x1a\n") if fmt == "h5ad" else (
+        dst.is_dir() and (dst / "var.parquet").is_file() and (dst / "categorical_lookup").is_dir())
+    if not ours:
+        raise InputError(dst, f"exists and is not {'an h5ad file' if fmt == 'h5ad' else 'an scTab-layout folder'}; "
+                         "refusing to replace it", "choose another path, or move it away yourself")
 
 
 def synth(dst: str | Path, n_cells: int, fmt: str = "cellstore", seed: int = 0, genes: str | Path = "default",
@@ -288,9 +303,7 @@ def synth(dst: str | Path, n_cells: int, fmt: str = "cellstore", seed: int = 0, 
         return dst
     if fmt not in ("h5ad", "sctab-parquet"):
         raise ValueError(f"unknown format {fmt!r}: choose cellstore, h5ad or sctab-parquet")
-    if dst.exists() and not overwrite:
-        from .errors import InputError
-        raise InputError(dst, "already exists", "pass --overwrite to replace it, or choose another path")
+    _check_replaceable(dst, fmt, overwrite)
     atlas = SyntheticAtlas(config, space)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     try:

@@ -1,9 +1,7 @@
 """Recipe: barlow_twins. `deepspeed recipes/barlow_twins.py [--data STORE] [--max-steps N] [--out DIR] [--resume]`
-or `python recipes/barlow_twins.py` (one process). Paper hyper-parameters are the config defaults."""
-from cellssl.engine.config import ObjectiveConfig, TrainConfig
+or `python recipes/barlow_twins.py` (one process); `--help` lists every setting with its value. The settings are the paper
+reference code's for this objective: engine/experiments.py, EXPERIMENTS["barlow_twins"]."""
 from cellssl.engine.recipe import run
 
-CONFIG = TrainConfig(objective=ObjectiveConfig(name="barlow_twins", mask="random"), out="runs/barlow_twins")
-
 if __name__ == "__main__":
-    run(CONFIG)
+    run("barlow_twins")

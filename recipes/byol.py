@@ -1,9 +1,7 @@
 """Recipe: byol. `deepspeed recipes/byol.py [--data STORE] [--max-steps N] [--out DIR] [--resume]`
-or `python recipes/byol.py` (one process). Paper hyper-parameters are the config defaults."""
-from cellssl.engine.config import ObjectiveConfig, TrainConfig
+or `python recipes/byol.py` (one process); `--help` lists every setting with its value. The settings are the paper
+reference code's for this objective: engine/experiments.py, EXPERIMENTS["byol"]."""
 from cellssl.engine.recipe import run
 
-CONFIG = TrainConfig(objective=ObjectiveConfig(name="byol", mask="random"), out="runs/byol")
-
 if __name__ == "__main__":
-    run(CONFIG)
+    run("byol")

@@ -1,17 +1,18 @@
 """Recipe: evaluate pretrained models on a labelled store: cell-type prediction (linear probe, kNN, fine-tuning),
 reconstruction, cross-modality prediction and scIB integration, beside PCA and a supervised model from scratch.
-`python recipes/evaluate.py runs/mae_random/model.pt [NAME=MODEL …] [--data STORE] [--out DIR]`; with no model
-it evaluates every `runs/*/model.pt` that a pretraining recipe wrote. Same options as `cellssl eval`."""
+`python recipes/evaluate.py runs/mae_random [NAME=RUN …] [--data STORE] [--out DIR]`; with no model it evaluates
+every finished pretraining run of the experiment registry under runs/. Same options as `cellssl eval`."""
 import sys
 from pathlib import Path
 
+from cellssl.engine.checkpoint import MODEL_FILE
 from cellssl.engine.cli import main
-
-PRETRAINING = ("mae_random", "mae_gene_program", "mae_gp_to_gp", "mae_gp_to_tf", "byol", "barlow_twins",
-               "reconstruction")
+from cellssl.engine.experiments import EXPERIMENTS, PRETRAINING
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
-    if not any(a.endswith(".pt") for a in argv):
-        argv = [str(p) for p in (Path("runs") / r / "model.pt" for r in PRETRAINING) if p.is_file()] + argv
+    given = [a for a in argv if (Path(a.rpartition("=")[2]) / MODEL_FILE).is_file() or a.endswith(".safetensors")]
+    if not given:
+        argv = [f"{name}={Path(EXPERIMENTS[name].out)}" for name in PRETRAINING
+                if (Path(EXPERIMENTS[name].out) / MODEL_FILE).is_file()] + argv
     sys.exit(main(["eval", *argv]))

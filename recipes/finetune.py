@@ -1,9 +1,7 @@
-"""Recipe: fine-tune a pretrained encoder for cell-type classification.
-`deepspeed recipes/finetune.py --init-encoder runs/mae_random/model.pt [--data STORE] [--max-steps N]`."""
-from cellssl.engine.config import ObjectiveConfig, TrainConfig
+"""Recipe: finetune. `deepspeed recipes/finetune.py --init-encoder runs/mae_random [--data STORE] [--max-steps N] [--out DIR] [--resume]`
+or `python recipes/finetune.py` (one process); `--help` lists every setting with its value. The settings are the paper
+reference code's for this objective: engine/experiments.py, EXPERIMENTS["finetune"]."""
 from cellssl.engine.recipe import run
 
-CONFIG = TrainConfig(objective=ObjectiveConfig(name="supervised"), out="runs/finetune")
-
 if __name__ == "__main__":
-    run(CONFIG)
+    run("finetune")

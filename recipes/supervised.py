@@ -1,9 +1,7 @@
 """Recipe: supervised. `deepspeed recipes/supervised.py [--data STORE] [--max-steps N] [--out DIR] [--resume]`
-or `python recipes/supervised.py` (one process). Paper hyper-parameters are the config defaults."""
-from cellssl.engine.config import ObjectiveConfig, TrainConfig
+or `python recipes/supervised.py` (one process); `--help` lists every setting with its value. The settings are the paper
+reference code's for this objective: engine/experiments.py, EXPERIMENTS["supervised"]."""
 from cellssl.engine.recipe import run
 
-CONFIG = TrainConfig(objective=ObjectiveConfig(name="supervised", mask="random"), out="runs/supervised")
-
 if __name__ == "__main__":
-    run(CONFIG)
+    run("supervised")

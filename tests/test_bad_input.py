@@ -88,10 +88,30 @@ def test_output_exists_refused_unless_overwrite(tmp_path, counts):
     assert again.attrs["shuffle_seed"] == 5 and first.n_cells == again.n_cells
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "thesis.tex").write_text("do not delete")
-    with pytest.raises(InputError, match="not a cell store; refusing"):
+    with pytest.raises(InputError, match="not a cell store .*refusing to replace it"):
         convert(open_source("h5ad", tmp_path / "in.h5ad"), tmp_path / "precious", genes="keep", overwrite=True,
                 progress=False)
     assert (tmp_path / "precious" / "thesis.tex").exists()
+    foreign = zarr.open_group(str(tmp_path / "other.zarr"), mode="w", zarr_format=3)  # someone's zarr hierarchy
+    foreign.attrs["format"] = "not-ours"
+    foreign.create_array("x", shape=(3,), dtype="i4")
+    with pytest.raises(InputError, match="other.zarr: exists and is not a cell store"):
+        convert(open_source("h5ad", tmp_path / "in.h5ad"), tmp_path / "other.zarr", genes="keep", overwrite=True,
+                progress=False)
+    assert (tmp_path / "other.zarr" / "x").is_dir()
+
+
+def test_synth_overwrite_replaces_only_its_own_outputs(tmp_path):
+    from cellssl.loaders.synthetic import synth
+
+    (tmp_path / "notes.h5ad").write_text("my notes, not HDF5")
+    with pytest.raises(InputError, match="exists and is not an h5ad file; refusing"):
+        synth(tmp_path / "notes.h5ad", 10, "h5ad", overwrite=True, progress=False)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "data.csv").write_text("1,2")
+    with pytest.raises(InputError, match="exists and is not an scTab-layout folder; refusing"):
+        synth(tmp_path / "folder", 10, "sctab-parquet", overwrite=True, progress=False)
+    assert (tmp_path / "notes.h5ad").read_text() == "my notes, not HDF5" and (tmp_path / "folder" / "data.csv").exists()
 
 
 def test_disk_full_leaves_nothing(tmp_path, counts, monkeypatch):
@@ -161,8 +181,59 @@ def test_other_format_version(store_path):
     meta = json.loads((store_path / "zarr.json").read_text())
     meta["attributes"]["format_version"] = 99
     (store_path / "zarr.json").write_text(json.dumps(meta))
-    with pytest.raises(CellStoreError, match="format_version 99; this cellssl reads version 1"):
+    with pytest.raises(CellStoreError, match="format_version 99; this cellssl reads version 2"):
         CellStore(store_path)
+
+
+def test_edited_cell_table_is_detected(store_path):
+    table = pd.read_parquet(store_path / "obs.parquet")
+    table.loc[0, "cell_type"] = table.loc[1, "cell_type"]
+    table.to_parquet(store_path / "obs.parquet")
+    with pytest.raises(CellStoreError, match="obs.parquet: contents do not match obs_checksum"):
+        CellStore(store_path)
+
+
+def test_value_kind_must_match_the_data_dtype(store_path):
+    meta = json.loads((store_path / "zarr.json").read_text())
+    meta["attributes"]["value_kind"] = "log1p_10k"  # the data are integer counts
+    (store_path / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(CellStoreError, match="dtype uint16 disagrees with value_kind 'log1p_10k'"):
+        CellStore(store_path)
+
+
+@pytest.mark.parametrize("claim", [10**12, 2**40])
+def test_a_header_claiming_huge_sizes_allocates_nothing(store_path, claim):
+    import resource
+
+    for path, key in ((store_path / "zarr.json", "attributes"), (store_path / "X" / "indptr" / "zarr.json", None)):
+        meta = json.loads(path.read_text())
+        if key:
+            meta[key]["n_cells"] = claim
+        else:
+            meta["shape"] = [claim + 1]
+        path.write_text(json.dumps(meta))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CellStoreError, match="chunk file missing"):
+        CellStore(store_path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KB: nothing near the claim
+
+
+def test_a_crafted_shard_index_allocates_nothing(store_path):
+    from cellssl.loaders.chunks import ShardedArray
+
+    shard = store_path / "X" / "indices" / "c" / "0"
+    raw = bytearray(shard.read_bytes())
+    arr = ShardedArray(store_path / "X" / "indices")
+    n = 16 * arr.per_shard + 4
+    index = np.frombuffer(bytes(raw[-n:-4]), "<u8").copy().reshape(-1, 2)
+    index[0] = [0, 1 << 40]  # chunk 0 claims a terabyte
+    body = index.tobytes()
+    import google_crc32c
+
+    raw[-n:] = body + google_crc32c.value(body).to_bytes(4, "little")
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(CellStoreError, match="claims bytes .* beyond the end of the file"):
+        ShardedArray(store_path / "X" / "indices").decode_chunk(0)
 
 
 def test_indptr_not_monotonic(store_path):
@@ -225,3 +296,57 @@ def test_unsorted_indices_within_a_row(store_path):
     arr[:] = values
     with pytest.raises(CellStoreError, match="not strictly increasing within a row"):
         CellStore(store_path, validate="full")
+
+
+# --- interrupted conversions -----------------------------------------------------------------------------
+
+def _start_conversion(dst, cells=40_000):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "cellssl.engine.cli", "synth", str(dst), "--cells", str(cells),
+                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_scratch(folder, proc, name):
+    import time
+
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(f".{name}.scratch-") for p in folder.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the conversion ended before it was interrupted"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signalled_conversion_removes_its_temporary_files(tmp_path, sig):
+    import signal
+
+    proc = _start_conversion(tmp_path / "a.cellstore")
+    _wait_for_scratch(tmp_path, proc, "a.cellstore")
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted; nothing partial was kept" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_leftovers_of_a_killed_conversion_are_removed_by_the_next(tmp_path):
+    import signal
+
+    proc = _start_conversion(tmp_path / "a.cellstore")
+    _wait_for_scratch(tmp_path, proc, "a.cellstore")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left and all(name.startswith(".a.cellstore.") for name in left)
+    import contextlib
+    import io
+
+    from cellssl.engine.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["synth", str(tmp_path / "a.cellstore"), "--cells", "300", "--quiet"]) == 0
+    assert all(f"removed {tmp_path / name}, left by an interrupted conversion (process {proc.pid})" in err.getvalue()
+               for name in left)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.cellstore"]
+    assert CellStore(tmp_path / "a.cellstore").n_cells == 300

@@ -107,7 +107,7 @@ def test_cellssl_eval_end_to_end(small_store, tmp_path):
     model = tmp_path / "mae"
     run([sys.executable, "recipes/mae_random.py", *recipe_args(small_store, model, 3)])
     out = tmp_path / "eval"
-    run([sys.executable, "-m", "engine.cli", "eval", f"mae={model / 'model.pt'}", "--data", str(small_store),
+    run([sys.executable, "-m", "cellssl.engine.cli", "eval", f"mae={model / 'model.safetensors'}", "--data", str(small_store),
          "--out", str(out), "--finetune-steps", "3", "--crossmodal-steps", "3", "--batch-size", "256",
          "--integration-cells", "300"])
     results = json.loads((out / "results.json").read_text())
@@ -142,7 +142,7 @@ def test_cellssl_eval_bad_arguments_are_one_line_errors(small_store, tmp_path, c
     assert "no column 'celltype'" in capsys.readouterr().err
     assert main(["eval", "--data", str(small_store), "--no-baselines", "--out", str(tmp_path)]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
-    assert main(["eval", "a=x/model.pt", "a=y/model.pt", "--data", str(small_store), "--out", str(tmp_path)]) == 2
+    assert main(["eval", "a=x/model.safetensors", "a=y/model.safetensors", "--data", str(small_store), "--out", str(tmp_path)]) == 2
     assert "two models are named 'a'" in capsys.readouterr().err
 
 

@@ -103,7 +103,7 @@ def test_masked_linear_on_either_backend_equals_reference(backend):
 def test_dense_inputs_take_the_dense_product(monkeypatch):
     import importlib
 
-    ml = importlib.import_module("kernels.masked_linear")  # the package's masked_linear attribute is the function
+    ml = importlib.import_module("cellssl.kernels.masked_linear")  # the package's masked_linear attribute is the function
 
     monkeypatch.setenv("CELLSSL_KERNELS", "torch")
     calls = []

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import block_programmes
 
-from cellssl.kernels import apply_mask, gene_program_mask, isolated_mask, random_mask
+from cellssl.kernels import apply_mask, gene_program_mask, isolated_mask, mask_spec, random_mask
 from cellssl.kernels.mask_spec import pack_bits, unpack_bits
 from cellssl.kernels.masking import mask_reference
 
@@ -120,7 +120,7 @@ def test_isolated_gp_to_gp_and_gp_to_tf(backend):
     progs[5] = 0  # empty programme: never chosen
     out, spec = isolated_mask(x, progs, seed=1, step=1, per="cell")
     keep = spec.keep()
-    assert (keep.sum(1) == 64).all() and torch.equal(spec.selected(), keep)
+    assert (keep.sum(1) == 64).all() and torch.equal(spec.selected(), ~keep)  # GP→GP: predict the masked rest
     chosen = keep.view(16, 32, 64).all(2).float().argmax(1)
     assert 5 not in chosen.tolist()
     torch.testing.assert_close(spec.scale, torch.full((16,), 2048 / 64))
@@ -129,6 +129,40 @@ def test_isolated_gp_to_gp_and_gp_to_tf(backend):
     keep, sel = spec.keep(), spec.selected()
     assert (sel.sum(1) == 1).all() and not (keep & sel).any()  # the answer is never in the input
     assert (keep.sum(1) == 63).all()
+
+
+@pytest.mark.parametrize("kind", ["random", "gene_program", "gene_program_genes", "gp_to_gp", "gp_to_tf"])
+def test_no_pretext_task_asks_for_a_value_its_input_shows(kind):
+    """The loss never reads a position the masked input keeps unchanged: for every mask kind, selected ∧ keep = ∅."""
+    x = torch.rand(16, 2048)
+    progs = block_programmes(2048, 16, 100)
+    tf_genes = torch.arange(16, dtype=torch.int32) * 100 + 7 if kind == "gp_to_tf" else None
+    if kind == "random":
+        spec = mask_spec(x, "random", 0.5, 0, 1)
+    elif kind.startswith("gene_program"):
+        spec = mask_spec(x, "gene_program", 0.5, 0, 1, progs, per="cell",
+                         rate_of="genes" if kind.endswith("genes") else "programmes")
+    else:
+        spec = mask_spec(x, "isolated", 0.0, 0, 1, progs, tf_genes, "cell")
+    keep, selected = spec.keep(), spec.selected()
+    assert selected.any(1).all() and not (keep & selected).any()
+
+
+@pytest.mark.parametrize("per", ["batch", "cell"])
+def test_programme_rate_as_a_fraction_of_genes(per):
+    """rate_of="genes": programmes are drawn until the rate's share of the genes is masked, whatever the programme
+    sizes; rate_of="programmes" (the paper) masks ⌊rate · P⌋ programmes, however many genes that hides."""
+    g = 4000
+    flags = torch.zeros(40, g, dtype=torch.bool)
+    for p in range(40):  # overlapping programmes of 400 genes: half of them cover 76 % of the genes
+        flags[p, torch.randperm(g, generator=torch.Generator().manual_seed(p))[:400]] = True
+    progs = pack_bits(flags)
+    x = torch.rand(64, g)
+    genes = mask_spec(x, "gene_program", 0.3, 0, 1, progs, per=per, rate_of="genes")
+    assert 0.3 <= genes.masked_fraction() < 0.4
+    paper = mask_spec(x, "gene_program", 0.5, 0, 1, progs, per=per, rate_of="programmes")
+    assert paper.masked_fraction() > 0.7
+    assert paper.masked_fraction() == pytest.approx(1 - paper.keep().float().mean().item())
 
 
 def test_gradients_flow_through_the_mask(backend):

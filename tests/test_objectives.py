@@ -64,15 +64,20 @@ def test_paper_architecture():
 
 def test_bad_configurations(synthetic_store, tmp_path):
     store = CellStore(synthetic_store)
-    with pytest.raises(ValueError, match="unknown objective 'simclr'"):
+    with pytest.raises(InputError, match="unknown objective .simclr."):
         build_objective(config("simclr"), store)
     (tmp_path / "mouse.gmt").write_text("P\td\tNotAGene1\tNotAGene2\n")
     with pytest.raises(InputError, match="none of the 2 programme genes"):
         build_objective(config("mae", "gene_program", str(tmp_path / "mouse.gmt")), store)
     with pytest.raises(InputError, match="no categorical column 'tumour_stage'"):
         build_objective(config("supervised", label="tumour_stage"), store)
+    build_objective(config("mae", "gp_to_tf"), store)  # a synthetic store carries its own TF → targets
+    import shutil
+
+    bare = tmp_path / "bare.cellstore"
+    shutil.copytree(synthetic_store, bare, ignore=shutil.ignore_patterns("synthetic_truth"))
     with pytest.raises(InputError, match="needs a TF"):
-        build_objective(config("mae", "gp_to_tf"), store)
+        build_objective(config("mae", "gp_to_tf"), CellStore(bare))
 
 
 def test_finetuning_starts_from_the_pretrained_encoder(synthetic_store, tmp_path):
@@ -80,9 +85,9 @@ def test_finetuning_starts_from_the_pretrained_encoder(synthetic_store, tmp_path
 
     store = CellStore(synthetic_store)
     pretrained = build_objective(config("mae"), store)
-    export_model(pretrained, config("mae").to_json(), list(store.genes.gene_id), tmp_path / "model.pt")
+    export_model(pretrained, config("mae").to_json(), list(store.genes.gene_id), tmp_path / "model.safetensors")
     cfg = config("supervised")
-    cfg.init_encoder = str(tmp_path / "model.pt")
+    cfg.init_encoder = str(tmp_path / "model.safetensors")
     finetune = build_objective(cfg, store)
     for a, b in zip(pretrained.encoder.state_dict().values(), finetune.encoder.state_dict().values()):
         assert torch.equal(a, b)

@@ -3,6 +3,7 @@ compiles for real GPUs (ahead of time, for CUDA targets; no GPU needed)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -12,8 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_installs_the_cellssl_namespace(tmp_path):
+    source = tmp_path / "src"  # a copy: building writes build/ and *.egg-info beside the sources
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "runs", "__pycache__", "*.egg-info"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True, timeout=300)
+                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=300)
     wheel = next((tmp_path / "dist").glob("cellssl-*.whl"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
@@ -54,4 +57,4 @@ def test_every_triton_kernel_compiles_for_sm80_and_sm90():
     lines = done.stdout.strip().splitlines()
     failed = [line for line in lines if not line.endswith(": ok")]
     assert done.returncode == 0 and not failed, "\n".join(failed)[:3000] + done.stderr[-2000:]
-    assert len(lines) == 2 * 46  # per target: 3 mask, 5 loss, 2 NB augmentation and 36 CSR launches
+    assert len(lines) == 2 * 45  # per target: 3 mask, 4 loss, 2 NB augmentation and 36 CSR launches

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cellssl.loaders import CellStore, CellStoreError
+from cellssl.loaders import CellStore, CellStoreError, InputError
 from cellssl.loaders.sampler import BlockShuffleSampler
 from cellssl.loaders.stream import BatchStream
 
@@ -70,8 +70,39 @@ def test_resume_mid_epoch_gives_the_remaining_batches(synthetic_store):
     assert len(rest) == len(full) - 4
     for (i1, x1), (i2, x2) in zip(full[4:], rest):
         assert np.array_equal(i1, i2) and np.array_equal(x1, x2)
-    with pytest.raises(ValueError, match="cannot resume: the saved stream has seed"):
+    with pytest.raises(InputError, match="cannot resume the loader: the saved position has seed=5, this stream 6"):
         BatchStream(synthetic_store, seed=6, **KW).load_state_dict(state)
+    for bad in ({"step": len(resumed) + 1}, {"step": -1}, {"epoch": -2}, {"step": "3"}):
+        with pytest.raises(InputError, match="position .* is outside"):
+            BatchStream(synthetic_store, seed=5, **KW).load_state_dict({**state, **bad})
+    with pytest.raises(InputError, match="the saved position has store="):
+        BatchStream(synthetic_store, seed=5, **KW).load_state_dict({**state, "store": "another store"})
+
+
+def test_ranks_with_an_empty_share_yield_nothing_and_others_everything(synthetic_store):
+    store = CellStore(synthetic_store)
+    start, stop = store.split("val")
+    n = stop - start
+    world = n + 3  # more ranks than cells: three shares are empty
+    seen = []
+    for rank in range(world):
+        batches = list(BatchStream(store, "val", batch_size=4, rank=rank, world_size=world, drop_last=False,
+                                   columns=[]))
+        assert all(len(b) > 0 for b in batches)
+        seen += [int(i) for b in batches for i in b.index]
+    assert sorted(seen) == list(range(start, stop))
+
+
+def test_endless_stream_crosses_epochs_and_resumes(synthetic_store):
+    stream = BatchStream(synthetic_store, seed=3, **KW)
+    per_epoch = len(stream)
+    taken = []
+    for batch in stream.endless():
+        taken.append((batch.epoch, batch.step))
+        if len(taken) == per_epoch + 2:
+            break
+    assert taken[per_epoch - 1] == (0, per_epoch - 1) and taken[per_epoch:] == [(1, 0), (1, 1)]
+    assert stream.state_dict()["epoch"] == 1 and stream.state_dict()["step"] == 2
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -127,11 +158,11 @@ def test_worker_errors_reach_the_consumer(synthetic_store, tmp_path):
 
 
 def test_bad_arguments(synthetic_store):
-    with pytest.raises(ValueError, match="batch_size 5000 exceeds"):
+    with pytest.raises(InputError, match="--batch-size: 5000 exceeds the 1,200 cells .* use --batch-size 1200 or less"):
         BatchStream(synthetic_store, batch_size=5000)
-    with pytest.raises(KeyError, match="no obs column"):
+    with pytest.raises(InputError, match="no obs column"):
         BatchStream(synthetic_store, columns=["nope"], **KW)
-    with pytest.raises(KeyError, match="no split"):
+    with pytest.raises(InputError, match="no 'holdout' split"):
         BatchStream(synthetic_store, split="holdout", **KW)
     with pytest.raises(ValueError, match="rank 2 outside"):
         BatchStream(synthetic_store, rank=2, world_size=2, **KW)

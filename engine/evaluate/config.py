@@ -11,7 +11,7 @@ NO_PRETRAINING = "no pretraining"
 @dataclass
 class EvalConfig:
     store: str
-    models: dict[str, str] = field(default_factory=dict)   # name → model.pt
+    models: dict[str, str] = field(default_factory=dict)   # name → model.safetensors or its run folder
     out: str = "runs/evaluate"
     label: str = "cell_type"
     batch: str = "dataset_id"                                # the batch key of the integration metrics

@@ -1,4 +1,4 @@
-"""What gets evaluated: a trained model (`model.pt` from any recipe) or the PCA baseline, behind one small
+"""What gets evaluated: a trained model (`model.safetensors` from any recipe) or the PCA baseline, behind one small
 interface: `embed(store, split)` and, where the representation can reconstruct expression, `reconstructor`."""
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ def _check(cfg: EvalConfig, store: CellStore) -> None:
     if unknown:
         raise InputError("--tasks", f"unknown task(s) {sorted(unknown)}", f"choose from {list(TASKS)}")
     if not cfg.models and not cfg.baselines:
-        raise InputError("--models", "nothing to evaluate", "pass model.pt files, or keep the baselines on")
+        raise InputError("--models", "nothing to evaluate", "pass models (model.safetensors or run folders), or keep the baselines on")
     for split in ("train", "test"):
         labels(store, cfg.label, split)
     if "integration" in cfg.tasks:
