@@ -130,22 +130,25 @@ def load_model(path: str | Path) -> dict:
     from safetensors.torch import load_file, safe_open
 
     path = model_path(path)
-    if _is_pickle(path):
-        raise InputError(path, "a pickle-based model file (cellssl < 0.2): loading pickles can run code",
-                         f"if you trust its origin, convert it once: cellssl upgrade-model {path}")
+    unreadable = f"pass a {MODEL_FILE} written by a recipe; re-copy it if it is truncated"
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-        if meta.get("format") != MODEL_FORMAT:
-            raise InputError(path, f"a safetensors file, but not a cellssl model (format {meta.get('format')!r})",
-                             "pass a model written by a cellssl recipe")
-        if meta.get("format_version") != MODEL_FORMAT_VERSION:
-            raise InputError(path, f"model format_version {meta.get('format_version')!r}; this cellssl reads "
-                             f"{MODEL_FORMAT_VERSION}", "use the cellssl version that wrote it")
+    except (SafetensorError, OSError) as exc:
+        if _is_pickle(path):  # asked only once it is not safetensors: a safetensors header may begin so too
+            raise InputError(path, "a pickle-based model file (cellssl < 0.2): loading pickles can run code",
+                             f"if you trust its origin, convert it once: cellssl upgrade-model {path}") from None
+        raise InputError(path, f"not a readable model file ({str(exc)[:200]})", unreadable) from None
+    if meta.get("format") != MODEL_FORMAT:
+        raise InputError(path, f"a safetensors file, but not a cellssl model (format {meta.get('format')!r})",
+                         "pass a model written by a cellssl recipe")
+    if meta.get("format_version") != MODEL_FORMAT_VERSION:
+        raise InputError(path, f"model format_version {meta.get('format_version')!r}; this cellssl reads "
+                         f"{MODEL_FORMAT_VERSION}", "use the cellssl version that wrote it")
+    try:
         return {"config": meta["config"], "gene_ids": json.loads(meta["gene_ids"]), "state_dict": load_file(str(path))}
     except (SafetensorError, OSError, KeyError, ValueError) as exc:
-        raise InputError(path, f"not a readable model file ({str(exc)[:200]})",
-                         f"pass a {MODEL_FILE} written by a recipe; re-copy it if it is truncated") from None
+        raise InputError(path, f"not a readable model file ({str(exc)[:200]})", unreadable) from None
 
 
 def upgrade_model(old: str | Path, new: str | Path | None = None) -> Path:

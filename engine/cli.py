@@ -1,13 +1,13 @@
-"""The `cellssl` command line: convert, synth, info, embed, eval.
+"""The `cellssl` command line: convert, synth, info, embed, eval, upgrade-model.
 
 Argument parsing and printing only; the work lives in loaders (and, as it lands, the engine). A bad input ends
 in one line on stderr and exit status 2, never a traceback.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from cellssl.loaders import CellStore, InputError
@@ -15,7 +15,7 @@ from cellssl.loaders.convert import convert, open_source
 from cellssl.loaders.store import Layout
 from cellssl.loaders.synthetic import default_store, synth
 
-from .evaluate.config import TASKS, EvalConfig
+from .evaluate.config import EvalConfig
 
 
 def _add_convert(sub) -> None:
@@ -73,27 +73,18 @@ def _add_upgrade(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate models and baselines on a labelled store (results.json/.md, plots)")
-    p.add_argument("models", nargs="*", help="models (model.safetensors or run folders), optionally named: NAME=PATH (default name: the run folder)")
-    p.add_argument("--data", default="default", help="labelled cell store with train and test splits "
-                                                     "(default: the embedded synthetic store)")
-    p.add_argument("--out", default="runs/evaluate")
-    p.add_argument("--label", default="cell_type", help="categorical obs column to predict")
-    p.add_argument("--batch", default="dataset_id", help="categorical obs column of batches (integration)")
-    p.add_argument("--modality", default=None, help="paired-modality obs columns, comma-separated (default: protein_*)")
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
-    p.add_argument("--no-baselines", action="store_true", help="skip PCA and the supervised model from scratch")
-    p.add_argument("--finetune-steps", type=int, default=200)
-    p.add_argument("--crossmodal-steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--knn", type=int, default=5, help="neighbours of the zero-shot kNN classifier")
-    p.add_argument("--integration-cells", type=int, default=10_000, help="subsample for the scIB metrics")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    from .options import add_options
+
+    p = sub.add_parser("eval", help="evaluate models and baselines on a labelled store (results.json/.md, plots)",
+                       allow_abbrev=False)
+    p.add_argument("models", nargs="*", help="models (model.safetensors or run folders), optionally named: NAME=PATH "
+                   "(default name: the run folder)")
+    p.set_defaults(eval_paths=add_options(p, EvalConfig(), skip=("models",)))
 
 
 def eval_config(args) -> EvalConfig:
+    from .options import apply
+
     models = {}
     for item in args.models:
         name, _, path = item.rpartition("=")
@@ -101,13 +92,8 @@ def eval_config(args) -> EvalConfig:
         if name in models:
             raise InputError(item, f"two models are named {name!r}", "name them: NAME=PATH")
         models[name] = path
-    return EvalConfig(store=str(default_store() if args.data == "default" else args.data), models=models,
-                      out=args.out, label=args.label, batch=args.batch,
-                      modality=args.modality.split(",") if args.modality else None,
-                      tasks=tuple(t for t in args.tasks.split(",") if t), baselines=not args.no_baselines,
-                      finetune_steps=args.finetune_steps, crossmodal_steps=args.crossmodal_steps,
-                      batch_size=args.batch_size, precision=args.precision, knn_k=args.knn,
-                      integration_cells=args.integration_cells, plots=not args.no_plots, seed=args.seed)
+    cfg = apply(EvalConfig(models=models), args, args.eval_paths)
+    return replace(cfg, data=str(default_store() if cfg.data == "default" else cfg.data))
 
 
 def info(store: CellStore) -> dict:
@@ -124,7 +110,9 @@ def info(store: CellStore) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cellssl", description=__doc__.splitlines()[0])
+    from .options import OneLineParser
+
+    parser = OneLineParser(prog="cellssl", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
     _add_synth(sub)
@@ -132,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_embed(sub)
     _add_eval(sub)
     _add_upgrade(sub)
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         if args.command == "convert":
             options = {"layer": args.layer} if args.format == "h5ad" else {}
             source = open_source(args.format, args.src, **options)

@@ -60,7 +60,7 @@ def add_options(parser: argparse.ArgumentParser, defaults, objective: str | None
         for part in path:
             value = getattr(value, part)
         kind, is_bool, is_tuple = _parse_type(hint)
-        shown = ",".join(map(str, value)) if is_tuple else value
+        shown = ",".join(map(str, value)) if is_tuple and value is not None else value
         help_text = f.metadata.get("help", "")
         help_text += "" if "default:" in help_text else f" (default: {shown})"
         if is_bool:

@@ -1,6 +1,6 @@
 """Recipe: the paper's transfer-learning study on the synthetic atlas (see engine/evaluate/transfer.py).
-`python recipes/transfer_study.py [--seeds 0,1,2] [--pretrain-steps 300] [--finetune-steps 150] [--out DIR]`;
-writes records.json (every run) and summary.md (mean ± sd over seeds) in --out."""
+`python recipes/transfer_study.py [--seeds 0,1,2,3,4] [--pretrain-steps 300] [--finetune-steps 150] [--out DIR]`;
+writes records.json (every run) and summary.md (mean ± sd over seeds, paired differences) in --out."""
 import argparse
 from pathlib import Path
 
@@ -13,7 +13,7 @@ if __name__ == "__main__":
     p.add_argument("--aux-cells", type=int, default=d.aux_cells)
     p.add_argument("--target-cells", type=int, default=d.target_cells)
     p.add_argument("--n-genes", type=int, default=d.n_genes, help="reference genes kept (0: all 19,350)")
-    p.add_argument("--methods", default=",".join(d.methods), help=f"SSL on auxiliary: subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(d.methods), help=f"SSL on auxiliary: subset of {','.join(METHODS)} (experiment names)")
     p.add_argument("--target-methods", default=",".join(d.target_methods), help="SSL on the target itself")
     p.add_argument("--seeds", default=",".join(map(str, d.seeds)))
     p.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps)

@@ -155,4 +155,4 @@ def test_integration_without_scib_metrics_is_refused_up_front_or_skipped(small_s
     assert 'scib-metrics: the integration task needs it. Fix: pip install "cellssl[eval]"' in capsys.readouterr().err
     monkeypatch.setattr(suite.celltype, "finetune", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("ran")))
     with pytest.raises(RuntimeError, match="ran"):  # default tasks: it goes on to the work (skipping integration)
-        suite.evaluate(suite.EvalConfig(store=str(small_store), out=str(tmp_path)))
+        suite.evaluate(suite.EvalConfig(data=str(small_store), out=str(tmp_path)))

@@ -31,9 +31,12 @@ def _check(cfg: EvalConfig, store: CellStore) -> None:
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    store = CellStore(cfg.store)
+    store = CellStore(cfg.data)
     _check(cfg, store)
     out = Path(cfg.out)
+    if (out / "results.json").exists() and not cfg.overwrite:
+        raise InputError(out, "already holds evaluation results", "pass --overwrite to replace them, or choose "
+                         "another --out")
     out.mkdir(parents=True, exist_ok=True)
     reps = [ModelRepresentation(path, name) for name, path in cfg.models.items()]
     for rep in reps:
@@ -58,7 +61,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             zr = z[rep.name]
             part[rep.name] = {
                 "linear_probe": celltype.linear_probe(zr["train"], y["train"], zr["test"], y["test"], names, cfg.seed),
-                "knn": celltype.knn(zr["train"], y["train"], zr["test"], y["test"], names, cfg.knn_k)}
+                "knn": celltype.knn(zr["train"], y["train"], zr["test"], y["test"], names, cfg.knn)}
             if rep.kind == "model":
                 print(f"fine-tuning {rep.name}")
                 finetuned[rep.name] = celltype.finetune(store, cfg.label, out / "finetune" / rep.name, rep.path,
