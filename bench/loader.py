@@ -30,7 +30,7 @@ PEERS = ("ours-raw", "ours-log1p", "ceiling", "scdataset", "bionemo-scdl", "annd
 # --- data in each format -----------------------------------------------------------------------------------
 def prepare(workdir: Path, cells: int) -> dict[str, Path]:
     from cellssl.loaders import CellStore
-    from cellssl.loaders.synthetic import synth
+    from cellssl.loaders.synth import synth
 
     paths = {"store": workdir / f"synthetic-{cells}.cellstore", "h5ad": workdir / f"synthetic-{cells}.h5ad",
              "scdl": workdir / f"synthetic-{cells}.scdl", "annbatch": workdir / f"synthetic-{cells}.annbatch.zarr"}

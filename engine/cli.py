@@ -13,7 +13,8 @@ from pathlib import Path
 from cellssl.loaders import CellStore, InputError
 from cellssl.loaders.convert import convert, open_source
 from cellssl.loaders.store import Layout
-from cellssl.loaders.synthetic import default_store, synth
+from cellssl.loaders.synth import synth
+from cellssl.loaders.synthetic import default_store
 
 from .evaluate.config import EvalConfig
 

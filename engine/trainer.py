@@ -11,6 +11,7 @@ import json
 import math
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -61,6 +62,17 @@ def init_distributed() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         return rank, world, torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return rank, world, torch.device("cpu")
+
+
+def announce_op_build(rank: int) -> None:
+    """DeepSpeed compiles its CPU communication op the first time it runs on a machine (1–3 minutes, silently):
+    say so before it starts."""
+    if torch.cuda.is_available() or rank != 0:
+        return
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    if not any(root.rglob("deepspeed_shm_comm*.so")):
+        print(f"cellssl: building DeepSpeed's CPU communication op once (1–3 minutes; cached in {root})",
+              file=sys.stderr, flush=True)
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict:
@@ -154,6 +166,7 @@ def train(cfg: TrainConfig) -> Path:
     objective = build_objective(cfg, store)
     params = [p for p in objective.parameters() if p.requires_grad]
     factor = optim.schedule(cfg, len(stream))
+    announce_op_build(rank)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=objective, model_parameters=params, config=deepspeed_config(cfg),
         optimizer=build_optimizer(cfg, params, world),

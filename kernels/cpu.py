@@ -14,7 +14,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from .mask_spec import DROP_BITS, RANDOM
+from .mask_modes import DROP_BITS, RANDOM
 
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 

@@ -14,10 +14,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .cpu import random_keep as fill
 from .dispatch import check_rate, generator, random_key
+from .mask_kernel import mask_triton
+from .mask_modes import DROP_BITS, KEEP_BITS, RANDOM, TARGET_GENE, TARGET_MASKED, threshold16
 
-RANDOM, DROP_BITS, KEEP_BITS = 0, 1, 2      # how keep(row, gene) is decided
-TARGET_MASKED, TARGET_GENE = 0, 2           # the loss reads the masked positions, or one gene per row
+__all__ = ["DROP_BITS", "KEEP_BITS", "RANDOM", "TARGET_GENE", "TARGET_MASKED", "MaskSpec", "isolated_spec",
+           "no_mask", "pack_bits", "programme_spec", "random_keep", "random_spec", "threshold16", "unpack_bits"]
+
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.int64)
 
 
@@ -40,16 +44,9 @@ def unpack_bits(words: torch.Tensor, n_genes: int) -> torch.Tensor:
     return bits.reshape(words.shape[0], words.shape[1] * 32)[:, :n_genes].bool()
 
 
-def threshold16(rate: float) -> int:
-    """A gene is kept when its 16-bit uniform is at least this: the rate is honoured to 1/65,536."""
-    return round(rate * 65536)
-
-
 def random_keep(key: int, shape: tuple[int, int], rate: float, device) -> torch.Tensor:
     """bool [B, G], each element kept with probability 1 − rate: the CPU random stream of kernels/cpu.py (one
     splitmix64 hash per four genes, ~10x cheaper than torch.bernoulli), materialised."""
-    from .cpu import random_keep as fill
-
     out = np.empty(shape, np.bool_)
     fill(key, shape[0], shape[1], threshold16(rate), out)
     return torch.from_numpy(out).to(device)
@@ -100,9 +97,7 @@ class MaskSpec:
         shared by every row comes back as a broadcast view of one row."""
         if self.mode == RANDOM:
             if self.triton:
-                from .masking import apply_mask
-
-                return apply_mask(torch.ones(self.shape, device=self.scale.device), self) != 0
+                return mask_triton(torch.ones(self.shape, device=self.scale.device), self) != 0
             # the CPU path keeps the bool mask it drew (1 byte per element) for the loss: drawing it again
             # costs more than holding it; the Triton path stores nothing and regenerates
             if "keep" not in self._cache:

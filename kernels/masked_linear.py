@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import check_matrix
-from .mask_spec import MaskSpec, threshold16
+from .mask_modes import threshold16
+from .mask_spec import MaskSpec
 from .masking import apply_mask
 
 MAX_DENSITY = 0.2  # above this fraction of nonzeros (e.g. an NB-noised view, ~90 %) the dense GEMM is faster

@@ -10,49 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import grid, jit, tile, tl
 from .dispatch import check_matrix, use_triton
+from .mask_kernel import mask_triton
 from .mask_spec import RANDOM, MaskSpec, isolated_spec, no_mask, programme_spec, random_spec, threshold16
-
-
-@jit
-def keep_tile(rows, cols, n_genes, key, rate, row_bits_ptr, row_index_ptr, n_words, row_ok, MODE: tl.constexpr):
-    """bool [BLOCK_R, BLOCK_G]: which elements the input keeps. Random: Philox keyed by `key`, counter
-    row · n_genes + gene. Bits: bit `gene` of the row's bitset, dropped (MODE 1) or kept alone (MODE 2)."""
-    if MODE == 0:
-        counters = rows[:, None].to(tl.int64) * n_genes + cols[None, :]
-        keep = tl.rand(key, counters) >= rate
-    else:
-        which = tl.load(row_index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        words = tl.load(row_bits_ptr + which[:, None] * n_words + (cols[None, :] // 32),
-                        mask=row_ok[:, None] & (cols[None, :] < n_genes), other=0)
-        bit = (words >> (cols[None, :] % 32)) & 1
-        keep = (bit == 0) if MODE == 1 else (bit == 1)
-    return keep
-
-
-@jit
-def _mask_kernel(x_ptr, out_ptr, scale_ptr, row_bits_ptr, row_index_ptr, n_cells, n_genes, n_words, key, rate,
-                 MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    row_ok = rows < n_cells
-    inside = row_ok[:, None] & (cols[None, :] < n_genes)
-    offsets = rows[:, None].to(tl.int64) * n_genes + cols[None, :]
-    x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
-    keep = keep_tile(rows, cols, n_genes, key, rate, row_bits_ptr, row_index_ptr, n_words, row_ok, MODE)
-    scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
-    tl.store(out_ptr + offsets, tl.where(keep, x * scale[:, None], 0.0), mask=inside)
-
-
-def _mask_triton(x: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    blocks = tile(*x.shape, x.is_cuda)
-    _mask_kernel[grid(*x.shape, blocks)](x, out, spec.scale, spec.row_bits, spec.row_index, x.shape[0], x.shape[1],
-                                         spec.row_bits.shape[1], spec.key, spec.rate, MODE=spec.mode,
-                                         BLOCK_R=blocks[0], BLOCK_G=blocks[1])
-    return out
 
 
 def mask_reference(x: torch.Tensor, spec: MaskSpec, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,7 +33,7 @@ def _mask_cpu_random(x: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
 
 def _apply(x: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
     if spec.triton:
-        return _mask_triton(x, spec)
+        return mask_triton(x, spec)
     if spec.mode == RANDOM and x.device.type == "cpu":
         return _mask_cpu_random(x, spec)
     return mask_reference(x, spec)
@@ -139,5 +99,5 @@ def isolated_mask(x: torch.Tensor, programmes: torch.Tensor, seed: int = 0, step
     return apply_mask(x, spec), spec
 
 
-__all__ = ["MaskSpec", "apply_mask", "gene_program_mask", "isolated_mask", "keep_tile", "mask_reference",
+__all__ = ["MaskSpec", "apply_mask", "gene_program_mask", "isolated_mask", "mask_reference",
            "mask_spec", "no_mask", "random_mask"]

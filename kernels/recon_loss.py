@@ -13,8 +13,9 @@ import torch
 
 from ._triton import grid, jit, tile, tl
 from .dispatch import check_matrix, check_same
-from .mask_spec import RANDOM, TARGET_GENE, TARGET_MASKED, MaskSpec, threshold16
-from .masking import keep_tile
+from .mask_kernel import keep_tile
+from .mask_modes import RANDOM, TARGET_GENE, TARGET_MASKED, threshold16
+from .mask_spec import MaskSpec
 
 
 @jit

@@ -14,8 +14,8 @@ TARGETS = (80, 90)  # sm_80 (A100) and sm_90 (H100/H200)
 
 
 def _mask_launches():
-    from .mask_spec import DROP_BITS, KEEP_BITS, RANDOM
-    from .masking import _mask_kernel
+    from .mask_kernel import _mask_kernel
+    from .mask_modes import DROP_BITS, KEEP_BITS, RANDOM
 
     sig = {"x_ptr": "*fp32", "out_ptr": "*fp32", "scale_ptr": "*fp32", "row_bits_ptr": "*i32",
            "row_index_ptr": "*i32", "n_cells": "i32", "n_genes": "i32", "n_words": "i32", "key": KEY, "rate": "fp32",
@@ -25,7 +25,7 @@ def _mask_launches():
 
 
 def _loss_launches():
-    from .mask_spec import DROP_BITS, KEEP_BITS, RANDOM, TARGET_GENE, TARGET_MASKED
+    from .mask_modes import DROP_BITS, KEEP_BITS, RANDOM, TARGET_GENE, TARGET_MASKED
     from .recon_loss import _loss_kernel
 
     sig = {"pred_ptr": "*fp32", "x_ptr": "*fp32", "grad_ptr": "*fp32", "partial_ptr": "*fp32",

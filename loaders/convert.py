@@ -84,21 +84,32 @@ def destinations(split_codes: np.ndarray, seed: int) -> tuple[np.ndarray, dict[s
     return dest, splits
 
 
-def _decide_value_kind(requested: str | None, source: Source, first: RowChunk) -> str:
+TARGET_SUM = 1e4
+
+
+def _decide_value_kind(requested: str | None, source: Source, first: RowChunk) -> tuple[str, float]:
+    """(value kind, scale): integer values are counts; values whose expm1 rows all sum to one constant S are log1p
+    of counts per S — stored as log1p per 10,000, rescaled on the way when S is another constant (per million, …)."""
     kind = requested or source.value_kind
     if kind is not None:
-        return kind
+        return kind, TARGET_SUM
     data = np.asarray(first.data)
     if np.all(np.mod(data, 1) == 0):
-        return "counts"
-    sums = np.add.reduceat(np.expm1(data.astype(np.float64)), first.indptr[:-1]) if len(data) else np.zeros(0)
-    sums = sums[np.diff(first.indptr) > 0]
-    if len(sums) and np.all(np.abs(sums - 1e4) < 100):
-        return "log1p_10k"
-    raise InputError(f"{source.describe()}", f"values are not integer counts and not log1p of counts per 10,000 "
-                     f"(row sums of expm1 around {np.median(sums) if len(sums) else 0:.4g})",
-                     "supply raw counts (a counts layer or raw/X: --layer counts|raw), or pass --value-kind "
-                     "log1p_10k to store these values as they are")
+        return "counts", TARGET_SUM
+    rows = np.diff(first.indptr) > 0
+    sums = np.add.reduceat(np.expm1(data.astype(np.float64)), first.indptr[:-1][rows]) if len(data) else np.zeros(0)
+    scale = float(np.median(sums)) if len(sums) else 0.0
+    if len(sums) and scale > 0 and np.all(np.abs(sums - scale) < 0.01 * scale):
+        return "log1p_10k", TARGET_SUM if abs(scale - TARGET_SUM) < 100 else round(scale, 6)
+    raise InputError(f"{source.describe()}", f"values are not integer counts and not log1p of counts per a constant "
+                     f"total (row sums of expm1 from {sums.min() if len(sums) else 0:.4g} to "
+                     f"{sums.max() if len(sums) else 0:.4g})", "supply raw counts (a counts layer or raw/X: --layer "
+                     "counts|raw), or pass --value-kind log1p_10k to store these values as they are")
+
+
+def rescale_log1p(data: np.ndarray, scale: float) -> np.ndarray:
+    """log1p(x per `scale`) → log1p(x per 10,000)."""
+    return np.log1p(np.expm1(data.astype(np.float64)) * (TARGET_SUM / scale)).astype(np.float32)
 
 
 class _Checker:
@@ -155,8 +166,9 @@ def _obs_table(rows: np.ndarray, source: Source, dictionaries: dict[str, pa.Arra
 
 
 def _spill_pass(source: Source, alignment: GeneAlignment, dest: np.ndarray, scratch: Path, requested_kind,
-                progress: bool) -> tuple[Spill, int, str, float]:
-    """Pass 1: read, check, align and scatter every row into its destination bucket."""
+                progress: bool) -> tuple[Spill, int, str, float, float]:
+    """Pass 1: read, check, align (and, for log1p per another total, rescale) every row into its destination bucket;
+    returns the spill, the bucket size, the value kind, the largest value and the source's normalisation total."""
     n_genes = len(alignment.target)
     mapping = None if alignment.is_identity else alignment.source_to_target
     row_dtype, spill, bucket_rows, checker, seen = _row_dtype(source), None, 0, None, 0
@@ -164,12 +176,17 @@ def _spill_pass(source: Source, alignment: GeneAlignment, dest: np.ndarray, scra
     for chunk in source.chunks(scratch / "source"):
         if spill is None:
             _Checker(source, "log1p_10k")(chunk)  # NaN/Inf/negative first: they would confuse the kind detection
-            kind = _decide_value_kind(requested_kind, source, chunk)
+            kind, scale = _decide_value_kind(requested_kind, source, chunk)
+            if scale != TARGET_SUM:
+                _stderr(f"{source.describe()}: values are log1p of counts per {scale:,.6g}; rescaling them to log1p "
+                        "per 10,000 (the store records source_scale)")
             checker = _Checker(source, kind)
             spill = Spill(scratch / "buckets", row_dtype, {"idx": index_dtype(n_genes), "val": np.float32})
             per_row = row_dtype.itemsize + (len(chunk.data) / max(len(chunk), 1)) * (index_dtype(n_genes).itemsize + 4)
             bucket_rows = int(np.clip(BUCKET_BYTES // max(per_row, 1), 1024, max(source.n_cells, 1)))
         checker(chunk)
+        if scale != TARGET_SUM:
+            chunk.data = rescale_log1p(np.asarray(chunk.data), scale)
         indptr, cols, vals = remap_columns(chunk.indptr, np.asarray(chunk.indices), np.asarray(chunk.data),
                                            mapping, n_genes)
         n = len(chunk)
@@ -192,7 +209,7 @@ def _spill_pass(source: Source, alignment: GeneAlignment, dest: np.ndarray, scra
     if seen != source.n_cells or spill is None:
         raise InputError(source.describe(), f"yielded {seen} cells, its header declares {source.n_cells}",
                          "the source is truncated or inconsistent; re-export it")
-    return spill, bucket_rows, checker.kind, checker.max_value
+    return spill, bucket_rows, checker.kind, checker.max_value, scale
 
 
 def _write_pass(spill: Spill, bucket_rows: int, n_cells: int, writer: CellStoreWriter, source: Source,
@@ -310,7 +327,8 @@ def convert(source: Source, dst: str | Path, *, genes: str | Path = "keep", spli
     remove_leftovers(dst, log)
     check_destination(dst, overwrite)
     alignment = align_genes(source.genes, resolve_genes(genes, source.genes), source.describe())
-    log(f"{source.describe()}: {source.n_cells:,} cells; {alignment.report()}")
+    log(f"{source.describe()}: {source.n_cells:,} cells; {alignment.report()}"
+        + (f"; {source.report()}" if source.report() else ""))
     split_codes = assign_splits(source, split_by, val_frac, test_frac, seed)
     dest, splits = destinations(split_codes, seed)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
@@ -325,12 +343,16 @@ def convert(source: Source, dst: str | Path, *, genes: str | Path = "keep", spli
 def _convert(source, dst, tmp, scratch, alignment, dest, splits, seed, value_kind, layout, progress):
     """The two passes, verification and installation; the temporary store and scratch never outlive it."""
     try:
-        spill, bucket_rows, kind, max_value = _spill_pass(source, alignment, dest, scratch, value_kind, progress)
+        spill, bucket_rows, kind, max_value, scale = _spill_pass(source, alignment, dest, scratch, value_kind,
+                                                                  progress)
         value_dtype = _counts_dtype(max_value) if kind == "counts" else np.float32
         writer = CellStoreWriter(tmp, alignment.target, kind, value_dtype, _obs_schema(source), source.categories,
                                  layout)
         _write_pass(spill, bucket_rows, source.n_cells, writer, source, value_dtype, progress)
-        writer.finish(splits, seed, source.describe(), {"gene_alignment": alignment.report()})
+        extra = {"gene_alignment": alignment.report(), "source_scale": scale}
+        if source.report():
+            extra["kept"] = source.report()
+        writer.finish(splits, seed, source.describe(), extra)
         remove_tree(scratch)
         CellStore(tmp).verify_all(progress=progress)
         _install(tmp, dst)

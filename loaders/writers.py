@@ -16,7 +16,7 @@ from anndata.io import sparse_dataset, write_elem
 from tqdm import tqdm
 
 from .store import SPLITS
-from .synthetic import LINEAGES, TISSUES, SyntheticAtlas
+from .synthetic import CHUNK_CELLS, LINEAGES, TISSUES, SyntheticAtlas
 
 SCTAB_ROWS_PER_PART = 65536
 SCTAB_ROW_GROUP = 4096
@@ -35,6 +35,7 @@ def write_h5ad(atlas: SyntheticAtlas, n_cells: int, path: Path, val_frac=0.1, te
     with h5py.File(path, "w") as f:
         first = True
         for indptr, indices, counts, obs, prot in tqdm(atlas.cells(n_cells), desc="h5ad", unit="chunk",
+                                                         total=-(-n_cells // CHUNK_CELLS),
                                                          disable=not progress):
             block = sp.csr_matrix((counts, indices, indptr), shape=(len(indptr) - 1, len(atlas.genes)))
             if first:
@@ -84,6 +85,7 @@ def write_sctab(atlas: SyntheticAtlas, n_cells: int, folder: Path, val_frac=0.1,
     type_counts = np.zeros(len(cats["cell_type"]))
     start = 0
     for indptr, indices, counts, obs, _ in tqdm(atlas.cells(n_cells), desc="sctab", unit="chunk",
+                                                  total=-(-n_cells // CHUNK_CELLS),
                                                   disable=not progress):
         n = len(indptr) - 1
         dense = sp.csr_matrix((counts, indices, indptr), shape=(n, G)).toarray()

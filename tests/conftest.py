@@ -83,7 +83,7 @@ def write_10x(folder, x: sp.csr_matrix, n_antibody=3, gz=True):
 
 @pytest.fixture(scope="session")
 def synthetic_store(tmp_path_factory):
-    from cellssl.loaders.synthetic import synth
+    from cellssl.loaders.synth import synth
 
     return synth(tmp_path_factory.mktemp("synth") / "s.cellstore", 1500, progress=False)
 

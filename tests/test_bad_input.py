@@ -57,7 +57,7 @@ def test_counts_requested_but_not_integer(tmp_path, counts):
 def test_normalised_values_of_unknown_kind(tmp_path, counts):
     x = counts.copy().astype(np.float32)
     x.data = x.data / 3.7
-    with pytest.raises(InputError, match="not integer counts and not log1p of counts per 10,000.*--value-kind"):
+    with pytest.raises(InputError, match="not integer counts and not log1p of counts per a constant total.*--value-kind"):
         convert_h5ad(tmp_path, x)
 
 
@@ -102,7 +102,7 @@ def test_output_exists_refused_unless_overwrite(tmp_path, counts):
 
 
 def test_synth_overwrite_replaces_only_its_own_outputs(tmp_path):
-    from cellssl.loaders.synthetic import synth
+    from cellssl.loaders.synth import synth
 
     (tmp_path / "notes.h5ad").write_text("my notes, not HDF5")
     with pytest.raises(InputError, match="exists and is not an h5ad file; refusing"):

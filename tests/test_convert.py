@@ -111,7 +111,7 @@ def test_10x_round_trip(tmp_path, counts, gz):
 
 
 def test_sctab_round_trip(tmp_path):
-    from cellssl.loaders.synthetic import synth
+    from cellssl.loaders.synth import synth
 
     src = synth(tmp_path / "merlin_cxg_2023_05_15_sf-log1p", 700, "sctab-parquet", progress=False)
     store = convert(open_source("sctab", src), tmp_path / "out", progress=False)
@@ -177,3 +177,39 @@ def test_multi_shard_store_reads_any_range(tmp_path, counts):
     full = store.to_scipy().toarray()
     for a, b in [(0, 1), (17, 90), (250, 300), (299, 300), (40, 40)]:
         np.testing.assert_array_equal(store.to_scipy(a, b).toarray(), full[a:b])
+
+
+def test_h5ad_keeps_paired_modalities_from_obsm(tmp_path):
+    from cellssl.engine.evaluate.inputs import modality_columns
+    from cellssl.loaders.synth import synth
+
+    synth(tmp_path / "a.h5ad", 300, "h5ad", progress=False)
+    source = open_source("h5ad", tmp_path / "a.h5ad")
+    assert "kept obsm['protein'] (32 columns) as obs columns protein_*" in source.report()
+    store = convert(source, tmp_path / "a.cellstore", genes="keep", split_by="split", progress=False)
+    columns = modality_columns(store)
+    assert len(columns) == 32 and all(c.startswith("protein_") and not c.startswith("protein_protein") for c in columns)
+    import anndata as ad
+
+    adata = ad.read_h5ad(tmp_path / "a.h5ad")
+    obs = store.obs().sort_values("original_index")
+    np.testing.assert_allclose(obs[columns].to_numpy(), adata.obsm["protein"], rtol=1e-6)
+    assert "kept obsm['protein']" in store.attrs["kept"]
+
+
+def test_log1p_per_another_total_is_rescaled_to_10k(tmp_path, counts):
+    from conftest import make_anndata
+
+    x = counts.copy().astype(np.float64)
+    totals = np.asarray(x.sum(1)).ravel()
+    keep = totals > 0
+    per_million = x[keep].multiply(1e6 / totals[keep][:, None]).tocsr()
+    per_million.data = np.log1p(per_million.data)
+    adata = make_anndata(per_million.astype(np.float32))
+    adata.write_h5ad(tmp_path / "cpm.h5ad")
+    store = convert(open_source("h5ad", tmp_path / "cpm.h5ad"), tmp_path / "out", genes="keep", progress=False)
+    assert store.value_kind == "log1p_10k" and store.attrs["source_scale"] == pytest.approx(1e6)
+    order = np.argsort(store.obs()["original_index"].to_numpy())
+    got = store.to_scipy().toarray()[order]
+    expected = x[keep].toarray() / totals[keep][:, None] * 1e4
+    np.testing.assert_allclose(got, np.log1p(expected), rtol=1e-5, atol=1e-5)

@@ -19,7 +19,7 @@ from cellssl.loaders import CellStore, InputError
 def small_store(tmp_path_factory):
     """1,200 synthetic cells in a 2,000-gene space: every evaluator runs in seconds."""
     from cellssl.loaders import GeneSpace
-    from cellssl.loaders.synthetic import synth
+    from cellssl.loaders.synth import synth
 
     folder = tmp_path_factory.mktemp("eval")
     (folder / "genes.txt").write_text("\n".join(GeneSpace.default().gene_id[:2000]))

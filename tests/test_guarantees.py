@@ -137,7 +137,7 @@ def test_resume_refuses_other_settings_and_other_data(trained, synthetic_store, 
     one_line_error(done, "lr: the run was started with 0.001, this resume asks for 0.5")
     done = recipe(*recipe_args(synthetic_store, trained, 6), "--resume", "--hidden", "64,32")
     one_line_error(done, "model.hidden")
-    from cellssl.loaders.synthetic import synth
+    from cellssl.loaders.synth import synth
 
     other = synth(tmp_path / "other.cellstore", 1500, seed=1, progress=False)
     done = recipe(*recipe_args(other, trained, 6), "--resume")

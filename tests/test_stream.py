@@ -126,7 +126,7 @@ def test_csr_output_densifies_to_the_same(synthetic_store):
 
 def test_log1p_store_values_pass_through(tmp_path, synthetic_store):
     from cellssl.loaders.convert import convert, open_source
-    from cellssl.loaders.synthetic import synth
+    from cellssl.loaders.synth import synth
 
     src = synth(tmp_path / "sctab", 400, "sctab-parquet", progress=False)
     store = convert(open_source("sctab", src), tmp_path / "s.cellstore", progress=False)

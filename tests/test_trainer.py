@@ -120,7 +120,7 @@ def test_embed_writes_every_cell(synthetic_store, tmp_path):
     adata = ad.read_h5ad(tmp_path / "e.h5ad")
     np.testing.assert_allclose(adata.obsm["X_cellssl"], frame[[f"z{j}" for j in range(64)]].to_numpy(), rtol=1e-5)
     other = tmp_path / "other.cellstore"
-    from cellssl.loaders.synthetic import synth
+    from cellssl.loaders.synth import synth
     (tmp_path / "genes.txt").write_text("\n".join(store.genes.gene_id[:100]))
     synth(other, 200, genes=tmp_path / "genes.txt", progress=False)
     assert main(["embed", str(out / "model.safetensors"), str(other), str(tmp_path / "x.parquet")]) == 2

@@ -53,6 +53,10 @@ class Source:
     def describe(self) -> str:
         return f"{type(self).__name__.removesuffix('Source').lower()}:{self.path.name}"
 
+    def report(self) -> str:
+        """What the conversion kept beside the matrix and obs (paired modalities), for its log line."""
+        return ""
+
 
 def source_dir(path: str | Path, fix: str) -> Path:
     path = Path(path)

@@ -8,6 +8,7 @@ from typing import Iterator
 
 import h5py
 import numpy as np
+import pandas as pd
 from anndata.io import read_elem
 
 from ..csr import dense_to_csr
@@ -57,10 +58,43 @@ class H5adSource(Source):
                              f"and var ({len(var)})", "rewrite the file with anndata")
         obs = obs.copy()
         obs.insert(0, "cell_id", obs.index.astype(str))
+        self.paired = self._paired_modalities(n_cells)
+        for key, frame in self.paired.items():
+            obs = pd.concat([obs, frame.set_axis(obs.index)], axis=1)
         self.obs_arrays, categories, numeric = obs_from_frame(obs)
         self._labels = obs
         super().__init__(path, GeneSpace.from_frame(var, f"{path}:{var_element}"), n_cells, value_kind,
                          categories, numeric)
+
+    def _paired_modalities(self, n_cells: int) -> dict[str, pd.DataFrame]:
+        """obsm matrices of paired measurements (e.g. obsm["protein"]), as float32 columns KEY_NAME; embeddings
+        (X_pca, X_umap, …) are not measurements and stay behind. Names come from a DataFrame's columns, else
+        uns["KEY_names"], else KEY_0, KEY_1, …"""
+        if "obsm" not in self.file:
+            return {}
+        kept = {}
+        for key in self.file["obsm"]:
+            if key.startswith("X_"):
+                continue
+            try:
+                value = read_elem(self.file["obsm"][key])
+            except Exception as exc:
+                raise InputError(f"{self.path}:obsm/{key}", f"cannot be read ({exc})", "rewrite the file with a "
+                                 "current anndata") from exc
+            frame = value if isinstance(value, pd.DataFrame) else pd.DataFrame(np.asarray(value))
+            if frame.ndim != 2 or len(frame) != n_cells or not all(map(pd.api.types.is_numeric_dtype, frame.dtypes)):
+                continue
+            names = list(map(str, frame.columns))
+            if not isinstance(value, pd.DataFrame) and f"uns/{key}_names" in self.file:
+                listed = [v.decode() if isinstance(v, bytes) else str(v) for v in self.file[f"uns/{key}_names"][()]]
+                names = listed if len(listed) == frame.shape[1] else names
+            names = [n if n.startswith(f"{key}_") else f"{key}_{n}" for n in names]
+            kept[key] = pd.DataFrame(frame.to_numpy(np.float32), columns=names)
+        return kept
+
+    def report(self) -> str:
+        return "; ".join(f"kept obsm['{k}'] ({f.shape[1]} columns) as obs columns {k}_*"
+                         for k, f in self.paired.items())
 
     def _encoding(self, path: Path) -> str:
         if isinstance(self.x, h5py.Dataset):
