@@ -1,4 +1,4 @@
-"""The `cellssl` command line: convert, synth, info, embed, eval, upgrade-model.
+"""The `cellssl` command line: convert, synth, info, embed, eval, plot, upgrade-model.
 
 Argument parsing and printing only; the work lives in loaders (and, as it lands, the engine). A bad input ends
 in one line on stderr and exit status 2, never a traceback.
@@ -66,6 +66,12 @@ def _add_embed(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8192)
 
 
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="training curves of runs side by side (loss, validation, lr, cells/s) as a PNG")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--out", default="curves.png", help="the PNG to write")
+
+
 def _add_upgrade(sub) -> None:
     p = sub.add_parser("upgrade-model", help="convert a model.pt of cellssl < 0.2 to model.safetensors (read with "
                        "torch's restricted unpickler: no code in the file runs)")
@@ -121,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_embed(sub)
     _add_eval(sub)
     _add_upgrade(sub)
+    _add_plot(sub)
     try:
         args = parser.parse_args(argv)
         if args.command == "convert":
@@ -136,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             synth(args.dst, args.cells, args.format, args.seed, args.genes, args.overwrite, progress=not args.quiet,
                   datasets=datasets, draw=args.draw)
             print(f"wrote {args.dst}", file=sys.stderr)
+        elif args.command == "plot":
+            from .plot import plot_runs
+
+            print(f"wrote {plot_runs(args.runs, args.out)}", file=sys.stderr)
         elif args.command == "upgrade-model":
             from .checkpoint import upgrade_model
 

@@ -75,6 +75,8 @@ class TrainConfig:
     overwrite: bool = opt(False, "start again in an --out that holds a run, deleting its files")
     init_encoder: str | None = opt(None, "a model (or run folder) whose encoder starts this run (fine-tuning)")
     deepspeed_config: str | None = opt(None, "DeepSpeed JSON; default: recipes/deepspeed.json")
+    monitor: str = opt("none", "also log to DeepSpeed's monitor in the run folder: TensorBoard event files (needs the "
+                       "tensorboard package) or CSV files", choices=("none", "tensorboard", "csv"))
     trace: bool = opt(False, "each rank logs its batches' cells and a weight checksum (trace-rankN.jsonl)")
 
     def to_json(self) -> str:

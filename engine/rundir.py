@@ -16,7 +16,8 @@ from .config import TrainConfig
 RUN_FILES = ("config.json", "log.jsonl", "checkpoints", "model.safetensors", "model.pt", "tensorboard", "csv_monitor")
 RUN_GLOBS = ("trace-rank*.jsonl", ".model.safetensors.tmp-*")
 # what a user may change when continuing a run: how long it goes on and how often it reports
-RESUMABLE_FIELDS = ("max_steps", "log_every", "val_every", "checkpoint_every", "resume", "overwrite", "trace")
+RESUMABLE_FIELDS = ("max_steps", "log_every", "val_every", "checkpoint_every", "resume", "overwrite", "trace",
+                    "monitor")
 # the store attributes that make two stores the same data
 FINGERPRINT_FIELDS = ("n_cells", "n_genes", "nnz", "value_kind", "splits", "shuffle_seed", "var_checksum",
                       "obs_checksum")

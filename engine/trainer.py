@@ -86,6 +86,16 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     else:
         ds.pop("optimizer", None)  # ours, handed to deepspeed.initialize
     ds["gradient_clipping"] = cfg.gradient_clipping
+    if cfg.monitor == "tensorboard":
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise InputError("--monitor tensorboard", "the tensorboard package is not installed",
+                             "pip install tensorboard, or use --monitor csv")
+    if cfg.monitor != "none":  # DeepSpeed writes its own lr; the trainer adds loss, cells/s and validation
+        ds["tensorboard" if cfg.monitor == "tensorboard" else "csv_monitor"] = {
+            "enabled": True, "output_path": str(Path(cfg.out).resolve()),
+            "job_name": "tensorboard" if cfg.monitor == "tensorboard" else "csv_monitor"}
     return ds
 
 
@@ -218,6 +228,9 @@ def train(cfg: TrainConfig) -> Path:
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{value:.4f}")
+        if cfg.monitor != "none" and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            engine.monitor.write_events([(f"Train/{k}", v, step) for k, v in (
+                ("loss", value), *((k, float(v)) for k, v in metrics.items() if k != "loss"))])
         if val is not None and (step % cfg.val_every == 0 or step == cfg.max_steps):
             scores = validate(engine, val, cfg, device)
             improved = scores.get("val_macro_f1", -math.inf) > best
@@ -225,6 +238,8 @@ def train(cfg: TrainConfig) -> Path:
                 best = scores["val_macro_f1"]
                 if rank == 0:
                     checkpoint.export_model(objective, cfg.to_json(), list(store.genes.gene_id), out / checkpoint.MODEL_FILE)
+            if cfg.monitor != "none":
+                engine.monitor.write_events([(f"Validation/{k}", v, step) for k, v in scores.items()])
             if log:
                 log.write(json.dumps({"step": step, "epoch": batch.epoch, **scores,
                                       **({"best": True} if improved else {})}) + "\n")

@@ -124,3 +124,16 @@ def test_embed_writes_every_cell(synthetic_store, tmp_path):
     (tmp_path / "genes.txt").write_text("\n".join(store.genes.gene_id[:100]))
     synth(other, 200, genes=tmp_path / "genes.txt", progress=False)
     assert main(["embed", str(out / "model.safetensors"), str(other), str(tmp_path / "x.parquet")]) == 2
+
+
+def test_monitor_files_and_curves_of_two_runs(synthetic_store, tmp_path):
+    from cellssl.engine.cli import main
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    run([sys.executable, "recipes/mae_random.py", *recipe_args(synthetic_store, a, 3), "--monitor", "csv"])
+    run([sys.executable, "recipes/mae_random.py", *recipe_args(synthetic_store, b, 3), "--lr", "0.01"])
+    csv = {p.name for p in (a / "csv_monitor").rglob("*.csv")}
+    assert {"Train_loss.csv", "Validation_val_loss.csv"} <= csv, csv
+    assert main(["plot", str(a), str(b), "--out", str(tmp_path / "curves.png")]) == 0
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2

@@ -70,8 +70,32 @@ def per_class_table(results: dict) -> list[str]:
     return lines
 
 
+TOP_CATEGORIES = 12  # distinct colours with a legend; the rest are grey "other"
+
+
+def _scatter(ax, xy: np.ndarray, codes: np.ndarray, names: list[str], size: float) -> None:
+    """Cells coloured by their TOP_CATEGORIES most frequent categories (tab20, named in a legend beside the axes);
+    rarer ones and unlabelled cells grey, drawn first so that they stay in the background."""
+    import matplotlib.pyplot as plt
+
+    present, counts = np.unique(codes[codes >= 0], return_counts=True)
+    top = present[np.argsort(-counts, kind="stable")][:TOP_CATEGORIES]
+    rest = ~np.isin(codes, top)
+    if rest.any():
+        label = f"other ({len(present) - len(top)} more)" if len(present) > len(top) else "unlabelled"
+        ax.scatter(*xy[rest].T, color="lightgrey", s=size, linewidths=0, rasterized=True, label=label)
+    colours = plt.get_cmap("tab20").colors
+    for i, code in enumerate(top):
+        chosen = codes == code
+        ax.scatter(*xy[chosen].T, color=colours[(2 * i) % 20 if i < 10 else (2 * i - 19) % 20], s=size,
+                   linewidths=0, rasterized=True, label=f"{names[code]} ({chosen.sum():,})")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, markerscale=max(1.0, 12 / size),
+              frameon=False)
+
+
 def plots(results: dict, embeddings: dict[str, np.ndarray], labels: np.ndarray, label_names: list[str],
-          batch: np.ndarray | None, folder: Path, seed: int = 0, max_cells: int = 10_000) -> list[str]:
+          batch: np.ndarray | None, folder: Path, seed: int = 0, max_cells: int = 10_000,
+          batch_names: list[str] | None = None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,15 +107,15 @@ def plots(results: dict, embeddings: dict[str, np.ndarray], labels: np.ndarray, 
     keep = np.arange(len(labels))
     if len(keep) > max_cells:
         keep = np.sort(np.random.default_rng(seed).choice(keep, max_cells, replace=False))
-    colourings = [("cell type", labels[keep])] + ([("batch", batch[keep])] if batch is not None else [])
+    colourings = [("cell type", labels[keep], label_names)]
+    if batch is not None:
+        colourings.append(("batch", batch[keep], batch_names or [str(b) for b in range(int(batch.max()) + 1)]))
     size = float(np.clip(30_000 / len(keep), 2, 20))
     for name, z in embeddings.items():
         xy = umap.UMAP(random_state=seed, n_jobs=1).fit_transform(z[keep])
-        fig, axes = plt.subplots(1, len(colourings), figsize=(6 * len(colourings), 5.5), squeeze=False)
-        for ax, (title, codes) in zip(axes[0], colourings):
-            # a continuous map spread over the codes: tab20 would repeat colours beyond 20 cell types
-            ax.scatter(xy[:, 0], xy[:, 1], c=codes, cmap="nipy_spectral", vmin=codes.min(), vmax=codes.max() + 1,
-                       s=size, linewidths=0, rasterized=True)
+        fig, axes = plt.subplots(1, len(colourings), figsize=(8.5 * len(colourings), 5.5), squeeze=False)
+        for ax, (title, codes, names) in zip(axes[0], colourings):
+            _scatter(ax, xy, codes, names, size)
             ax.set(title=f"{name}: coloured by {title}", xticks=[], yticks=[])
         path = folder / f"umap_{_slug(name)}.png"
         fig.tight_layout()
@@ -101,13 +125,14 @@ def plots(results: dict, embeddings: dict[str, np.ndarray], labels: np.ndarray, 
     how, per_class = per_class_scores(results)
     if per_class:
         classes = sorted({c for scores in per_class.values() for c in scores}, key=label_names.index)
-        fig, ax = plt.subplots(figsize=(max(8, 0.35 * len(classes) * len(per_class) ** 0.5), 5))
+        fig, ax = plt.subplots(figsize=(max(8, 0.3 * len(classes) * len(per_class) ** 0.5), 5.5))
         width = 0.8 / len(per_class)
         for i, (name, scores) in enumerate(per_class.items()):
             ax.bar(np.arange(len(classes)) + i * width, [scores.get(c, 0.0) for c in classes], width, label=name)
-        ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=90, fontsize=7)
+        ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=60, ha="right", fontsize=8)
         ax.set(ylabel="F1 (test)", ylim=(0, 1.05), title=f"per-class F1 ({how})")
-        ax.legend(fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         fig.tight_layout()
         path = folder / "per_class_f1.png"
         fig.savefig(path, dpi=110)

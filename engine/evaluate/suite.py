@@ -150,6 +150,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         names = store.categories[cfg.label]
         batches = labels(store, cfg.batch, "test") if cfg.batch in store.categories else None
         results["plots"] = report.plots(results, {r: v["test"] for r, v in run.z.items()}, run.y["test"], names,
-                                        batches, out / "plots", cfg.seed)
+                                        batches, out / "plots", cfg.seed,
+                                        batch_names=store.categories.get(cfg.batch))
         (out / "results.json").write_text(json.dumps(results, indent=1))
     return results
