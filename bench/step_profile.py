@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import replace
 
 import torch
 
 from cellssl import kernels
-from cellssl.engine.config import ObjectiveConfig, TrainConfig
+from cellssl.engine.experiments import experiment
 from cellssl.engine.setup import build_objective
 from cellssl.loaders import BatchStream, CellStore
 from cellssl.loaders.synthetic import default_store
@@ -29,7 +30,7 @@ def main() -> None:
     if args.dense:
         os.environ["CELLSSL_SPARSE_INPUT"] = "0"
     store = CellStore(default_store())
-    objective = build_objective(TrainConfig(objective=ObjectiveConfig("mae", "random"), precision=args.precision),
+    objective = build_objective(replace(experiment("mae_random"), precision=args.precision),
                                 store)
     opt = torch.optim.AdamW(objective.parameters(), lr=1e-3, weight_decay=0.01)
     x = next(iter(BatchStream(store, "train", 8192, columns=[]))).x.clone()

@@ -13,22 +13,21 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from paper_style import eager_nb_augment, eager_programme_mask
 from torch.utils.flop_counter import FlopCounterMode
 
-from cellssl.engine.config import ObjectiveConfig, TrainConfig
+from cellssl.engine.experiments import experiment
 from cellssl.engine.objectives import view_coins
 from cellssl.engine.setup import build_objective
 from cellssl.loaders import BatchStream, CellStore
 from cellssl.loaders.synthetic import default_store
 
-OBJECTIVES = [("mae random", ObjectiveConfig("mae", "random")),
-              ("mae gene programme", ObjectiveConfig("mae", "gene_program")),
-              ("mae gp→tf", ObjectiveConfig("mae", "gp_to_tf", per="cell")),
-              ("byol", ObjectiveConfig("byol")), ("barlow twins", ObjectiveConfig("barlow_twins"))]
+OBJECTIVES = [("mae random", "mae_random"), ("mae gene programme", "mae_gene_program"), ("mae gp→tf", "mae_gp_to_tf"),
+              ("byol", "byol"), ("barlow twins", "barlow_twins")]  # table row, experiment-registry name
 
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -122,16 +121,14 @@ def main() -> None:
     args = parser.parse_args()
     store = CellStore(args.data or default_store())
     rate = matmul_rate(args.batch_size, store.n_genes, torch.bfloat16 if args.precision == "bf16" else torch.float32)
-    tf_gmt = store.path / "synthetic_truth" / "tf_targets.gmt"
     print(f"{store.path.name}: batch {args.batch_size} x {store.n_genes} genes, {args.steps} timed steps after one, "
           f"torch {torch.__version__}, {DEVICE.type if DEVICE.type == 'cpu' else torch.cuda.get_device_name()}, "
           f"{torch.get_num_threads()} threads, {args.precision} matmul {rate / 1e9:.0f} GFLOP/s")
     print("| objective | ours cells/s | ceiling cells/s | ours / ceiling | paper-style cells/s | ours / paper |")
     print("|---|---|---|---|---|---|")
-    for name, ocfg in OBJECTIVES:
-        if ocfg.mask == "gp_to_tf":
-            ocfg = ObjectiveConfig(ocfg.name, ocfg.mask, programmes=str(tf_gmt), per="cell")
-        cfg = TrainConfig(objective=ocfg, precision=args.precision)
+    for name, registered in OBJECTIVES:
+        cfg = replace(experiment(registered), precision=args.precision)  # the recipe's own settings
+        ocfg = cfg.objective
         torch.manual_seed(0)
         objective = build_objective(cfg, store).to(DEVICE)
         stream = BatchStream(store, "train", args.batch_size, seed=0, columns=[])
@@ -143,10 +140,11 @@ def main() -> None:
         ceiling = args.batch_size / (counter.get_total_flops() / rate)
         ours = timed_steps(lambda xb, i: objective(xb, None, i)[0], objective, stream, args.steps)
         members = None
-        if ocfg.mask == "gene_program":
+        if ocfg.name == "mae" and ocfg.mask == "gene_program":
+            from cellssl.engine.setup import programme_file
             from cellssl.loaders.genesets import index_programmes, read_gmt
 
-            members = index_programmes(read_gmt(), store.genes).members
+            members = index_programmes(read_gmt(programme_file(cfg, store, "programmes.gmt")), store.genes).members
         paper = float("nan")
         objective.compute_dtype = None  # the reference ran in fp32
         if paper_style(objective, name, members, x[:16], 0) is not None:

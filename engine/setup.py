@@ -83,6 +83,9 @@ def build_objective(cfg: TrainConfig, store: CellStore) -> Objective:
         if categories is None:
             raise InputError(store.path / "obs.parquet", f"no categorical column {o.label!r} to predict",
                              f"choose --label from {sorted(store.categories)}, or convert a labelled dataset")
+        if len(categories) < 2:
+            raise InputError(store.path / "obs.parquet", f"column {o.label!r} has {len(categories)} category",
+                             "a classifier needs at least two cell types: choose another --label")
         weights = class_weights(store, o.label, len(categories)) if o.class_weighted else None
         objective = Supervised(g, cfg.model, len(categories), cfg.seed, weights)
     elif o.name == "byol":

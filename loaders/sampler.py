@@ -30,7 +30,8 @@ class BlockShuffleSampler:
 
     def __post_init__(self):
         if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} outside [0, world_size={self.world_size})")
+            raise InputError("RANK/WORLD_SIZE", f"rank {self.rank} outside [0, world_size={self.world_size})",
+                             "launch with the deepspeed launcher, or set RANK below WORLD_SIZE")
         for name in ("batch_size", "block_size", "buffer_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -48,11 +48,11 @@ class Layout:
         if codec == "blosc-lz4":
             return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=np.dtype(dtype).itemsize),
                     Crc32cCodec()]
-        if codec.startswith("zstd"):
+        if codec.startswith("zstd") and (codec[4:] or "1").isdigit():
             return [ZstdCodec(level=int(codec[4:] or 1)), Crc32cCodec()]
         if codec == "none":
             return [Crc32cCodec()]
-        raise ValueError(f"unknown codec {codec!r}: use auto, blosc-lz4, zstdN or none")
+        raise CellStoreError("--codec", f"unknown codec {codec!r}", "use auto, blosc-lz4, zstdN (N = 1…22) or none")
 
 
 def index_dtype(n_genes: int) -> np.dtype:

@@ -58,3 +58,23 @@ def test_every_triton_kernel_compiles_for_sm80_and_sm90():
     failed = [line for line in lines if not line.endswith(": ok")]
     assert done.returncode == 0 and not failed, "\n".join(failed)[:3000] + done.stderr[-2000:]
     assert len(lines) == 2 * 45  # per target: 3 mask, 4 loss, 2 NB augmentation and 36 CSR launches
+
+
+def test_gpu_check_runs_end_to_end_in_smoke_mode(tmp_path):
+    """bench/gpu_check.py is what a GPU session runs once: its CPU smoke mode keeps it working between those."""
+    import json
+
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [k["name"] for k in report["kernels"]] == ["gene-programme mask", "masked loss (random)",
+                                                       "masked loss (gene-programme)", "NB augmentation",
+                                                       "CSR → dense + log1p"]
+    assert all(k["max_abs_error"] < 1e-4 for k in report["kernels"])
+    objectives = {o["objective"]: o for o in report["objectives"]}
+    assert set(objectives) == {"mae_random", "mae_gene_program", "mae_gp_to_gp", "mae_gp_to_tf", "byol",
+                               "barlow_twins", "reconstruction"}
+    assert all(o["cells_per_s"] > 0 and o["bytes_per_batch_csr"] < o["bytes_per_batch_dense"]
+               for o in objectives.values())

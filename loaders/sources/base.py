@@ -48,7 +48,8 @@ class Source:
 
     def column(self, name: str) -> np.ndarray:
         """One obs column for the whole source, as labels (used by --split-by)."""
-        raise KeyError(f"{self.path}: no obs column {name!r} in this format")
+        raise InputError(self.path, f"this format has no obs column {name!r} to split by",
+                         "split with --val-frac/--test-frac instead")
 
     def describe(self) -> str:
         return f"{type(self).__name__.removesuffix('Source').lower()}:{self.path.name}"

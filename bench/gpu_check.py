@@ -1,0 +1,214 @@
+"""One prepared check for a CUDA machine (meant to finish well inside 8 minutes on one GPU):
+
+1. compiles every Triton launch the dispatchers make (kernels/variants.py) natively for this device;
+2. compares each kernel with its torch reference on realistic shapes (batch 8,192 × 19,350 genes): max error, time;
+3. trains each objective of the experiment registry for 20 steps from a cell store through the CSR path (CSR
+   batches copied to the device on their own stream, densified there by `csr_to_dense`): cells/s, bytes moved per
+   batch (CSR vs the dense batch), and the share of the device's measured bf16 matmul peak;
+
+and writes everything as one JSON (`--out`, default $OUT/gpu_check.json when $OUT is set, else
+bench/gpu_check.json). `--smoke` runs the same code on CPU at toy sizes (Triton through its interpreter): the test
+suite uses it so that the script cannot rot on machines without a GPU.
+Usage: python bench/gpu_check.py [--steps 20] [--cells 8192] [--genes 19350] [--store PATH] [--out FILE]
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if "--smoke" in sys.argv:  # before anything imports triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ["CELLSSL_KERNELS"] = "triton"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from cellssl import kernels  # noqa: E402
+from cellssl.engine.experiments import EXPERIMENTS, PRETRAINING  # noqa: E402
+from cellssl.engine.optim import schedule  # noqa: E402
+from cellssl.engine.setup import build_objective  # noqa: E402
+from cellssl.engine.trainer import build_optimizer  # noqa: E402
+from cellssl.kernels import variants  # noqa: E402
+from cellssl.kernels.csr_to_dense import csr_to_dense_reference  # noqa: E402
+from cellssl.kernels.masking import mask_reference  # noqa: E402
+from cellssl.kernels.nb_augment import nb_augment_reference, nb_noise  # noqa: E402
+from cellssl.kernels.recon_loss import recon_loss_reference  # noqa: E402
+from cellssl.loaders import BatchStream, CellStore  # noqa: E402
+
+
+def timed(fn, device, repeats: int = 5) -> float:
+    """Median seconds of `fn` (CUDA events on a GPU)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(stop) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def compile_native(device) -> list[dict]:
+    if device.type != "cuda":
+        return [{"name": "native compile", "skipped": "no CUDA device"}]
+    major, minor = torch.cuda.get_device_capability()
+    out = []
+    for name, error in variants.compile_all(major * 10 + minor):
+        out.append({"name": name, "ok": error is None, **({"error": error} if error else {})})
+    return out
+
+
+def kernel_checks(device, cells: int, genes: int) -> list[dict]:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    counts = torch.poisson(torch.rand(cells, genes, generator=gen) ** 8 * 3, generator=gen)
+    x = torch.log1p(counts / counts.sum(1, keepdim=True).clamp(min=1) * 1e4).to(device)
+    pred = x + 0.1 * torch.randn(cells, genes, generator=gen).to(device)
+    flags = torch.zeros(64, genes, dtype=torch.bool)
+    for p in range(64):
+        flags[p, torch.randperm(genes, generator=gen)[:max(1, genes // 100)]] = True
+    from cellssl.kernels.mask_spec import pack_bits
+
+    bits = pack_bits(flags).to(device)
+    csr = counts.to_sparse_csr()
+    indptr, indices, data = (csr.crow_indices().to(device), csr.col_indices().to(torch.int32).to(device),
+                             csr.values().to(device))
+    rows = []
+
+    def check(name, ours, reference):
+        got, want = ours(), reference()
+        got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+        error = max(float((a.float() - b.float()).abs().max()) for a, b in zip(got, want))
+        rows.append({"name": name, "max_abs_error": error, "seconds": timed(ours, device),
+                     "reference_seconds": timed(reference, device)})
+
+    spec = kernels.mask_spec(x, "gene_program", 0.5, 0, 1, bits)
+    check("gene-programme mask", lambda: kernels.apply_mask(x, spec), lambda: mask_reference(x, spec))
+    for kind, s in (("random", kernels.mask_spec(x, "random", 0.5, 0, 1)), ("gene-programme", spec)):
+        check(f"masked loss ({kind})", lambda s=s: kernels.masked_recon_loss(pred, x, s),
+              lambda s=s: recon_loss_reference(pred, x, s)[0])
+    raw = nb_noise(x, 0, 1)
+    check("NB augmentation", lambda: kernels.nb_augment(x, 0.1, 0, 1), lambda: nb_augment_reference(x, 0.1, raw))
+    check("CSR → dense + log1p", lambda: kernels.csr_to_dense(indptr, indices, data, genes, True),
+          lambda: csr_to_dense_reference(indptr, indices, data, genes, True))
+    return rows
+
+
+def matmul_peak(device, cells: int, genes: int) -> float:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(cells, genes, dtype=dtype, device=device)
+    b = torch.randn(genes, 512, dtype=dtype, device=device)
+    return 2 * cells * genes * 512 / timed(lambda: a @ b, device)
+
+
+def objective_checks(device, store: CellStore, steps: int, batch: int, peak: float) -> list[dict]:
+    rows = []
+    copy_stream = torch.cuda.Stream() if device.type == "cuda" else None
+    for name in PRETRAINING:
+        cfg = replace(EXPERIMENTS[name], batch_size=batch, max_steps=steps,
+                      precision="bf16" if device.type == "cuda" else "fp32")
+        torch.manual_seed(0)
+        objective = build_objective(cfg, store).to(device)
+        params = [p for p in objective.parameters() if p.requires_grad]
+        opt = build_optimizer(cfg, params, 1) or torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        factor = schedule(cfg, 1)
+        stream = BatchStream(store, "train", batch, seed=0, columns=[], output="csr")
+        normalize = store.value_kind == "counts"
+        moved, flops, started, done = 0, None, None, 0
+        for step, b in enumerate(stream.endless()):
+            if step == steps + 1:
+                break
+            with torch.cuda.stream(copy_stream) if copy_stream else _null():
+                parts = [t.to(device, non_blocking=True) for t in (b.indptr, b.indices, b.data)]
+            if copy_stream:
+                torch.cuda.current_stream().wait_stream(copy_stream)
+            moved = sum(t.numel() * t.element_size() for t in parts)
+            x = kernels.csr_to_dense(*parts, store.n_genes, normalize_log1p=normalize)
+            if flops is None:
+                with FlopCounterMode(display=False) as counter:
+                    objective(x, None, step)[0].backward()
+                flops = counter.get_total_flops()
+                opt.zero_grad()
+                started = time.perf_counter()
+                continue
+            for group in opt.param_groups:
+                group.setdefault("base_lr", group["lr"])
+                group["lr"] = group["base_lr"] * factor(step)
+            loss, _ = objective(x, None, step)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            objective.after_step()
+            done += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        rows.append({"objective": name, "cells_per_s": done * batch / seconds, "loss": float(loss),
+                     "bytes_per_batch_csr": moved, "bytes_per_batch_dense": batch * store.n_genes * 4,
+                     "share_of_matmul_peak": flops * done / seconds / peak})
+    return rows
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cells", type=int, default=8192)
+    p.add_argument("--genes", type=int, default=19350)
+    p.add_argument("--store", help="a cell store (default: a synthetic one made in a temporary folder)")
+    p.add_argument("--out", default=str(Path(os.environ["OUT"]) / "gpu_check.json") if os.environ.get("OUT")
+                   else str(Path(__file__).with_name("gpu_check.json")))
+    p.add_argument("--smoke", action="store_true", help="toy sizes on CPU (Triton interpreted): for the test suite")
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if device.type == "cpu" and not args.smoke:
+        sys.exit("gpu_check: no CUDA device; run it on a GPU machine (or with --smoke to try it on CPU)")
+    if args.smoke:
+        args.cells, args.genes, args.steps = 16, 96, 2
+    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)",
+              "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    t0 = time.perf_counter()
+    report["compile"] = compile_native(device)
+    report["kernels"] = kernel_checks(device, args.cells, args.genes)
+    report["matmul_peak_flops"] = peak = matmul_peak(device, args.cells, args.genes)
+    with tempfile.TemporaryDirectory() as tmp:
+        store_path = args.store
+        if store_path is None:
+            from cellssl.loaders.synth import synth
+
+            genes = Path(tmp) / "genes.txt"
+            if args.smoke:
+                from cellssl.loaders import GeneSpace
+
+                genes.write_text("\n".join(GeneSpace.default().gene_id[:3000]))
+            store_path = synth(Path(tmp) / "s.cellstore", 400 if args.smoke else 4 * args.cells,
+                               genes=genes if args.smoke else "default", progress=False)
+        batch = 64 if args.smoke else args.cells
+        report["objectives"] = objective_checks(device, CellStore(store_path), args.steps, batch, peak)
+    report["seconds"] = time.perf_counter() - t0
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
