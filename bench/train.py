@@ -86,18 +86,9 @@ def paper_style(objective, name: str, members, x: torch.Tensor, step: int) -> to
     return (torch.diagonal(c) - 1).pow(2).sum() + objective.lambd * (c.pow(2).sum() - torch.diagonal(c).pow(2).sum())
 
 
-def batches(stream):
-    """Endless batches, epoch after epoch (a small store has few steps per epoch)."""
-    epoch = 0
-    while True:
-        stream.set_epoch(epoch)
-        yield from stream
-        epoch += 1
-
-
 def timed_steps(loss_fn, objective, stream, steps: int) -> float:
     opt = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
-    it = batches(stream)
+    it = stream.endless()  # a small store has few steps per epoch
     for i in range(steps + 1):
         if i == 1:
             t0 = time.perf_counter()

@@ -20,19 +20,16 @@ def losses(objective, store, steps=40, lr=3e-3):
     torch.manual_seed(0)
     opt = torch.optim.Adam([p for p in objective.parameters() if p.requires_grad], lr=lr)
     stream = BatchStream(store, "train", batch_size=256, seed=0)
-    out, step = [], 0
-    while step < steps:
-        for batch in stream:
-            loss, _ = objective(batch.x, batch.obs.get("cell_type"), step)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            objective.after_step()
-            out.append(float(loss.detach()))
-            step += 1
-            if step == steps:
-                break
-        stream.set_epoch(step)
+    out = []
+    for step, batch in enumerate(stream.endless()):
+        if step == steps:
+            break
+        loss, _ = objective(batch.x, batch.obs.get("cell_type"), step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        objective.after_step()
+        out.append(float(loss.detach()))
     return out
 
 

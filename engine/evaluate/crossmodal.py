@@ -69,18 +69,13 @@ def end_to_end(encoder: torch.nn.Module, latent: int, store: CellStore, columns:
     model = torch.nn.Sequential(encoder, head_for(latent, len(columns))).to(device())
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr)
     stream = BatchStream(store, "train", min(batch_size, len(y_train)), seed=seed, rank=0, world_size=1, columns=[])
-    step, epoch = 0, 0
-    while step < steps:
-        for batch in stream:
-            loss = F.mse_loss(model(batch.x.to(device())), targets[batch.index - start].to(device()))
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            step += 1
-            if step >= steps:
-                break
-        epoch += 1
-        stream.set_epoch(epoch)
+    for step, batch in enumerate(stream.endless()):
+        if step == steps:
+            break
+        loss = F.mse_loss(model(batch.x.to(device())), targets[batch.index - start].to(device()))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
     model.eval()
     predicted = ys.invert(map_split(store, split, lambda x, _: model(x)))
     return pearson(modality(store, columns, split), predicted, columns)
