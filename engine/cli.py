@@ -6,6 +6,7 @@ in one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -35,6 +36,9 @@ def _add_convert(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the split assignment and the in-split shuffle")
     p.add_argument("--codec", default=Layout.codec, help="auto (default: blosc-lz4 for integers, zstd1 for floats), blosc-lz4, zstdN or none")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at DST")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes for reading the source where its format can be split (scTab part files; "
+                        "default: the cores there are); the store is the same for any number")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             convert(source, args.dst, genes=genes, split_by=args.split_by, val_frac=args.val_frac,
                     test_frac=args.test_frac, seed=args.seed, overwrite=args.overwrite,
                     value_kind=None if args.value_kind == "auto" else args.value_kind,
-                    layout=Layout(codec=args.codec), progress=not args.quiet)
+                    layout=Layout(codec=args.codec), progress=not args.quiet, workers=args.workers)
         elif args.command == "synth":
             datasets = tuple(int(d) for d in args.datasets.split(",")) if args.datasets else None
             synth(args.dst, args.cells, args.format, args.seed, args.genes, args.overwrite, progress=not args.quiet,

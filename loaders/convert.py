@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -165,60 +166,128 @@ def _obs_table(rows: np.ndarray, source: Source, dictionaries: dict[str, pa.Arra
     return pa.table(cols)
 
 
-def _spill_pass(source: Source, alignment: GeneAlignment, dest: np.ndarray, scratch: Path, requested_kind,
-                progress: bool) -> tuple[Spill, int, str, float, float]:
-    """Pass 1: read, check, align (and, for log1p per another total, rescale) every row into its destination bucket;
-    returns the spill, the bucket size, the value kind, the largest value and the source's normalisation total."""
+@dataclass(frozen=True)
+class _Plan:
+    """What pass 1 decides from the first chunk and every worker shares: value kind, normalisation total, bucket size."""
+
+    kind: str
+    scale: float
+    bucket_rows: int
+
+
+def _plan(source: Source, first: RowChunk, requested_kind, n_genes: int) -> _Plan:
+    _Checker(source, "log1p_10k")(first)  # NaN/Inf/negative first: they would confuse the kind detection
+    kind, scale = _decide_value_kind(requested_kind, source, first)
+    if scale != TARGET_SUM:
+        _stderr(f"{source.describe()}: values are log1p of counts per {scale:,.6g}; rescaling them to log1p "
+                "per 10,000 (the store records source_scale)")
+    per_row = _row_dtype(source).itemsize + (len(first.data) / max(len(first), 1)) * (index_dtype(n_genes).itemsize + 4)
+    return _Plan(kind, scale, int(np.clip(BUCKET_BYTES // max(per_row, 1), 1024, max(source.n_cells, 1))))
+
+
+def _spill_range(source: Source, alignment: GeneAlignment, dest: np.ndarray, root: Path, scratch: Path, start: int,
+                 stop: int, plan: _Plan | None, requested_kind, tick: Callable[[int], None]) -> tuple[int, float, _Plan]:
+    """Read, check, align (and, for log1p per another total, rescale) rows [start, stop) into their destination
+    buckets under `root`; `dest` holds the destinations of those rows. Returns (rows seen, largest value, plan)."""
     n_genes = len(alignment.target)
     mapping = None if alignment.is_identity else alignment.source_to_target
-    row_dtype, spill, bucket_rows, checker, seen = _row_dtype(source), None, 0, None, 0
-    bar = tqdm(total=source.n_cells, desc="read+shuffle", unit="cell", unit_scale=True, disable=not progress)
-    for chunk in source.chunks(scratch / "source"):
+    row_dtype, spill, checker, seen = _row_dtype(source), None, None, start
+    for chunk in source.chunks_in(scratch, start, stop):
+        if plan is None:
+            plan = _plan(source, chunk, requested_kind, n_genes)
         if spill is None:
-            _Checker(source, "log1p_10k")(chunk)  # NaN/Inf/negative first: they would confuse the kind detection
-            kind, scale = _decide_value_kind(requested_kind, source, chunk)
-            if scale != TARGET_SUM:
-                _stderr(f"{source.describe()}: values are log1p of counts per {scale:,.6g}; rescaling them to log1p "
-                        "per 10,000 (the store records source_scale)")
-            checker = _Checker(source, kind)
-            spill = Spill(scratch / "buckets", row_dtype, {"idx": index_dtype(n_genes), "val": np.float32})
-            per_row = row_dtype.itemsize + (len(chunk.data) / max(len(chunk), 1)) * (index_dtype(n_genes).itemsize + 4)
-            bucket_rows = int(np.clip(BUCKET_BYTES // max(per_row, 1), 1024, max(source.n_cells, 1)))
+            checker = _Checker(source, plan.kind)
+            spill = Spill(root, row_dtype, {"idx": index_dtype(n_genes), "val": np.float32})
         checker(chunk)
-        if scale != TARGET_SUM:
-            chunk.data = rescale_log1p(np.asarray(chunk.data), scale)
+        if plan.scale != TARGET_SUM:
+            chunk.data = rescale_log1p(np.asarray(chunk.data), plan.scale)
         indptr, cols, vals = remap_columns(chunk.indptr, np.asarray(chunk.indices), np.asarray(chunk.data),
                                            mapping, n_genes)
         n = len(chunk)
-        rows = np.zeros(n, row_dtype)
-        rows["original_index"] = np.arange(chunk.start, chunk.start + n)
-        if chunk.start + n > source.n_cells or chunk.start != seen:
+        if chunk.start + n > stop or chunk.start != seen:
             raise InputError(source.describe(), f"rows out of order or beyond the declared {source.n_cells} cells",
                              "the source file is inconsistent; re-export it")
-        rows["dest"] = dest[chunk.start:chunk.start + n]
+        rows = np.zeros(n, row_dtype)
+        rows["original_index"] = np.arange(chunk.start, chunk.start + n)
+        rows["dest"] = dest[chunk.start - start:chunk.start - start + n]
         rows["nnz"] = np.diff(indptr)
         for name, values in chunk.obs.items():
             rows[name] = values
-        order = np.argsort(rows["dest"] // bucket_rows, kind="stable")
+        order = np.argsort(rows["dest"] // plan.bucket_rows, kind="stable")
         new_indptr, pos = take_rows(indptr, order)
-        spill.append_split(rows["dest"][order] // bucket_rows, rows[order], new_indptr,
+        spill.append_split(rows["dest"][order] // plan.bucket_rows, rows[order], new_indptr,
                            {"idx": cols[pos].astype(index_dtype(n_genes)), "val": vals[pos].astype(np.float32)})
         seen += n
-        bar.update(n)
-    bar.close()
-    if seen != source.n_cells or spill is None:
-        raise InputError(source.describe(), f"yielded {seen} cells, its header declares {source.n_cells}",
-                         "the source is truncated or inconsistent; re-export it")
-    return spill, bucket_rows, checker.kind, checker.max_value, scale
+        tick(n)
+    if seen != stop or plan is None:
+        raise InputError(source.describe(), f"yielded {seen - start} of rows [{start}, {stop}); its header declares "
+                         f"{source.n_cells} cells", "the source is truncated or inconsistent; re-export it")
+    return seen - start, checker.max_value, plan
 
 
-def _write_pass(spill: Spill, bucket_rows: int, n_cells: int, writer: CellStoreWriter, source: Source,
+def _spill_worker(task) -> tuple[int, float]:
+    """One process's share of pass 1 (spawned: it reopens the source from its path)."""
+    source_type, path, alignment, dest, root, scratch, start, stop, plan, requested_kind, ticks = task
+    source = source_type(path)
+    seen, max_value, _ = _spill_range(source, alignment, dest, root, scratch, start, stop, plan, requested_kind,
+                                      ticks.put)
+    return seen, max_value
+
+
+def _spill_pass(source: Source, alignment: GeneAlignment, dest: np.ndarray, scratch: Path, requested_kind,
+                progress: bool, workers: int = 1) -> tuple[list[Spill], _Plan, float]:
+    """Pass 1 over the whole source, split over `workers` processes where the format allows (scTab: runs of part
+    files); every worker spills into its own bucket files, which pass 2 reads together. Returns the spills, the
+    plan and the largest value."""
+    bar = tqdm(total=source.n_cells, desc="read+shuffle", unit="cell", unit_scale=True, disable=not progress)
+    parts = source.partitions(workers) if workers > 1 else [(0, source.n_cells)]
+    roots = [scratch / f"buckets-{w}" for w in range(len(parts))]
+    row_dtype = _row_dtype(source)
+    n_genes = len(alignment.target)
+    try:
+        if len(parts) == 1:
+            _, max_value, plan = _spill_range(source, alignment, dest, roots[0], scratch / "source", 0,
+                                              source.n_cells, None, requested_kind, bar.update)
+        else:
+            first = next(iter(source.chunks_in(scratch / "source", *parts[0])))
+            plan = _plan(source, first, requested_kind, n_genes)
+            max_value = _run_workers(source, alignment, dest, roots, scratch, parts, plan, requested_kind, bar)
+    finally:
+        bar.close()
+    spills = [Spill(root, row_dtype, {"idx": index_dtype(n_genes), "val": np.float32}) for root in roots]
+    return spills, plan, max_value
+
+
+def _run_workers(source, alignment, dest, roots, scratch, parts, plan, requested_kind, bar) -> float:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")  # never fork a process whose libraries run threads
+    with context.Manager() as manager, ProcessPoolExecutor(len(parts), mp_context=context) as pool:
+        ticks = manager.Queue()
+        futures = [pool.submit(_spill_worker, (type(source), source.path, alignment, dest[a:b], root,
+                                               scratch / f"source-{w}", a, b, plan, requested_kind, ticks))
+                   for w, ((a, b), root) in enumerate(zip(parts, roots))]
+        while not all(f.done() for f in futures):
+            try:
+                bar.update(ticks.get(timeout=0.2))
+            except Exception:  # queue.Empty through the manager's proxy
+                pass
+        results = [f.result() for f in futures]  # re-raises a worker's InputError as itself
+        while not ticks.empty():
+            bar.update(ticks.get())
+    return max(m for _, m in results)
+
+
+def _write_pass(spills: list[Spill], bucket_rows: int, n_cells: int, writer: CellStoreWriter, source: Source,
                 value_dtype, progress: bool) -> None:
     """Pass 2: each bucket back in destination order, appended to the store."""
     dictionaries = {n: pa.array(c, pa.string()) for n, c in source.categories.items()}
     bar = tqdm(total=n_cells, desc="write", unit="cell", unit_scale=True, disable=not progress)
     for b, start in enumerate(range(0, n_cells, bucket_rows)):
-        rows, elems = spill.pop(b)
+        popped = [spill.pop(b) for spill in spills]  # every worker's share of the bucket
+        rows = np.concatenate([r for r, _ in popped])
+        elems = {k: np.concatenate([e[k] for _, e in popped]) for k in popped[0][1]}
         order = np.argsort(rows["dest"])
         expected = np.arange(start, min(start + bucket_rows, n_cells))
         if not np.array_equal(rows["dest"][order], expected):
@@ -321,8 +390,9 @@ def _terminate_as_interrupt():
 def convert(source: Source, dst: str | Path, *, genes: str | Path = "keep", split_by: str | None = None,
             val_frac: float = 0.1, test_frac: float = 0.1, seed: int = 0, overwrite: bool = False,
             value_kind: str | None = None, layout: Layout = Layout(), progress: bool = True,
-            log: Callable[[str], None] = _stderr) -> CellStore:
-    """Convert an opened source into a verified cell store at `dst` and return it opened."""
+            log: Callable[[str], None] = _stderr, workers: int = 1) -> CellStore:
+    """Convert an opened source into a verified cell store at `dst` and return it opened. `workers`: processes for
+    the first pass where the format can be split (scTab's part files); the store is byte-identical either way."""
     dst = Path(dst)
     remove_leftovers(dst, log)
     check_destination(dst, overwrite)
@@ -335,21 +405,21 @@ def convert(source: Source, dst: str | Path, *, genes: str | Path = "keep", spli
     scratch = dst.with_name(f".{dst.name}.scratch-{os.getpid()}")
     with _terminate_as_interrupt():
         kind, splits = _convert(source, dst, tmp, scratch, alignment, dest, splits, seed, value_kind, layout,
-                                progress)
+                                progress, max(1, workers))
     log(f"wrote {dst} ({kind}, splits {splits})")
     return CellStore(dst)
 
 
-def _convert(source, dst, tmp, scratch, alignment, dest, splits, seed, value_kind, layout, progress):
+def _convert(source, dst, tmp, scratch, alignment, dest, splits, seed, value_kind, layout, progress, workers):
     """The two passes, verification and installation; the temporary store and scratch never outlive it."""
     try:
-        spill, bucket_rows, kind, max_value, scale = _spill_pass(source, alignment, dest, scratch, value_kind,
-                                                                  progress)
+        spills, plan, max_value = _spill_pass(source, alignment, dest, scratch, value_kind, progress, workers)
+        kind = plan.kind
         value_dtype = _counts_dtype(max_value) if kind == "counts" else np.float32
         writer = CellStoreWriter(tmp, alignment.target, kind, value_dtype, _obs_schema(source), source.categories,
                                  layout)
-        _write_pass(spill, bucket_rows, source.n_cells, writer, source, value_dtype, progress)
-        extra = {"gene_alignment": alignment.report(), "source_scale": scale}
+        _write_pass(spills, plan.bucket_rows, source.n_cells, writer, source, value_dtype, progress)
+        extra = {"gene_alignment": alignment.report(), "source_scale": plan.scale}
         if source.report():
             extra["kept"] = source.report()
         writer.finish(splits, seed, source.describe(), extra)

@@ -213,3 +213,18 @@ def test_log1p_per_another_total_is_rescaled_to_10k(tmp_path, counts):
     got = store.to_scipy().toarray()[order]
     expected = x[keep].toarray() / totals[keep][:, None] * 1e4
     np.testing.assert_allclose(got, np.log1p(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_sctab_conversion_in_parallel_is_byte_identical(tmp_path):
+    """`--workers 2` splits the first pass over runs of part files; the store is the same bytes as with one."""
+    from cellssl.loaders.synth import synth
+
+    src = synth(tmp_path / "merlin", 700, "sctab-parquet", progress=False)
+    source = open_source("sctab", src)
+    assert len(source.partitions(2)) == 2 and source.partitions(2)[-1][1] == source.n_cells
+    one = convert(source, tmp_path / "one.cellstore", progress=False, workers=1)
+    two = convert(open_source("sctab", src), tmp_path / "two.cellstore", progress=False, workers=2)
+    files = sorted(p.relative_to(one.path) for p in one.path.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(two.path) for p in two.path.rglob("*") if p.is_file())
+    assert all((one.path / f).read_bytes() == (two.path / f).read_bytes() for f in files)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merlin", "one.cellstore", "two.cellstore"]

@@ -54,6 +54,17 @@ class Source:
     def describe(self) -> str:
         return f"{type(self).__name__.removesuffix('Source').lower()}:{self.path.name}"
 
+    def partitions(self, n: int) -> list[tuple[int, int]]:
+        """Up to `n` consecutive row ranges [start, stop) that `chunks_in` can read independently (in parallel
+        processes); one range where the format cannot be split."""
+        return [(0, self.n_cells)]
+
+    def chunks_in(self, scratch: Path, start: int, stop: int) -> Iterator[RowChunk]:
+        """The chunks of rows [start, stop), a range `partitions` returned."""
+        if (start, stop) != (0, self.n_cells):
+            raise ValueError(f"{type(self).__name__} reads only whole: rows [0, {self.n_cells})")
+        yield from self.chunks(scratch)
+
     def report(self) -> str:
         """What the conversion kept beside the matrix and obs (paired modalities), for its log line."""
         return ""

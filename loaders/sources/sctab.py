@@ -75,17 +75,31 @@ class ScTabSource(Source):
         return f"sctab:{self.path.name}"
 
     def chunks(self, scratch: Path) -> Iterator[RowChunk]:
+        yield from self.chunks_in(scratch, 0, self.n_cells)
+
+    def partitions(self, n: int) -> list[tuple[int, int]]:
+        """Runs of whole part files with about the same number of rows each."""
+        ends = np.cumsum(self.counts)
+        cuts = sorted({int(ends[np.searchsorted(ends, self.n_cells * k / n, side="left")]) for k in range(1, n)})
+        bounds = [0] + [c for c in cuts if 0 < c < self.n_cells] + [self.n_cells]
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def chunks_in(self, scratch: Path, start: int, stop: int) -> Iterator[RowChunk]:
         # mimalloc keeps freed row groups (316 MB per 4,096 dense rows) mapped; the system pool returns them.
         previous = pa.default_memory_pool()
         pa.set_memory_pool(pa.system_memory_pool())
         try:
-            yield from self._chunks()
+            yield from self._chunks(start, stop)
         finally:
             pa.set_memory_pool(previous)
 
-    def _chunks(self) -> Iterator[RowChunk]:
-        start = 0
-        for f in (f for s in SPLITS for f in self.parts[s]):
+    def _chunks(self, first: int, stop: int) -> Iterator[RowChunk]:
+        files = [f for s in SPLITS for f in self.parts[s]]
+        offsets = np.concatenate(([0], np.cumsum(self.counts)))
+        if first not in offsets or stop not in offsets:
+            raise ValueError(f"rows [{first}, {stop}) do not start and end at part-file boundaries")
+        start = first
+        for f in files[int(np.searchsorted(offsets, first)):int(np.searchsorted(offsets, stop))]:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BATCH):
                 block = self._dense(batch, f)
                 indptr, indices, data = dense_to_csr(block)
