@@ -8,6 +8,7 @@ Usage: python bench/render.py bench/results.json
 """
 from __future__ import annotations
 
+import codecs
 import json
 import sys
 from collections import defaultdict
@@ -34,7 +35,7 @@ def render(report: dict) -> str:
                   "|---|---|---:|---:|" + ("---:|---:|" if training else "")]
         for b in benches:
             speed = cells_per_s(b)
-            label = b["extra_info"].get("label", b["name"])
+            label = codecs.decode(b["extra_info"].get("label", b["name"]), "unicode_escape")  # pytest escapes ids
             row = f"| {label} | {b['extra_info']['role']} | {speed:,.0f} | " + (f"{speed / ref:.2f}× |" if ref else "– |")
             if training:
                 ceiling = b["extra_info"].get("ceiling_cells_per_s")
