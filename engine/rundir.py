@@ -18,9 +18,6 @@ RUN_GLOBS = ("trace-rank*.jsonl", ".model.safetensors.tmp-*")
 # what a user may change when continuing a run: how long it goes on and how often it reports
 RESUMABLE_FIELDS = ("max_steps", "log_every", "val_every", "checkpoint_every", "resume", "overwrite", "trace",
                     "monitor")
-# the store attributes that make two stores the same data
-FINGERPRINT_FIELDS = ("n_cells", "n_genes", "nnz", "value_kind", "splits", "shuffle_seed", "var_checksum",
-                      "obs_checksum")
 
 
 def holds_run(out: Path) -> bool:
@@ -58,11 +55,6 @@ def clear(out: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def fingerprint(store: CellStore) -> dict:
-    """What identifies the data a run trains on, whatever path it is opened from."""
-    return {k: store.attrs.get(k) for k in FINGERPRINT_FIELDS}
-
-
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -93,7 +85,7 @@ def check_store(store: CellStore, client: dict, out: Path) -> None:
     if saved is None:
         raise InputError(out / "checkpoints", "the checkpoint records no store fingerprint (written by an older "
                          "cellssl)", "start the run again with --overwrite")
-    for key in FINGERPRINT_FIELDS:
+    for key in CellStore.FINGERPRINT:
         if saved.get(key) != store.attrs.get(key):
             raise InputError(store.path, f"is not the data this run trained on: {key} was {saved.get(key)!r}, is "
                              f"{store.attrs.get(key)!r}", "resume with the run's own --data, or start a new run in "

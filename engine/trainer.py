@@ -246,7 +246,7 @@ def train(cfg: TrainConfig) -> Path:
                 log.flush()
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             checkpoint.save(engine, out / "checkpoints", step, {"stream": stream.state_dict(),
-                                                                "store": rundir.fingerprint(store),
+                                                                "store": store.fingerprint(),
                                                                 "config": cfg.to_json(), "best": best})
         if step >= cfg.max_steps:
             break

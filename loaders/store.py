@@ -310,13 +310,19 @@ class CellStore:
                                  "convert the dataset with --split-by or --val-frac/--test-frac to give it one")
         return self.splits[name]
 
+    FINGERPRINT = ("n_cells", "n_genes", "nnz", "value_kind", "splits", "shuffle_seed", "var_checksum",
+                   "obs_checksum")
+
+    def fingerprint(self) -> dict:
+        """The attributes that make two stores the same data, whatever path each is opened from."""
+        return {k: self.attrs.get(k) for k in self.FINGERPRINT}
+
     @cached_property
     def checksum(self) -> str:
-        """Identity of the data (cells, genes, values' layout and cell table), whatever path it is opened from."""
+        """One hash of the fingerprint (what a saved loader position records)."""
         import hashlib
 
-        keys = ("n_cells", "n_genes", "nnz", "value_kind", "splits", "shuffle_seed", "var_checksum", "obs_checksum")
-        return hashlib.sha256(json.dumps({k: self.attrs.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()
+        return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()
 
     def read_rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """CSR triple of rows [start, stop): indptr rebased to 0, gene indices, values (store dtypes)."""
