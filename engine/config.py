@@ -63,6 +63,9 @@ class TrainConfig:
     warmup_fraction: float = opt(0.01, "warmup_cosine: fraction of max-steps spent warming up (the reference: 10 of "
                                  "1,000 epochs)")
     gradient_clipping: float = opt(1.0, "max gradient norm; 0: off")
+    input: str = opt("csr", "how batches reach the model: CSR (on a GPU copied compactly and densified there; on CPU "
+                     "read sparse by the first layer and the losses) or dense from the loader",
+                     choices=("csr", "dense"))
     precision: str = opt("fp32", "fp32, or bf16 matmuls under autocast (fp32 weights, optimiser and loss)",
                          choices=("fp32", "bf16"))
     max_steps: int = opt(1000, "optimiser steps to train for")

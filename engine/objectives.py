@@ -1,7 +1,9 @@
 """The SSL objectives of the paper behind one interface: `objective(x, labels, step) -> (loss, metrics)`.
 
 Each objective is an nn.Module that owns the networks it trains (the trainer hands it to DeepSpeed whole) and
-exposes `encoder` for embeddings and fine-tuning. Every per-element operation (masks, NB noise, the masked
+exposes `encoder` for embeddings and fine-tuning. `x` is the batch, a dense float32 tensor or `kernels.SparseRows`
+(the CSR the loader ships): the first layer and the reconstruction losses read its nonzeros, and only the views
+that must be dense (NB noise) are densified, where they are made. Every per-element operation (masks, NB noise, the masked
 loss) goes through `kernels`, keyed by (seed, step) so a resumed run draws the same randomness.
 """
 from __future__ import annotations
@@ -57,7 +59,7 @@ class Reconstruction(Objective):
 
     def forward(self, x, labels=None, step: int = 0):
         z = self.encode(self.encoder, x, kernels.no_mask(x))
-        loss = F.mse_loss(self.net(self.autoencoder.decoder, z), x)
+        loss = kernels.difference(self.net(self.autoencoder.decoder, z), x).square().mean()
         return loss, {"loss": loss.detach()}
 
 
@@ -107,14 +109,14 @@ def view_coins(seed: int, step: int, view: int, p: float = 0.5) -> tuple[bool, b
 def augmented_view(x: torch.Tensor, seed: int, step: int, view: int, intensity: float = 0.1, dropout: float = 0.1,
                    p: float = 0.5) -> tuple[torch.Tensor, kernels.MaskSpec]:
     """The paper's contrastive view, NB noise (`intensity`) and dropout (`dropout` of the genes) each applied with
-    probability `p`, as (base, spec) with view = apply_mask(base, spec). A noised view is dense: its dropout is
-    applied here, once (both encoders read it); a sparse one keeps the dropout as a spec, applied inside the first
-    layer. Views are built from the data alone: no gradient flows into them."""
+    probability `p`, as (base, spec) with view = apply_mask(base, spec). A noised view is dense (made here from the
+    batch, densified if it is CSR): its dropout is applied here, once (both encoders read it); a sparse one keeps the
+    batch as it came and the dropout as a spec, applied inside the first layer. Views are built from the data alone: no gradient flows into them."""
     noise, drop = view_coins(seed, step, view, p)
     spec = kernels.mask_spec(x, "random", dropout if drop else 0.0, seed + 1, step * 4 + view)
     if not noise:
         return x, spec
-    noised = kernels.nb_augment(x.detach(), intensity, seed, step * 4 + view)
+    noised = kernels.nb_augment(kernels.dense(x).detach(), intensity, seed, step * 4 + view)
     return (kernels.apply_mask(noised, spec) if drop else noised), kernels.no_mask(x)
 
 

@@ -15,9 +15,10 @@ from .config import TrainConfig
 # what a run writes into its folder (--overwrite removes these and nothing else)
 RUN_FILES = ("config.json", "log.jsonl", "checkpoints", "model.safetensors", "model.pt", "tensorboard", "csv_monitor")
 RUN_GLOBS = ("trace-rank*.jsonl", ".model.safetensors.tmp-*")
-# what a user may change when continuing a run: how long it goes on and how often it reports
+# what a user may change when continuing a run: how long it goes on, how often it reports, and how batches reach the
+# model (the same numbers either way)
 RESUMABLE_FIELDS = ("max_steps", "log_every", "val_every", "checkpoint_every", "resume", "overwrite", "trace",
-                    "monitor")
+                    "monitor", "input")
 
 
 def holds_run(out: Path) -> bool:

@@ -23,6 +23,7 @@ from cellssl.loaders.synthetic import default_store
 
 from . import checkpoint, optim, rundir
 from .config import TrainConfig
+from .feed import Feed
 from .setup import build_objective
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -112,7 +113,7 @@ VALIDATION_STEP = 1 << 62  # the randomness key of every validation pass: the sa
 
 
 @torch.no_grad()
-def validate(engine, val: BatchStream, cfg: TrainConfig, device) -> dict:
+def validate(engine, val: BatchStream, feed: Feed, cfg: TrainConfig, device) -> dict:
     """Scores of the first `val_batches` batches of a fresh pass (epoch 0) over the validation split: the same cells
     and the same masks on every call, summed over every rank's cells. `val_loss` always; `val_macro_f1` and
     `val_micro_f1` for classifiers (from the confusion matrix of all ranks)."""
@@ -122,10 +123,9 @@ def validate(engine, val: BatchStream, cfg: TrainConfig, device) -> dict:
     total = torch.zeros(2, dtype=torch.float64, device=device)
     confusion = torch.zeros(classes, classes, dtype=torch.float64, device=device)
     val.set_epoch(0)
-    for batch in val:
+    for batch, x in feed(val):
         if batch.step >= cfg.val_batches:
             break
-        x = batch.x.to(device)
         labels = batch.obs.get(cfg.objective.label)
         labels = None if labels is None else labels.to(device)
         loss, _ = engine(x, labels, VALIDATION_STEP)
@@ -165,11 +165,12 @@ def train(cfg: TrainConfig) -> Path:
     store = CellStore(cfg.data or default_store(progress=rank == 0))
     torch.manual_seed(cfg.seed)
     columns = [cfg.objective.label] if cfg.objective.label in store.obs_columns else []
-    stream = BatchStream(store, "train", cfg.batch_size, cfg.seed, rank, world, columns=columns)
+    feed = Feed(cfg.input, device, store)
+    stream = feed.stream(store, "train", cfg.batch_size, cfg.seed, rank, world, columns=columns)
     val = None
     if "val" in store.splits:
         start, stop = store.split("val")
-        val = BatchStream(store, "val", max(1, min(cfg.batch_size, -(-(stop - start) // world))), cfg.seed, rank,
+        val = feed.stream(store, "val", max(1, min(cfg.batch_size, -(-(stop - start) // world))), cfg.seed, rank,
                           world, columns=columns, drop_last=False)
     if cfg.resume and (out / "config.json").is_file():
         rundir.check_config(cfg, (out / "config.json").read_text(), out)
@@ -202,8 +203,7 @@ def train(cfg: TrainConfig) -> Path:
     trace = open(out / f"trace-rank{rank}.jsonl", "a") if cfg.trace else None
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=rank != 0)
     started, cells = time.perf_counter(), 0
-    for batch in stream.endless() if step < cfg.max_steps else ():
-        x = batch.x.to(device, non_blocking=True)
+    for batch, x in feed(stream.endless()) if step < cfg.max_steps else ():
         labels = batch.obs.get(cfg.objective.label)
         loss, metrics = engine(x, None if labels is None else labels.to(device), step)
         value = float(loss.detach())
@@ -232,7 +232,7 @@ def train(cfg: TrainConfig) -> Path:
             engine.monitor.write_events([(f"Train/{k}", v, step) for k, v in (
                 ("loss", value), *((k, float(v)) for k, v in metrics.items() if k != "loss"))])
         if val is not None and (step % cfg.val_every == 0 or step == cfg.max_steps):
-            scores = validate(engine, val, cfg, device)
+            scores = validate(engine, val, feed, cfg, device)
             improved = scores.get("val_macro_f1", -math.inf) > best
             if improved:
                 best = scores["val_macro_f1"]
@@ -245,7 +245,7 @@ def train(cfg: TrainConfig) -> Path:
                                       **({"best": True} if improved else {})}) + "\n")
                 log.flush()
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            checkpoint.save(engine, out / "checkpoints", step, {"stream": stream.state_dict(),
+            checkpoint.save(engine, out / "checkpoints", step, {"stream": stream.state_after(batch),
                                                                 "store": store.fingerprint(),
                                                                 "config": cfg.to_json(), "best": best})
         if step >= cfg.max_steps:

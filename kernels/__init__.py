@@ -9,6 +9,7 @@ from .masked_linear import masked_linear
 from .masking import apply_mask, gene_program_mask, isolated_mask, mask_spec, no_mask, random_mask
 from .nb_augment import nb_augment
 from .recon_loss import masked_recon_loss
+from .sparse_rows import SparseRows, dense, difference
 
-__all__ = ["MaskSpec", "apply_mask", "csr_to_dense", "gene_program_mask", "isolated_mask", "mask_spec",
+__all__ = ["MaskSpec", "SparseRows", "apply_mask", "dense", "difference", "csr_to_dense", "gene_program_mask", "isolated_mask", "mask_spec",
            "masked_linear", "masked_recon_loss", "nb_augment", "no_mask", "random_mask"]

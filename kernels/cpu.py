@@ -103,6 +103,31 @@ def _fill_kept(x, mode, key, threshold, row_bits, row_index, scale, slots, cols,
 
 
 @numba.njit(parallel=True, cache=True)
+def _fill_kept_csr(indptr, indices, data, n_genes, mode, key, threshold, row_bits, row_index, scale, cols, vals,
+                   counts):
+    """_fill_kept for CSR input: the keep test on each row's stored values only (row r writes from indptr[r] + r,
+    one spare slot per row as there)."""
+    words = (n_genes + 3) // 4
+    thr = np.uint64(threshold)
+    n = len(indptr) - 1
+    for r in prange(n):
+        which, s = row_index[r], scale[r]
+        first = indptr[r] + r
+        j = first
+        for k in range(indptr[r], indptr[r + 1]):
+            c = np.int64(indices[k])
+            if mode == RANDOM:
+                keep = _lane(_word(key, r, words, c >> 2), c) >= thr
+            else:
+                bit = (row_bits[which, c >> 5] >> (c & 31)) & 1
+                keep = bit == 0 if mode == DROP_BITS else bit == 1
+            cols[j] = c
+            vals[j] = data[k] * s
+            j += keep and data[k] != 0.0
+        counts[r] = j - first
+
+
+@numba.njit(parallel=True, cache=True)
 def _compact(slots, counts, indptr, cols, vals, out_cols, out_vals):
     for r in prange(len(counts)):
         a, b = slots[r], indptr[r]
@@ -131,6 +156,23 @@ def kept_entries(x: np.ndarray, nonzeros: np.ndarray, mode: int, key: int, thres
     out_cols, out_vals = np.empty(indptr[-1], np.int32), np.empty(indptr[-1], np.float32)
     _compact(slots, counts, indptr, cols, vals, out_cols, out_vals)
     return indptr, out_cols, out_vals
+
+
+def kept_entries_csr(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_genes: int, mode: int, key: int,
+                     threshold: int, row_bits: np.ndarray, row_index: np.ndarray,
+                     scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """kept_entries of a batch given as CSR: the same entries, found without a dense row to scan."""
+    n = len(indptr) - 1
+    slots = indptr[:-1] + np.arange(n)
+    size = int(indptr[-1]) + n
+    cols, vals, counts = np.empty(size, np.int32), np.empty(size, np.float32), np.empty(n, np.int64)
+    _fill_kept_csr(indptr, indices, data, n_genes, mode, key, np.uint64(threshold), row_bits, row_index, scale, cols,
+                   vals, counts)
+    out = np.zeros(n + 1, np.int64)
+    np.cumsum(counts, out=out[1:])
+    out_cols, out_vals = np.empty(out[-1], np.int32), np.empty(out[-1], np.float32)
+    _compact(slots, counts, out, cols, vals, out_cols, out_vals)
+    return out, out_cols, out_vals
 
 
 @numba.njit(cache=True)
@@ -172,6 +214,38 @@ def random_masked_loss(pred, x, key, threshold, scale2, grad, partial):
             else:
                 for c in range(4 * w, g):
                     d = pr[c] - xr[c]
+                    m = np.float32(_lane(bits, c) < thr)
+                    gr[c] = m * d * scale2
+                    acc += m * d * d
+        partial[r] = acc
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def random_masked_loss_csr(pred, indptr, indices, data, key, threshold, scale2, grad, partial):
+    """random_masked_loss with the target x as CSR: each row of grad first holds pred − x (pred, then the stored
+    values subtracted), then the masked pass runs over it in place while the row is in cache."""
+    n, g = pred.shape
+    words, full = (g + 3) // 4, g // 4
+    thr = np.uint64(threshold)
+    for r in prange(n):
+        pr, gr = pred[r], grad[r]
+        for c in range(g):
+            gr[c] = pr[c]
+        for k in range(indptr[r], indptr[r + 1]):
+            gr[indices[k]] -= data[k]
+        acc = np.float32(0.0)
+        for w in range(words):
+            bits = _word(key, r, words, w)
+            if w < full:
+                for lane in range(4):
+                    c = 4 * w + lane
+                    d = gr[c]
+                    m = np.float32(((bits >> np.uint64(16 * lane)) & np.uint64(0xFFFF)) < thr)
+                    gr[c] = m * d * scale2
+                    acc += m * d * d
+            else:
+                for c in range(4 * w, g):
+                    d = gr[c]
                     m = np.float32(_lane(bits, c) < thr)
                     gr[c] = m * d * scale2
                     acc += m * d * d

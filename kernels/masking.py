@@ -13,6 +13,7 @@ import torch
 from .dispatch import check_matrix, use_triton
 from .mask_kernel import mask_triton
 from .mask_spec import RANDOM, MaskSpec, isolated_spec, no_mask, programme_spec, random_spec, threshold16
+from .sparse_rows import check_input
 
 
 def mask_reference(x: torch.Tensor, spec: MaskSpec, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -60,13 +61,13 @@ def apply_mask(x: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
     return _ApplyMask.apply(x, spec)
 
 
-def mask_spec(x: torch.Tensor, mask: str, rate: float = 0.5, seed: int = 0, step: int = 0,
+def mask_spec(x, mask: str, rate: float = 0.5, seed: int = 0, step: int = 0,
               programmes: torch.Tensor | None = None, tf_genes: torch.Tensor | None = None,
               per: str = "batch", rate_of: str = "programmes") -> MaskSpec:
     """The spec of a mask ("random", "gene_program", "isolated") without applying it: for `masked_linear`, which
     applies it inside the first layer, and `masked_recon_loss`. `rate_of` (gene_program): the rate is a fraction of
-    the programmes (the paper) or of the genes."""
-    check_matrix(x, "x")
+    the programmes (the paper) or of the genes. x: the batch, dense or SparseRows (only its shape and device count)."""
+    check_input(x, "x")
     if mask == "random":
         return random_spec(x, rate, seed, step, use_triton(x))
     if mask == "gene_program":

@@ -16,6 +16,7 @@ from .dispatch import check_matrix, check_same
 from .mask_kernel import keep_tile
 from .mask_modes import RANDOM, TARGET_GENE, TARGET_MASKED, threshold16
 from .mask_spec import MaskSpec
+from .sparse_rows import SparseRows, check_input, dense, difference
 
 
 @jit
@@ -53,11 +54,11 @@ def _loss_triton(pred: torch.Tensor, x: torch.Tensor, spec: MaskSpec) -> tuple[t
     return partial.sum() * inv_n, grad
 
 
-def recon_loss_reference(pred: torch.Tensor, x: torch.Tensor, spec: MaskSpec,
+def recon_loss_reference(pred: torch.Tensor, x, spec: MaskSpec,
                          selected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, ∂loss/∂pred) in torch, the selection materialised from the spec unless given."""
+    """(loss, ∂loss/∂pred) in torch, the selection materialised from the spec unless given; x dense or SparseRows."""
     inv_n = 1.0 / x.numel()
-    diff = pred - x
+    diff = difference(pred.detach(), x)
     if selected is None and spec.target == TARGET_GENE:
         rows = torch.arange(x.shape[0], device=x.device)
         cols = spec.target_gene.long()
@@ -73,15 +74,19 @@ def recon_loss_reference(pred: torch.Tensor, x: torch.Tensor, spec: MaskSpec,
     return torch.dot(flat, flat) * inv_n, diff.mul_(2.0 * inv_n)
 
 
-def _loss_cpu_random(pred: torch.Tensor, x: torch.Tensor, spec: MaskSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """The random mask's loss in one numba pass that regenerates the mask bits (kernels/cpu.py)."""
-    from .cpu import random_masked_loss
+def _loss_cpu_random(pred: torch.Tensor, x, spec: MaskSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random mask's loss in one numba pass that regenerates the mask bits (kernels/cpu.py); with SparseRows
+    the pass reads the target's nonzeros, every other target being 0."""
+    from .cpu import random_masked_loss, random_masked_loss_csr
 
-    pred, x = pred.contiguous(), x.contiguous()
+    pred = pred.detach().contiguous()
     grad, partial = torch.empty_like(pred), np.empty(len(pred), np.float64)
     inv_n = 1.0 / x.numel()
-    random_masked_loss(pred.detach().numpy(), x.detach().numpy(), spec.key, threshold16(spec.rate),
-                       np.float32(2.0 * inv_n), grad.numpy(), partial)
+    args = (spec.key, threshold16(spec.rate), np.float32(2.0 * inv_n), grad.numpy(), partial)
+    if isinstance(x, SparseRows):
+        random_masked_loss_csr(pred.numpy(), *x.numpy(), *args)
+    else:
+        random_masked_loss(pred.numpy(), x.detach().contiguous().numpy(), *args)
     return torch.tensor(partial.sum() * inv_n, dtype=torch.float32), grad
 
 
@@ -89,8 +94,9 @@ class _MaskedReconLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, x, spec):
         if spec.triton:
-            loss, grad = _loss_triton(pred, x, spec)
-        elif spec.mode == RANDOM and spec.target == TARGET_MASKED and pred.device.type == "cpu":
+            loss, grad = _loss_triton(pred, dense(x), spec)
+        elif (spec.mode == RANDOM and spec.target == TARGET_MASKED and pred.device.type == "cpu"
+              and not getattr(x, "counts", False)):
             loss, grad = _loss_cpu_random(pred, x, spec)
         else:
             loss, grad = recon_loss_reference(pred, x, spec)
@@ -103,10 +109,11 @@ class _MaskedReconLoss(torch.autograd.Function):
         return grad * grad_out, None, None
 
 
-def masked_recon_loss(pred: torch.Tensor, target: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
-    """Scalar loss; its gradient w.r.t. `pred` was computed in the forward pass and is replayed by backward."""
+def masked_recon_loss(pred: torch.Tensor, target, spec: MaskSpec) -> torch.Tensor:
+    """Scalar loss; its gradient w.r.t. `pred` was computed in the forward pass and is replayed by backward.
+    `target`: the batch, dense or SparseRows (a masked position that is not a stored value has target 0)."""
     check_matrix(pred, "pred")
-    check_matrix(target, "target")
+    check_input(target, "target")
     check_same(pred, target, "pred and target")
     if tuple(pred.shape) != spec.shape:
         raise ValueError(f"pred has shape {tuple(pred.shape)}, the mask spec {spec.shape}")

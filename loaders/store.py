@@ -212,6 +212,7 @@ class CellStore:
         for arr, allowed in ((self._indices, _INDEX_DTYPES), (self._data, _DATA_DTYPES)):
             if str(arr.dtype) not in allowed:
                 _fail(self.path / "X" / arr.basename, f"dtype {arr.dtype}, expected one of {sorted(allowed)}")
+        self.index_dtype = np.dtype(str(self._indices.dtype))  # what batches' CSR indices come as
         if self._indices.dtype == np.uint16 and self.n_genes > 65535:
             _fail(self.path / "X/indices", f"uint16 indices cannot address {self.n_genes} genes")
         if self.value_kind not in VALUE_KINDS:

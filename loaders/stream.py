@@ -1,10 +1,13 @@
 """BatchStream: dense (or CSR) batches of cells from a cell store, straight into a training loop.
 
 The sampler (`BlockShuffleSampler`) decides which rows; this file turns them into batches. A reader thread
-decodes one shuffle window at a time (each needed chunk once, on a small thread pool) and normalises counts;
-a densify thread scatters each batch into a ring of reused buffers (one pinned block when CUDA is
-available). A yielded batch's buffer stays valid until two more batches have been requested, so an async
-host-to-device copy of it can finish. An exception in a worker reaches the consumer as itself.
+decodes one shuffle window at a time (each needed chunk once, on a small thread pool) and normalises counts
+(unless `normalize=False`: then the values stay as stored, e.g. for a GPU that normalises while densifying);
+a second thread scatters each batch into a ring of reused dense buffers (one pinned block when CUDA is available),
+or, with output="csr", gathers its rows into a ring of reused CSR blocks (one pinned block per slot, grown only
+when a batch holds more values than the slot ever did). A yielded batch's buffers stay valid until two more
+batches have been requested (one without CUDA), so an async host-to-device copy of it can finish. An exception
+in a worker reaches the consumer as itself.
 Never imports engine or kernels.
 """
 from __future__ import annotations
@@ -34,8 +37,9 @@ def _held() -> int:
 
 @dataclass
 class Batch:
-    """One batch: `x` dense float32 [n, genes] (output="dense") or the CSR triplet (output="csr"), `obs` int64
-    codes by column, `index` the store rows. `epoch`/`step` say where it sits in the stream."""
+    """One batch: `x` dense float32 [n, genes] (output="dense") or the CSR triplet (output="csr": `indptr` int64,
+    `indices` the store's index dtype (uint16 up to 65,535 genes), `data` float32), `obs` int64 codes by column,
+    `index` the store rows. `epoch`/`step` say where it sits in the stream."""
 
     index: torch.Tensor
     obs: dict[str, torch.Tensor]
@@ -83,7 +87,8 @@ class BatchStream:
                              f"choose from {sorted(available)}")
         self.obs = {c: self.store.obs_codes(c).astype(np.int64) for c in columns}
         self.epoch, self.step = 0, 0
-        self._buffers: torch.Tensor | None = None
+        self._buffers: torch.Tensor | list | None = None
+        self._mean_nnz = self.store.nnz / max(1, self.store.n_cells)
 
     # --- the contract ----------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -105,6 +110,11 @@ class BatchStream:
         return {"epoch": self.epoch, "step": self.step, "seed": s.seed, "rank": s.rank, "world_size": s.world_size,
                 "batch_size": s.batch_size, "block_size": s.block_size, "buffer_batches": s.buffer_batches,
                 "split": self.split, "n_cells": s.n_cells, "store": self.store.checksum}
+
+    def state_after(self, batch: Batch) -> dict:
+        """state_dict() as it stands once `batch` is consumed: what a checkpoint holds when the consumer reads
+        ahead of the step it trains (the CUDA feed copies the next batch while this one trains)."""
+        return {**self.state_dict(), "epoch": batch.epoch, "step": batch.step + 1}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
@@ -128,9 +138,8 @@ class BatchStream:
         turn = threading.Semaphore(1)  # the reader starts a window only once the previous one is taken: 2 alive
         batches: queue.Queue = queue.Queue(maxsize=self.prefetch)
         free: queue.Queue = queue.Queue()
-        if self.output == "dense":
-            for slot in range(self._ring_buffers()):
-                free.put(slot)
+        for slot in range(self._ring_slots()):
+            free.put(slot)
         workers = [threading.Thread(target=self._guard, args=(self._read_windows, stop, windows, epoch, start,
                                                               windows, turn), daemon=True),
                    threading.Thread(target=self._guard, args=(self._densify, stop, batches, windows, batches, free,
@@ -161,13 +170,35 @@ class BatchStream:
             for w in workers:
                 w.join(timeout=10)
 
-    def _ring_buffers(self) -> int:
+    def _ring_slots(self) -> int:
         slots = self.prefetch + _held() + 1
-        shape = (slots, self.sampler.batch_size, self.store.n_genes)
-        if self._buffers is None or self._buffers.shape != shape:
-            # one allocation: pinned memory is rounded up to a power of two per allocation
-            self._buffers = _pin(torch.empty(shape, dtype=torch.float32))
+        if self.output == "dense":
+            shape = (slots, self.sampler.batch_size, self.store.n_genes)
+            if self._buffers is None or self._buffers.shape != shape:
+                # one allocation: pinned memory is rounded up to a power of two per allocation
+                self._buffers = _pin(torch.empty(shape, dtype=torch.float32))
+        elif self._buffers is None or len(self._buffers) != slots:
+            self._buffers = [None] * slots  # CSR slots: allocated at first use, sized by the batches they hold
         return slots
+
+    def _csr_slot(self, slot: int, rows: int, nnz: int):
+        """(indptr, indices, data) views of ring slot `slot` for `rows` rows and `nnz` values. Each slot is one
+        byte block (one pinned allocation where CUDA exists) holding the three arrays; it grows, with 25 % headroom,
+        only when a batch has more values than it ever held, so after the first batches nothing is allocated."""
+        index_dtype = self.store.index_dtype
+        block = self._buffers[slot]
+        capacity = 0 if block is None else (len(block) - 8 * (self.sampler.batch_size + 1)) // (
+            4 + index_dtype.itemsize)
+        if nnz > capacity:
+            capacity = max(nnz + nnz // 4, int(self._mean_nnz * rows * 1.25))
+            block = _pin(torch.empty(8 * (self.sampler.batch_size + 1) + (4 + index_dtype.itemsize) * capacity,
+                                     dtype=torch.uint8))
+            self._buffers[slot] = block
+        raw = block.numpy()
+        a = 8 * (self.sampler.batch_size + 1)
+        b = a + 4 * capacity
+        return (raw[:8 * (rows + 1)].view(np.int64), raw[b:b + index_dtype.itemsize * nnz].view(index_dtype),
+                raw[a:a + 4 * nnz].view(np.float32))
 
     @staticmethod
     def _put(q: queue.Queue, item, stop: threading.Event) -> None:
@@ -224,9 +255,9 @@ class BatchStream:
                         raise arrays[0]._fail("c", f"gene index out of range [0, {self.store.n_genes})")
                     local = np.zeros(len(rows) + 1, np.int64)
                     np.cumsum(indptr[rows + 1] - indptr[rows], out=local[1:])
-                    if self.output == "dense":  # normalised here, on the pool: the densify thread is the busier
-                        values = log1p_per_10k(local, values, pool, self.threads) if self.normalize else \
-                            values.astype(np.float32)
+                    # normalised here, on the pool: the densify thread is the busier
+                    if self.normalize:
+                        values = log1p_per_10k(local, values, pool, self.threads)
                     self._put(out, (group, rows, local, indices, values), stop)
         finally:
             for a in arrays:
@@ -246,14 +277,14 @@ class BatchStream:
                 positions = np.searchsorted(rows, batch_rows)
                 obs = {c: torch.from_numpy(v[batch_rows]) for c, v in self.obs.items()}
                 batch = Batch(torch.from_numpy(batch_rows), obs, epoch, step)
+                batch.slot = self._get(free, stop)
                 if self.output == "dense":
-                    batch.slot = self._get(free, stop)
                     x = self._buffers[batch.slot, :len(batch_rows)]
                     scatter_rows(x.numpy(), positions, local, indices, values)
                     batch.x = x
                 else:
                     nnz = int((local[positions + 1] - local[positions]).sum())
-                    sub = np.empty(len(positions) + 1, np.int64), np.empty(nnz, np.int32), np.empty(nnz, np.float32)
+                    sub = self._csr_slot(batch.slot, len(positions), nnz)
                     gather_rows(positions, local, indices, values, *sub)
-                    batch.indptr, batch.indices, batch.data = (_pin(torch.from_numpy(a)) for a in sub)
+                    batch.indptr, batch.indices, batch.data = (torch.from_numpy(a) for a in sub)
                 self._put(out, batch, stop)

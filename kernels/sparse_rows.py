@@ -1,0 +1,105 @@
+"""A batch as CSR rows, the form the loader ships and the first layer reads: what every op accepts in place of a
+dense [cells, genes] float32 tensor.
+
+On CPU the ops that can work on the nonzeros do (the masked first layer, the reconstruction losses); the ones
+that need every element (NB noise) ask for `to_dense()` where they are used. On CUDA the trainer densifies once
+on the device (`csr_to_dense`, log1p per 10k fused when the values are counts). Never imports engine or loaders.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .csr_to_dense import csr_to_dense
+from .dispatch import check_matrix
+
+_INDEX_DTYPES = (torch.uint16, torch.int16, torch.int32, torch.int64)
+
+
+@dataclass(frozen=True)
+class SparseRows:
+    """float32 CSR [len(indptr) − 1, n_genes]: row r holds values data[indptr[r]:indptr[r+1]] at columns
+    indices[same]. `counts`: the values are raw counts still to be normalised (log1p per 10k) when densified."""
+
+    indptr: torch.Tensor   # int64 [rows + 1]
+    indices: torch.Tensor  # uint16, int16, int32 or int64 [nnz]
+    data: torch.Tensor     # float32 [nnz]
+    n_genes: int
+    counts: bool = False
+
+    def __post_init__(self):
+        if self.indptr.dtype != torch.int64 or self.indptr.dim() != 1 or len(self.indptr) < 1:
+            raise TypeError(f"indptr must be a non-empty 1-D int64 tensor, got {self.indptr.dtype} "
+                            f"{tuple(self.indptr.shape)}")
+        if self.indices.dtype not in _INDEX_DTYPES or self.data.dtype != torch.float32:
+            raise TypeError(f"indices must be one of {_INDEX_DTYPES} (got {self.indices.dtype}) and data float32 "
+                            f"(got {self.data.dtype})")
+        if self.indices.shape != self.data.shape or self.indices.dim() != 1:
+            raise ValueError(f"indices {tuple(self.indices.shape)} and data {tuple(self.data.shape)} must be 1-D "
+                             "and of one length")
+        if not self.indptr.device == self.indices.device == self.data.device:
+            raise ValueError("indptr, indices and data must be on one device")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.indptr) - 1, self.n_genes
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.data.is_cuda
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+    def numel(self) -> int:
+        return len(self) * self.n_genes
+
+    @property
+    def nnz(self) -> int:
+        return len(self.data)
+
+    def detach(self) -> "SparseRows":
+        return self  # data, never a parameter
+
+    def to(self, device, non_blocking: bool = False) -> "SparseRows":
+        return SparseRows(*(t.to(device, non_blocking=non_blocking) for t in (self.indptr, self.indices, self.data)),
+                          self.n_genes, self.counts)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense float32 batch (normalised and log1p'd when the values are counts)."""
+        return csr_to_dense(self.indptr, self.indices, self.data, self.n_genes, normalize_log1p=self.counts)
+
+    def numpy(self):
+        """(indptr, indices, data) as numpy arrays sharing memory (CPU only)."""
+        return self.indptr.numpy(), self.indices.numpy(), self.data.numpy()
+
+
+def check_input(x, name: str = "x") -> None:
+    """A batch: a dense float32 matrix or SparseRows."""
+    if not isinstance(x, SparseRows):
+        check_matrix(x, name)
+
+
+def dense(x) -> torch.Tensor:
+    """x as a dense tensor (densified if it is SparseRows)."""
+    return x.to_dense() if isinstance(x, SparseRows) else x
+
+
+def difference(pred: torch.Tensor, x) -> torch.Tensor:
+    """pred − x, differentiable in pred; with SparseRows only the nonzeros are subtracted (no dense x is made)."""
+    if not isinstance(x, SparseRows) or x.counts or x.device != pred.device:
+        return pred - dense(x).to(pred.device)
+    rows = torch.repeat_interleave(torch.arange(len(x), device=x.device), x.indptr.diff())
+    return pred.index_put((rows, x.indices.to(torch.int64)), -x.data, accumulate=True)
+
+
+__all__ = ["SparseRows", "check_input", "dense", "difference"]
