@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from cellssl import kernels  # noqa: E402
 from cellssl.engine.experiments import EXPERIMENTS, PRETRAINING  # noqa: E402
+from cellssl.engine.feed import Feed  # noqa: E402
 from cellssl.engine.optim import schedule  # noqa: E402
 from cellssl.engine.setup import build_objective  # noqa: E402
 from cellssl.engine.trainer import build_optimizer  # noqa: E402
@@ -40,7 +41,7 @@ from cellssl.kernels.csr_to_dense import csr_to_dense_reference  # noqa: E402
 from cellssl.kernels.masking import mask_reference  # noqa: E402
 from cellssl.kernels.nb_augment import nb_augment_reference, nb_noise  # noqa: E402
 from cellssl.kernels.recon_loss import recon_loss_reference  # noqa: E402
-from cellssl.loaders import BatchStream, CellStore  # noqa: E402
+from cellssl.loaders import CellStore  # noqa: E402
 
 
 def timed(fn, device, repeats: int = 5) -> float:
@@ -116,7 +117,6 @@ def matmul_peak(device, cells: int, genes: int) -> float:
 
 def objective_checks(device, store: CellStore, steps: int, batch: int, peak: float) -> list[dict]:
     rows = []
-    copy_stream = torch.cuda.Stream() if device.type == "cuda" else None
     for name in PRETRAINING:
         cfg = replace(EXPERIMENTS[name], batch_size=batch, max_steps=steps,
                       precision="bf16" if device.type == "cuda" else "fp32")
@@ -125,18 +125,12 @@ def objective_checks(device, store: CellStore, steps: int, batch: int, peak: flo
         params = [p for p in objective.parameters() if p.requires_grad]
         opt = build_optimizer(cfg, params, 1) or torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         factor = schedule(cfg, 1)
-        stream = BatchStream(store, "train", batch, seed=0, columns=[], output="csr")
-        normalize = store.value_kind == "counts"
+        feed = Feed("csr", device, store)  # the trainer's path: CSR copied on a side stream, densified on the GPU
         moved, flops, started, done = 0, None, None, 0
-        for step, b in enumerate(stream.endless()):
+        for step, (b, x) in enumerate(feed(feed.stream(store, "train", batch, 0, 0, 1, columns=[]).endless())):
             if step == steps + 1:
                 break
-            with torch.cuda.stream(copy_stream) if copy_stream else _null():
-                parts = [t.to(device, non_blocking=True) for t in (b.indptr, b.indices, b.data)]
-            if copy_stream:
-                torch.cuda.current_stream().wait_stream(copy_stream)
-            moved = sum(t.numel() * t.element_size() for t in parts)
-            x = kernels.csr_to_dense(*parts, store.n_genes, normalize_log1p=normalize)
+            moved = sum(t.numel() * t.element_size() for t in (b.indptr, b.indices, b.data))
             if flops is None:
                 with FlopCounterMode(display=False) as counter:
                     objective(x, None, step)[0].backward()
@@ -160,14 +154,6 @@ def objective_checks(device, store: CellStore, steps: int, batch: int, peak: flo
                      "bytes_per_batch_csr": moved, "bytes_per_batch_dense": batch * store.n_genes * 4,
                      "share_of_matmul_peak": flops * done / seconds / peak})
     return rows
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main() -> None:

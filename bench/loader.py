@@ -1,4 +1,4 @@
-"""Loader benchmark: dense float32 batches of 8,192 × 19,350 per second, ours beside peer loaders.
+"""Loader benchmark: batches of 8,192 cells (CSR, and dense float32 × 19,350) per second, ours beside peer loaders.
 
 One command builds (or reuses) a synthetic store in the default gene space, exports the same cells to the
 formats the peers recommend (h5ad for scDataset and AnnLoader, SCDL memmap for bionemo-scdl, an annbatch
@@ -6,13 +6,18 @@ zarr collection in a Python 3.12 virtualenv the script creates), then measures, 
 peak RSS is its own: our BatchStream (raw counts, and log1p per 10k), scDataset, bionemo-scdl, AnnLoader,
 annbatch, and the machine's ceiling (zero-filling the batch buffer plus a vectorised numpy scatter of the same
 rows from memory). Warm cache by default; --cold drops the page cache before each run (needs root).
-Usage: python bench/loader.py [--cells 500000] [--batches 20] [--cold] [--only ours,ceiling]
+Each loader reports its first epoch from a cold start and then its steady state (one more epoch's batches), and
+its peak RSS. CSR rows compare our CSR batches with annbatch's sparse-only reads; the *-bound rows measure what
+bounds any reader of this store on the 2 threads ours uses: decoding the split's chunk bytes already in memory,
+their crc32c, and a plain copy of the decoded CSR.
+Usage: python bench/loader.py [--cells 200000] [--batches N] [--cold] [--only ours-csr-log1p,annbatch-sparse]
 Peers: pip install scdataset bionemo-scdl (into this environment); annbatch is installed by the script.
 """
 from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import json
 import os
 import shutil
@@ -24,11 +29,13 @@ from pathlib import Path
 import numpy as np
 
 BATCH = 8192
-PEERS = ("ours-raw", "ours-log1p", "ceiling", "scdataset", "bionemo-scdl", "anndata-annloader", "annbatch")
+BOUNDS = ("decode-bound", "crc-bound", "copy-bound")
+PEERS = ("ours-csr-log1p", "ours-csr-raw", "annbatch-sparse", "ours-raw", "ours-log1p", "annbatch", "ceiling", *BOUNDS,
+         "scdataset", "bionemo-scdl", "anndata-annloader")
 
 
 # --- data in each format -----------------------------------------------------------------------------------
-def prepare(workdir: Path, cells: int) -> dict[str, Path]:
+def prepare(workdir: Path, cells: int, needed: set[str]) -> dict[str, Path]:
     from cellssl.loaders import CellStore
     from cellssl.loaders.synth import synth
 
@@ -36,9 +43,9 @@ def prepare(workdir: Path, cells: int) -> dict[str, Path]:
              "scdl": workdir / f"synthetic-{cells}.scdl", "annbatch": workdir / f"synthetic-{cells}.annbatch.zarr"}
     if not (paths["store"] / "zarr.json").exists():
         synth(paths["store"], cells, progress=True)
-    if not paths["h5ad"].exists():
+    if not paths["h5ad"].exists() and needed - {"store"}:
         export_h5ad(CellStore(paths["store"]), paths["h5ad"])
-    if not paths["scdl"].exists():
+    if not paths["scdl"].exists() and "scdl" in needed:
         from bionemo.scdl.io.single_cell_memmap_dataset import SingleCellMemMapDataset
 
         print("building the SCDL memmap …", file=sys.stderr)
@@ -75,11 +82,62 @@ def export_h5ad(store, path: Path, step: int = 50_000) -> None:
 
 
 # --- one process per loader ----------------------------------------------------------------------------------
-def run_ours(paths, batches, normalize):
+def run_ours(paths, batches, normalize, output="dense"):
     from cellssl.loaders import BatchStream
 
-    stream = BatchStream(paths["store"], "train", batch_size=BATCH, seed=0, normalize=normalize)
-    return (b.x for b in stream)
+    stream = BatchStream(paths["store"], "train", batch_size=BATCH, seed=0, normalize=normalize, output=output)
+    return (b.x if output == "dense" else b for b in stream.endless())
+
+
+def chunk_bytes(store_path: Path):
+    """Every stored inner chunk of the train split's X/indices and X/data, as read from disk (codec frame + crc32c),
+    with the array it belongs to."""
+    from cellssl.loaders import CellStore
+    from cellssl.loaders.chunks import ShardedArray
+
+    store = CellStore(store_path)
+    start, stop = store.split("train")
+    lo, hi = int(store.indptr[start]), int(store.indptr[stop])
+    out = []
+    for name in ("indices", "data"):
+        array = ShardedArray(store.path / "X" / name)
+        for j in range(lo // array.chunk, (hi - 1) // array.chunk + 1):
+            k, i = divmod(j, array.per_shard)
+            fd, index = array._shard(k)
+            offset, nbytes = index[i]
+            out.append((array, os.pread(fd, int(nbytes), int(offset))))
+    return stop - start, out
+
+
+def run_bound(paths, what: str, threads: int = 2) -> dict:
+    """What bounds a reader of this store, on the threads our loader uses: the codec's decode of the train split's
+    chunk bytes (already in memory), their crc32c, and a plain copy of the decoded CSR; as cells/s of the split."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import google_crc32c
+
+    cells, chunks = chunk_bytes(paths["store"])
+    decoded = [np.zeros(a.chunk, a.dtype) for a, _ in chunks]
+    copies = [np.empty_like(d) for d in decoded]
+
+    def work(i):
+        array, raw = chunks[i]
+        if what == "crc":
+            google_crc32c.value(raw[:-4])
+        elif what == "decode":
+            array.codec.decode(raw[:-4], out=decoded[i])
+        else:
+            np.copyto(copies[i], decoded[i])
+
+    with ThreadPoolExecutor(threads) as pool:
+        if what == "copy":
+            list(pool.map(lambda i: chunks[i][0].codec.decode(chunks[i][1][:-4], out=decoded[i]), range(len(chunks))))
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            list(pool.map(work, range(len(chunks))))
+            best = min(best, time.perf_counter() - t0)
+    return {"cells_per_s": cells / best, "bytes_per_cell": sum(len(r) for _, r in chunks) / cells}
 
 
 def run_ceiling(paths, batches):
@@ -97,7 +155,7 @@ def run_ceiling(paths, batches):
 
     def gen():
         flat = out.reshape(-1)
-        for i in range(batches + 1):
+        for i in itertools.count():
             dest, values = prepared[i % 4]
             out.fill(0.0)
             flat[dest] = values
@@ -156,16 +214,22 @@ def sample():
     while not done.wait(0.02):
         peak[0] = max(peak[0], sum(p.memory_info().rss for p in [me, *me.children(recursive=True)]))
 threading.Thread(target=sample, daemon=True).start()
-it = iter(loader)
-x = next(it)["X"]; x.toarray()
-t0 = time.perf_counter(); n = 0
-for _ in range(batches):
-    x = next(it)["X"]
-    dense = x.toarray().astype(np.float32, copy=False)
-    n += dense.shape[0]
-dt = time.perf_counter() - t0
+def endless():
+    while True:
+        yield from loader
+it = endless()
+rates = []
+for _ in range(2):  # the first epoch from a cold start, then steady state
+    t0, n = time.perf_counter(), 0
+    for _ in range(batches):
+        x = next(it)["X"]
+        if mode == "dense":
+            x = x.toarray().astype(np.float32, copy=False)
+        n += x.shape[0]
+    rates.append(n / (time.perf_counter() - t0))
 done.set()
-print(json.dumps({"cells_per_s": n / dt, "batches": batches, "peak_rss_mb": peak[0] / 2 ** 20}))
+print(json.dumps({"cells_per_s": rates[1], "first_epoch_cells_per_s": rates[0], "batches": batches,
+                  "peak_rss_mb": peak[0] / 2 ** 20}))
 ''' % BATCH
 
 
@@ -214,27 +278,40 @@ class TreeRSS:
         return self.peak / 2 ** 20
 
 
+def cells_in(batch) -> int:
+    return batch.shape[0] if hasattr(batch, "shape") else len(batch)
+
+
 def measure(gen, batches: int, rss: TreeRSS) -> dict:
-    first = next(gen)  # warm-up: threads, JIT, first window
-    assert first.shape[0] == BATCH, first.shape
-    t0 = time.perf_counter()
-    n = 0
-    for _ in range(batches):
-        n += next(gen).shape[0]
-    dt = time.perf_counter() - t0
-    return {"cells_per_s": n / dt, "batches": batches, "peak_rss_mb": rss.stop()}
+    """cells/s over the first `batches` batches from a cold start (threads, JIT, first window: the first epoch) and
+    over the next `batches` (steady state)."""
+    rates = []
+    for _ in range(2):
+        t0, n = time.perf_counter(), 0
+        for _ in range(batches):
+            batch = next(gen)
+            assert cells_in(batch) == BATCH, cells_in(batch)
+            n += BATCH
+        rates.append(n / (time.perf_counter() - t0))
+    return {"cells_per_s": rates[1], "first_epoch_cells_per_s": rates[0], "batches": batches,
+            "peak_rss_mb": rss.stop()}
 
 
 def child(name: str, paths: dict[str, Path], batches: int) -> dict:
+    if name in BOUNDS:
+        return run_bound(paths, name.removesuffix("-bound"))
     runners = {"ours-raw": lambda p, b: run_ours(p, b, False), "ours-log1p": lambda p, b: run_ours(p, b, True),
+               "ours-csr-raw": lambda p, b: run_ours(p, b, False, "csr"),
+               "ours-csr-log1p": lambda p, b: run_ours(p, b, True, "csr"),
                "ceiling": run_ceiling, "scdataset": run_scdataset, "bionemo-scdl": run_bionemo,
                "anndata-annloader": run_annloader}
     rss = TreeRSS()
     return measure(runners[name](paths, batches), batches, rss)
 
 
-FILES = {"ours-raw": "store", "ours-log1p": "store", "ceiling": "store", "scdataset": "h5ad",
-         "bionemo-scdl": "scdl", "anndata-annloader": "h5ad", "annbatch": "annbatch"}
+FILES = {"ours-raw": "store", "ours-log1p": "store", "ours-csr-raw": "store", "ours-csr-log1p": "store",
+         "ceiling": "store", **{b: "store" for b in BOUNDS}, "scdataset": "h5ad", "bionemo-scdl": "scdl",
+         "anndata-annloader": "h5ad", "annbatch": "annbatch", "annbatch-sparse": "annbatch"}
 
 
 def warm_page_cache(path: Path) -> None:
@@ -256,8 +333,8 @@ def drop_caches() -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cells", type=int, default=500_000)
-    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--cells", type=int, default=200_000)
+    parser.add_argument("--batches", type=int, default=0, help="timed batches per phase (default: one epoch)")
     parser.add_argument("--workdir", type=Path, default=Path("bench/data"))
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each loader")
     parser.add_argument("--only", default=",".join(PEERS))
@@ -268,19 +345,27 @@ def main() -> None:
         paths = {k: Path(v) for k, v in json.loads(os.environ["CELLSSL_BENCH_PATHS"]).items()}
         print(json.dumps(child(args._child, paths, args.batches)))
         return
-    paths = prepare(args.workdir, args.cells)
+    names = args.only.split(",")
+    unknown = sorted(set(names) - set(PEERS))
+    if unknown:
+        parser.error(f"unknown loader(s) {unknown}; choose from {', '.join(PEERS)}")
+    paths = prepare(args.workdir, args.cells, {FILES[n] for n in names})
+    from cellssl.loaders import CellStore
+
+    start, stop = CellStore(paths["store"]).split("train")
+    batches = args.batches or (stop - start) // BATCH
     env = {**os.environ, "CELLSSL_BENCH_PATHS": json.dumps({k: str(v) for k, v in paths.items()})}
     results = {}
-    for name in args.only.split(","):
-        if name == "annbatch":
+    for name in names:
+        if name.startswith("annbatch"):
             python = annbatch_env(args.workdir)
             if not (paths["annbatch"] / "zarr.json").exists():
                 subprocess.run([str(python), "-c", ANNBATCH_SCRIPT, str(paths["h5ad"]), str(paths["annbatch"]), "0",
                                 "build"], check=True)
-            cmd = [str(python), "-c", ANNBATCH_SCRIPT, str(paths["h5ad"]), str(paths["annbatch"]),
-                   str(args.batches), "run"]
+            cmd = [str(python), "-c", ANNBATCH_SCRIPT, str(paths["h5ad"]), str(paths["annbatch"]), str(batches),
+                   "sparse" if name == "annbatch-sparse" else "dense"]
         else:
-            cmd = [sys.executable, __file__, "--_child", name, "--batches", str(args.batches)]
+            cmd = [sys.executable, __file__, "--_child", name, "--batches", str(batches)]
         if args.cold and not drop_caches():
             print("cannot drop the page cache (not root): --cold numbers would be warm", file=sys.stderr)
             return
@@ -292,18 +377,27 @@ def main() -> None:
         else:
             results[name] = json.loads(out.stdout.strip().splitlines()[-1])
         print(name, results[name], file=sys.stderr, flush=True)
-    ours = results.get("ours-raw", {}).get("cells_per_s")
-    print(f"{args.cells:,}-cell synthetic atlas (train split), batch {BATCH} x 19,350 dense float32, "
-          f"{args.batches} timed batches after one warm-up, {'cold' if args.cold else 'warm'} page cache, "
-          f"{os.cpu_count()} cores")
-    print("| loader | cells/s | ours-raw ÷ this | peak RSS MB |")
-    print("|---|---|---|---|")
+    print(f"{args.cells:,}-cell synthetic atlas (train split {stop - start:,} cells), batches of {BATCH} x 19,350, "
+          f"{batches} batches per phase (first epoch from a cold start, then steady state), "
+          f"{'cold' if args.cold else 'warm'} page cache, {os.cpu_count()} cores")
+    print("| loader | output | steady cells/s | first epoch cells/s | peak RSS MB |")
+    print("|---|---|---|---|---|")
     for name, r in results.items():
+        output = "bound" if name in BOUNDS else "CSR" if "csr" in name or name.endswith("sparse") else "dense"
         if "error" in r:
-            print(f"| {name} | failed: {r['error']} | | |")
+            print(f"| {name} | {output} | failed: {r['error']} | | |")
+        elif name in BOUNDS:
+            print(f"| {name} | {output} | {r['cells_per_s']:,.0f} | | ({r['bytes_per_cell']:,.0f} B/cell on disk) |")
         else:
-            ratio = f"{ours / r['cells_per_s']:.2f}" if ours else ""
-            print(f"| {name} | {r['cells_per_s']:,.0f} | {ratio} | {r['peak_rss_mb']:,.0f} |")
+            print(f"| {name} | {output} | {r['cells_per_s']:,.0f} | {r['first_epoch_cells_per_s']:,.0f} | "
+                  f"{r['peak_rss_mb']:,.0f} |")
+    for ours, peer in (("ours-csr-log1p", "annbatch-sparse"), ("ours-csr-raw", "annbatch-sparse"),
+                       ("ours-log1p", "annbatch"), ("ours-raw", "annbatch")):
+        a, b = results.get(ours, {}), results.get(peer, {})
+        if "cells_per_s" in a and "cells_per_s" in b:
+            print(f"- {ours} / {peer}: steady {a['cells_per_s'] / b['cells_per_s']:.2f}x, first epoch "
+                  f"{a['first_epoch_cells_per_s'] / b['first_epoch_cells_per_s']:.2f}x, peak RSS "
+                  f"{a['peak_rss_mb']:,.0f} vs {b['peak_rss_mb']:,.0f} MB")
 
 
 if __name__ == "__main__":

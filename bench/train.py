@@ -1,12 +1,12 @@
 """End-to-end training throughput per objective, beside the compute ceiling and a paper-style step.
 
-For each objective: cells/s of full training steps (BatchStream batches → objective forward → backward → AdamW)
-at batch 8,192 on this machine (a GPU where there is one); the ceiling, i.e. the dense network's matmul FLOPs per
+For each objective: cells/s of full training steps (BatchStream batches → objective forward → backward → AdamW),
+the batches reaching the model as CSR and as dense (`--input`), at batch 8,192 on this machine (a GPU where there is one); the ceiling, i.e. the dense network's matmul FLOPs per
 step (counted by torch's FlopCounterMode with the sparse first layer switched off: the model's FLOPs, not the
 fewer that our CPU path multiplies) at the matmul rate measured in the same run; and a faithful paper-style step
 that does the per-element work as the reference code did (Bernoulli mask tensors, numpy programme masks built per
 batch, torch.distributions NB noise, unfused loss). Usage: python bench/train.py [--steps 3] [--batch-size 8192]
-[--data STORE] [--precision fp32|bf16]
+[--data STORE] [--precision fp32|bf16] [--only byol,...]
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from paper_style import eager_nb_augment, eager_programme_mask
 from torch.utils.flop_counter import FlopCounterMode
 
 from cellssl.engine.experiments import experiment
+from cellssl.engine.feed import Feed
 from cellssl.engine.objectives import view_coins
 from cellssl.engine.setup import build_objective
 from cellssl.loaders import BatchStream, CellStore
@@ -86,20 +87,22 @@ def paper_style(objective, name: str, members, x: torch.Tensor, step: int) -> to
     return (torch.diagonal(c) - 1).pow(2).sum() + objective.lambd * (c.pow(2).sum() - torch.diagonal(c).pow(2).sum())
 
 
-def timed_steps(loss_fn, objective, stream, steps: int) -> float:
+def timed_steps(loss_fn, objective, store, batch_size: int, steps: int, input: str = "dense") -> float:
+    """cells/s of `steps` training steps after a first one, batches reaching the model as `input` (engine/feed.py)."""
     opt = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
-    it = stream.endless()  # a small store has few steps per epoch
+    feed = Feed(input, DEVICE, store)
+    it = feed(feed.stream(store, "train", batch_size, 0, 0, 1, columns=[]).endless())  # small stores: few steps/epoch
     for i in range(steps + 1):
         if i == 1:
             t0 = time.perf_counter()
-        batch = next(it)
-        loss = loss_fn(batch.x.to(DEVICE, non_blocking=True), i)
+        _, x = next(it)
+        loss = loss_fn(x, i)
         opt.zero_grad()
         loss.backward()
         opt.step()
         objective.after_step()
     sync()
-    return steps * stream.sampler.batch_size / (time.perf_counter() - t0)
+    return steps * batch_size / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -107,6 +110,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8192)
     parser.add_argument("--data", default=None)
+    parser.add_argument("--only", default=None, help="comma-separated rows, e.g. 'byol,mae random'")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="ours and the ceiling in this precision; the paper-style step stays fp32, as it was")
     args = parser.parse_args()
@@ -115,21 +119,24 @@ def main() -> None:
     print(f"{store.path.name}: batch {args.batch_size} x {store.n_genes} genes, {args.steps} timed steps after one, "
           f"torch {torch.__version__}, {DEVICE.type if DEVICE.type == 'cpu' else torch.cuda.get_device_name()}, "
           f"{torch.get_num_threads()} threads, {args.precision} matmul {rate / 1e9:.0f} GFLOP/s")
-    print("| objective | ours cells/s | ceiling cells/s | ours / ceiling | paper-style cells/s | ours / paper |")
-    print("|---|---|---|---|---|---|")
+    print("| objective | ours, CSR input cells/s | ours, dense input cells/s | ceiling cells/s | CSR / ceiling | "
+          "paper-style cells/s | CSR / paper | dense / paper |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, registered in OBJECTIVES:
+        if args.only and name not in args.only.split(","):
+            continue
         cfg = replace(experiment(registered), precision=args.precision)  # the recipe's own settings
         ocfg = cfg.objective
         torch.manual_seed(0)
         objective = build_objective(cfg, store).to(DEVICE)
-        stream = BatchStream(store, "train", args.batch_size, seed=0, columns=[])
-        x = next(iter(stream)).x.clone().to(DEVICE)
+        x = next(iter(BatchStream(store, "train", args.batch_size, seed=0, columns=[]))).x.clone().to(DEVICE)
         os.environ["CELLSSL_SPARSE_INPUT"] = "0"
         with FlopCounterMode(display=False) as counter:
             objective(x, None, 0)[0].backward()
         os.environ.pop("CELLSSL_SPARSE_INPUT")
         ceiling = args.batch_size / (counter.get_total_flops() / rate)
-        ours = timed_steps(lambda xb, i: objective(xb, None, i)[0], objective, stream, args.steps)
+        ours = {kind: timed_steps(lambda xb, i: objective(xb, None, i)[0], objective, store, args.batch_size,
+                                  args.steps, kind) for kind in ("csr", "dense")}
         members = None
         if ocfg.name == "mae" and ocfg.mask == "gene_program":
             from cellssl.engine.setup import programme_file
@@ -139,10 +146,10 @@ def main() -> None:
         paper = float("nan")
         objective.compute_dtype = None  # the reference ran in fp32
         if paper_style(objective, name, members, x[:16], 0) is not None:
-            paper = timed_steps(lambda xb, i: paper_style(objective, name, members, xb, i), objective, stream,
-                                args.steps)
-        print(f"| {name} | {ours:,.0f} | {ceiling:,.0f} | {ours / ceiling:.0%} | {paper:,.0f} | {ours / paper:.1f}x |",
-              flush=True)
+            paper = timed_steps(lambda xb, i: paper_style(objective, name, members, xb, i), objective, store,
+                                args.batch_size, args.steps)
+        print(f"| {name} | {ours['csr']:,.0f} | {ours['dense']:,.0f} | {ceiling:,.0f} | {ours['csr'] / ceiling:.0%} | "
+              f"{paper:,.0f} | {ours['csr'] / paper:.1f}x | {ours['dense'] / paper:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -250,3 +250,23 @@ def random_masked_loss_csr(pred, indptr, indices, data, key, threshold, scale2, 
                     gr[c] = m * d * scale2
                     acc += m * d * d
         partial[r] = acc
+
+
+@numba.njit(parallel=True, cache=True)
+def csr_scatter(indptr, indices, data, out):
+    """out = the dense rows of a CSR (each row zeroed and filled in one pass, while it is in cache)."""
+    for r in prange(out.shape[0]):
+        row = out[r]
+        row[:] = 0.0
+        for k in range(indptr[r], indptr[r + 1]):
+            row[indices[k]] = data[k]
+
+
+@numba.njit(parallel=True, cache=True)
+def minus_csr(base, indptr, indices, data, out):
+    """out = base − the dense rows of a CSR, row by row, without the dense rows."""
+    for r in prange(out.shape[0]):
+        row = out[r]
+        row[:] = base[r]
+        for k in range(indptr[r], indptr[r + 1]):
+            row[indices[k]] -= data[k]

@@ -76,6 +76,12 @@ def csr_to_dense(indptr: torch.Tensor, indices: torch.Tensor, data: torch.Tensor
     """float32 [rows, n_genes] from a CSR triplet; with `normalize_log1p`, log1p(value / row sum · 10,000)."""
     _check(indptr, indices, data, n_genes)
     if not use_triton(indptr, indices, data):
+        if data.device.type == "cpu" and data.dtype == torch.float32 and not normalize_log1p:
+            from .cpu import csr_scatter  # ~10x torch's index_put on CPU
+
+            out = torch.empty(len(indptr) - 1, n_genes)
+            csr_scatter(indptr.numpy(), indices.numpy(), data.numpy(), out.numpy())
+            return out
         return csr_to_dense_reference(indptr, indices, data, n_genes, normalize_log1p)
     n_rows = len(indptr) - 1
     out = torch.zeros(n_rows, n_genes, device=data.device)
