@@ -11,6 +11,7 @@ batch, torch.distributions NB noise, unfused loss). Usage: python bench/train.py
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import time
 from dataclasses import replace
@@ -87,22 +88,35 @@ def paper_style(objective, name: str, members, x: torch.Tensor, step: int) -> to
     return (torch.diagonal(c) - 1).pow(2).sum() + objective.lambd * (c.pow(2).sum() - torch.diagonal(c).pow(2).sum())
 
 
-def timed_steps(loss_fn, objective, store, batch_size: int, steps: int, input: str = "dense") -> float:
-    """cells/s of `steps` training steps after a first one, batches reaching the model as `input` (engine/feed.py)."""
-    opt = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
+def stepper(loss_fn, objective, opt, store, batch_size: int, input: str = "dense"):
+    """One training step per call (batch → loss → backward → AdamW), batches reaching the model as `input`
+    (engine/feed.py); returns its seconds, the wait for the batch included."""
     feed = Feed(input, DEVICE, store)
-    it = feed(feed.stream(store, "train", batch_size, 0, 0, 1, columns=[]).endless())  # small stores: few steps/epoch
-    for i in range(steps + 1):
-        if i == 1:
-            t0 = time.perf_counter()
-        _, x = next(it)
-        loss = loss_fn(x, i)
+    batches = feed(feed.stream(store, "train", batch_size, 0, 0, 1, columns=[]).endless())  # small stores: few/epoch
+    steps = itertools.count()
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        _, x = next(batches)
+        loss = loss_fn(x, next(steps))
         opt.zero_grad()
         loss.backward()
         opt.step()
         objective.after_step()
-    sync()
-    return steps * batch_size / (time.perf_counter() - t0)
+        sync()
+        return time.perf_counter() - t0
+    return step
+
+
+def interleaved(steppers: dict, batch_size: int, steps: int) -> dict[str, float]:
+    """cells/s of each stepper over `steps` steps after an untimed first one, taken in turn (one step of each per
+    round): this host's speed drifts by tens of percent over minutes, and turns make the drift hit every path alike."""
+    seconds = dict.fromkeys(steppers, 0.0)
+    for round in range(steps + 1):
+        for name, step in steppers.items():
+            took = step()
+            seconds[name] += took if round else 0.0
+    return {name: steps * batch_size / t for name, t in seconds.items()}
 
 
 def main() -> None:
@@ -135,19 +149,24 @@ def main() -> None:
             objective(x, None, 0)[0].backward()
         os.environ.pop("CELLSSL_SPARSE_INPUT")
         ceiling = args.batch_size / (counter.get_total_flops() / rate)
-        ours = {kind: timed_steps(lambda xb, i: objective(xb, None, i)[0], objective, store, args.batch_size,
-                                  args.steps, kind) for kind in ("csr", "dense")}
         members = None
         if ocfg.name == "mae" and ocfg.mask == "gene_program":
             from cellssl.engine.setup import programme_file
             from cellssl.loaders.genesets import index_programmes, read_gmt
 
             members = index_programmes(read_gmt(programme_file(cfg, store, "programmes.gmt")), store.genes).members
-        paper = float("nan")
-        objective.compute_dtype = None  # the reference ran in fp32
+        opt = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
+        ours = lambda xb, i: objective(xb, None, i)[0]  # noqa: E731
+        steppers = {kind: stepper(ours, objective, opt, store, args.batch_size, kind) for kind in ("csr", "dense")}
         if paper_style(objective, name, members, x[:16], 0) is not None:
-            paper = timed_steps(lambda xb, i: paper_style(objective, name, members, xb, i), objective, store,
-                                args.batch_size, args.steps)
+            def paper_step(xb, i):
+                objective.compute_dtype = None  # the reference ran in fp32
+                loss = paper_style(objective, name, members, xb, i)
+                objective.compute_dtype = torch.bfloat16 if args.precision == "bf16" else None
+                return loss
+            steppers["paper"] = stepper(paper_step, objective, opt, store, args.batch_size)
+        rates = interleaved(steppers, args.batch_size, args.steps)
+        ours, paper = {k: rates[k] for k in ("csr", "dense")}, rates.get("paper", float("nan"))
         print(f"| {name} | {ours['csr']:,.0f} | {ours['dense']:,.0f} | {ceiling:,.0f} | {ours['csr'] / ceiling:.0%} | "
               f"{paper:,.0f} | {ours['csr'] / paper:.1f}x | {ours['dense'] / paper:.1f}x |", flush=True)
 

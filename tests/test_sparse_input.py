@@ -139,3 +139,20 @@ def test_csr_ring_reuses_its_blocks_and_matches_dense(synthetic_store):
     first = next(iter(BatchStream(store, "train", batch_size=32, seed=1)))
     counted = SparseRows(raw.indptr, raw.indices, raw.data, store.n_genes, counts=store.value_kind == "counts")
     torch.testing.assert_close(counted.to_dense(), first.x)
+
+
+def test_feed_hands_the_model_csr_or_dense(synthetic_store):
+    """engine/feed.py on CPU: --input csr gives SparseRows of host-normalised values, --input dense the loader's dense
+    batch; both describe the same cells."""
+    from cellssl.engine.feed import Feed
+
+    store = CellStore(synthetic_store)
+    got = {}
+    for kind in ("csr", "dense"):
+        feed = Feed(kind, torch.device("cpu"), store)
+        batch, x = next(feed(feed.stream(store, "train", 32, 0, 0, 1, columns=[])))
+        got[kind] = x
+    assert isinstance(got["csr"], SparseRows) and not got["csr"].counts
+    torch.testing.assert_close(got["csr"].to_dense(), got["dense"])
+    with pytest.raises(ValueError, match="input must be one of"):
+        Feed("coo", torch.device("cpu"), store)

@@ -114,14 +114,29 @@ def test_dense_values_equal_store_rows(synthetic_store, normalize):
         assert np.array_equal(batch.obs["cell_type"].numpy(), store.obs_codes("cell_type")[rows])
 
 
-def test_csr_output_densifies_to_the_same(synthetic_store):
+@pytest.mark.parametrize("normalize", [True, False])
+def test_csr_output_densifies_to_the_same(synthetic_store, normalize):
+    """CSR batches hold the store's rows: normalised on the host (what the CPU trainer reads), or raw counts that
+    csr_to_dense normalises on the device (the GPU path), both equal to the dense batches."""
     from cellssl.kernels import csr_to_dense
 
     store = CellStore(synthetic_store)
-    for batch in BatchStream(store, "test", output="csr", drop_last=False, **KW):
-        assert batch.x is None and batch.indices.dtype == torch.int32
-        dense = csr_to_dense(batch.indptr, batch.indices, batch.data, store.n_genes, normalize_log1p=True)
+    for batch in BatchStream(store, "test", output="csr", drop_last=False, normalize=normalize, **KW):
+        assert batch.x is None and batch.indices.dtype == torch.uint16  # the store's own index dtype
+        dense = csr_to_dense(batch.indptr, batch.indices, batch.data, store.n_genes, normalize_log1p=not normalize)
         np.testing.assert_allclose(dense.numpy(), expected_dense(store, batch.index.numpy()), rtol=1e-6, atol=1e-6)
+
+
+def test_position_after_a_batch_resumes_at_the_next(synthetic_store):
+    """A consumer that reads one batch ahead (the CUDA feed) saves the position after the batch it trained."""
+    stream = BatchStream(synthetic_store, "train", **KW)
+    it = stream.endless()
+    trained, ahead = next(it), next(it)
+    state = stream.state_after(trained)
+    assert stream.state_dict()["step"] == ahead.step + 1 and state["step"] == trained.step + 1
+    again = BatchStream(synthetic_store, "train", **KW)
+    again.load_state_dict(state)
+    assert torch.equal(next(iter(again)).index, ahead.index)
 
 
 def test_log1p_store_values_pass_through(tmp_path, synthetic_store):
