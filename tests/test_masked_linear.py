@@ -107,8 +107,8 @@ def test_dense_inputs_take_the_dense_product(monkeypatch):
 
     monkeypatch.setenv("CELLSSL_KERNELS", "torch")
     calls = []
-    real = ml._SparseMaskedLinear.apply
-    monkeypatch.setattr(ml._SparseMaskedLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    real = ml._SparseLinear.apply
+    monkeypatch.setattr(ml._SparseLinear, "apply", lambda *a: calls.append(1) or real(*a))
     w = torch.randn(4, 301)
     dense = torch.rand(23, 301) + 0.1                       # an NB-noised view: every gene nonzero
     spec = kernels.mask_spec(dense, "random", 0.1, 0, 0)
