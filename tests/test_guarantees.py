@@ -100,7 +100,7 @@ def test_a_crafted_checkpoint_is_refused_on_resume(synthetic_store, tmp_path):
 
 # --- 2. a run folder holds exactly one run -----------------------------------------------------------------------
 def test_a_typo_never_starts_a_run(synthetic_store, tmp_path):
-    for typo in (["--max-stpes", "5"], ["--max", "5"], ["--lr", "fast"]):
+    for typo in (["--max-stpes", "5"], ["--max", "5"], ["--lr", "fast"], ["--input", "coo"]):
         done = recipe("--data", str(synthetic_store), "--out", str(tmp_path / "x"), *typo)
         one_line_error(done, "mae_random.py")
     assert not (tmp_path / "x").exists()
