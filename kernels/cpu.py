@@ -61,6 +61,15 @@ def random_apply(x, key, threshold, scale, out):
                 orow[c] = xr[c] * s * np.float32(_lane(bits, c) >= thr)
 
 
+@numba.njit(inline="always")
+def _keeps(mode, key, r, words, c, thr, row_bits, which):
+    """Whether the mask keeps gene c of row r: the random stream, or bit c of the row's programme bitset."""
+    if mode == RANDOM:
+        return _lane(_word(key, r, words, c >> 2), c) >= thr
+    bit = (row_bits[which, c >> 5] >> (c & 31)) & 1
+    return bit == 0 if mode == DROP_BITS else bit == 1
+
+
 @numba.njit(parallel=True, fastmath=True, cache=True)
 def _nonzeros_per_row(x, out):
     n, g = x.shape
@@ -91,11 +100,7 @@ def _fill_kept(x, mode, key, threshold, row_bits, row_index, scale, slots, cols,
             which, j, s = row_index[r], slots[r], scale[r]
             for i in range(k):
                 c = nonzero[i]
-                if mode == RANDOM:
-                    keep = _lane(_word(key, r, words, c >> 2), c) >= thr
-                else:
-                    bit = (row_bits[which, c >> 5] >> (c & 31)) & 1
-                    keep = bit == 0 if mode == DROP_BITS else bit == 1
+                keep = _keeps(mode, key, r, words, c, thr, row_bits, which)
                 cols[j] = c
                 vals[j] = xr[c] * s
                 j += keep
@@ -103,28 +108,22 @@ def _fill_kept(x, mode, key, threshold, row_bits, row_index, scale, slots, cols,
 
 
 @numba.njit(parallel=True, cache=True)
-def _fill_kept_csr(indptr, indices, data, n_genes, mode, key, threshold, row_bits, row_index, scale, cols, vals,
-                   counts):
-    """_fill_kept for CSR input: the keep test on each row's stored values only (row r writes from indptr[r] + r,
-    one spare slot per row as there)."""
+def _fill_kept_csr(indptr, indices, data, n_genes, mode, key, threshold, row_bits, row_index, scale, slots, cols,
+                   vals, counts):
+    """_fill_kept for CSR input: the keep test on each row's stored values only (one spare slot per row as there)."""
     words = (n_genes + 3) // 4
     thr = np.uint64(threshold)
     n = len(indptr) - 1
     for r in prange(n):
         which, s = row_index[r], scale[r]
-        first = indptr[r] + r
-        j = first
+        j = slots[r]
         for k in range(indptr[r], indptr[r + 1]):
             c = np.int64(indices[k])
-            if mode == RANDOM:
-                keep = _lane(_word(key, r, words, c >> 2), c) >= thr
-            else:
-                bit = (row_bits[which, c >> 5] >> (c & 31)) & 1
-                keep = bit == 0 if mode == DROP_BITS else bit == 1
+            keep = _keeps(mode, key, r, words, c, thr, row_bits, which)
             cols[j] = c
             vals[j] = data[k] * s
             j += keep and data[k] != 0.0
-        counts[r] = j - first
+        counts[r] = j - slots[r]
 
 
 @numba.njit(parallel=True, cache=True)
@@ -134,6 +133,15 @@ def _compact(slots, counts, indptr, cols, vals, out_cols, out_vals):
         for k in range(counts[r]):
             out_cols[b + k] = cols[a + k]
             out_vals[b + k] = vals[a + k]
+
+
+def _compacted(slots, counts, cols, vals) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows' kept entries (row r: counts[r] of them from slots[r]) packed into one CSR."""
+    indptr = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    out_cols, out_vals = np.empty(indptr[-1], np.int32), np.empty(indptr[-1], np.float32)
+    _compact(slots, counts, indptr, cols, vals, out_cols, out_vals)
+    return indptr, out_cols, out_vals
 
 
 def nonzeros_per_row(x: np.ndarray) -> np.ndarray:
@@ -151,11 +159,7 @@ def kept_entries(x: np.ndarray, nonzeros: np.ndarray, mode: int, key: int, thres
     np.cumsum(nonzeros + 1, out=slots[1:])
     cols, vals, counts = np.empty(slots[-1], np.int32), np.empty(slots[-1], np.float32), np.empty(n, np.int64)
     _fill_kept(x, mode, key, np.uint64(threshold), row_bits, row_index, scale, slots, cols, vals, counts)
-    indptr = np.zeros(n + 1, np.int64)
-    np.cumsum(counts, out=indptr[1:])
-    out_cols, out_vals = np.empty(indptr[-1], np.int32), np.empty(indptr[-1], np.float32)
-    _compact(slots, counts, indptr, cols, vals, out_cols, out_vals)
-    return indptr, out_cols, out_vals
+    return _compacted(slots, counts, cols, vals)
 
 
 def kept_entries_csr(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_genes: int, mode: int, key: int,
@@ -166,13 +170,9 @@ def kept_entries_csr(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, 
     slots = indptr[:-1] + np.arange(n)
     size = int(indptr[-1]) + n
     cols, vals, counts = np.empty(size, np.int32), np.empty(size, np.float32), np.empty(n, np.int64)
-    _fill_kept_csr(indptr, indices, data, n_genes, mode, key, np.uint64(threshold), row_bits, row_index, scale, cols,
-                   vals, counts)
-    out = np.zeros(n + 1, np.int64)
-    np.cumsum(counts, out=out[1:])
-    out_cols, out_vals = np.empty(out[-1], np.int32), np.empty(out[-1], np.float32)
-    _compact(slots, counts, out, cols, vals, out_cols, out_vals)
-    return out, out_cols, out_vals
+    _fill_kept_csr(indptr, indices, data, n_genes, mode, key, np.uint64(threshold), row_bits, row_index, scale, slots,
+                   cols, vals, counts)
+    return _compacted(slots, counts, cols, vals)
 
 
 @numba.njit(cache=True)
@@ -192,38 +192,48 @@ def csr_transpose(indptr, cols, vals, n_cols):
     return t_indptr, t_rows, t_vals
 
 
+@numba.njit(inline="always", fastmath=True)
+def _masked_row(gr, r, key, words, full, g, thr, scale2):
+    """Row r of grad holds pred − x: keep it (× scale2) where the random mask dropped the gene, 0 elsewhere, and
+    return the squared error summed there. Branch-free (~10x the branchy loop), float32 in any order (fastmath lets
+    it vectorise)."""
+    acc = np.float32(0.0)
+    for w in range(words):
+        bits = _word(key, r, words, w)
+        if w < full:
+            for lane in range(4):
+                c = 4 * w + lane
+                d = gr[c]
+                m = np.float32(((bits >> np.uint64(16 * lane)) & np.uint64(0xFFFF)) < thr)
+                gr[c] = m * d * scale2
+                acc += m * d * d
+        else:
+            for c in range(4 * w, g):
+                d = gr[c]
+                m = np.float32(_lane(bits, c) < thr)
+                gr[c] = m * d * scale2
+                acc += m * d * d
+    return acc
+
+
 @numba.njit(parallel=True, fastmath=True, cache=True)
 def random_masked_loss(pred, x, key, threshold, scale2, grad, partial):
-    """Squared error on the positions the random mask dropped, summed per row (float32, in any order: fastmath
-    lets the loop vectorise); grad = scale2 · (pred − x) there, 0 elsewhere. Branch-free: ~10x the branchy loop."""
+    """Squared error on the positions the random mask dropped, summed per row; grad = scale2 · (pred − x) there,
+    0 elsewhere. Each row's difference is formed in grad and masked there while the row is in cache."""
     n, g = x.shape
     words, full = (g + 3) // 4, g // 4
     thr = np.uint64(threshold)
     for r in prange(n):
-        acc = np.float32(0.0)
         pr, xr, gr = pred[r], x[r], grad[r]
-        for w in range(words):
-            bits = _word(key, r, words, w)
-            if w < full:
-                for lane in range(4):
-                    c = 4 * w + lane
-                    d = pr[c] - xr[c]
-                    m = np.float32(((bits >> np.uint64(16 * lane)) & np.uint64(0xFFFF)) < thr)
-                    gr[c] = m * d * scale2
-                    acc += m * d * d
-            else:
-                for c in range(4 * w, g):
-                    d = pr[c] - xr[c]
-                    m = np.float32(_lane(bits, c) < thr)
-                    gr[c] = m * d * scale2
-                    acc += m * d * d
-        partial[r] = acc
+        for c in range(g):
+            gr[c] = pr[c] - xr[c]
+        partial[r] = _masked_row(gr, r, key, words, full, g, thr, scale2)
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
 def random_masked_loss_csr(pred, indptr, indices, data, key, threshold, scale2, grad, partial):
     """random_masked_loss with the target x as CSR: each row of grad first holds pred − x (pred, then the stored
-    values subtracted), then the masked pass runs over it in place while the row is in cache."""
+    values subtracted), then the same masked pass."""
     n, g = pred.shape
     words, full = (g + 3) // 4, g // 4
     thr = np.uint64(threshold)
@@ -233,23 +243,7 @@ def random_masked_loss_csr(pred, indptr, indices, data, key, threshold, scale2, 
             gr[c] = pr[c]
         for k in range(indptr[r], indptr[r + 1]):
             gr[indices[k]] -= data[k]
-        acc = np.float32(0.0)
-        for w in range(words):
-            bits = _word(key, r, words, w)
-            if w < full:
-                for lane in range(4):
-                    c = 4 * w + lane
-                    d = gr[c]
-                    m = np.float32(((bits >> np.uint64(16 * lane)) & np.uint64(0xFFFF)) < thr)
-                    gr[c] = m * d * scale2
-                    acc += m * d * d
-            else:
-                for c in range(4 * w, g):
-                    d = gr[c]
-                    m = np.float32(_lane(bits, c) < thr)
-                    gr[c] = m * d * scale2
-                    acc += m * d * d
-        partial[r] = acc
+        partial[r] = _masked_row(gr, r, key, words, full, g, thr, scale2)
 
 
 @numba.njit(parallel=True, cache=True)
