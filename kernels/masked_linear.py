@@ -83,7 +83,7 @@ def masked_linear(x, spec: MaskSpec, weight: torch.Tensor, bias: torch.Tensor | 
         raise ValueError(f"x has shape {tuple(x.shape)}, the mask spec {spec.shape}")
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight has {weight.shape[1]} inputs, x {x.shape[1]} genes")
-    sparse = (not spec.triton and x.device.type == "cpu" and not getattr(x, "requires_grad", False)
+    sparse = (not spec.triton and x.device.type == "cpu" and not x.requires_grad
               and not getattr(x, "counts", False) and weight.dtype == torch.float32
               and os.environ.get("CELLSSL_SPARSE_INPUT", "1") != "0")
     entries = _kept(x, spec) if sparse else None

@@ -68,6 +68,8 @@ class SparseRows:
     def nnz(self) -> int:
         return len(self.data)
 
+    requires_grad = False  # data, never a parameter
+
     def detach(self) -> "SparseRows":
         return self  # data, never a parameter
 

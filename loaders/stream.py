@@ -88,7 +88,6 @@ class BatchStream:
         self.obs = {c: self.store.obs_codes(c).astype(np.int64) for c in columns}
         self.epoch, self.step = 0, 0
         self._buffers: torch.Tensor | list | None = None
-        self._mean_nnz = self.store.nnz / max(1, self.store.n_cells)
 
     # --- the contract ----------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -190,7 +189,7 @@ class BatchStream:
         capacity = 0 if block is None else (len(block) - 8 * (self.sampler.batch_size + 1)) // (
             4 + index_dtype.itemsize)
         if nnz > capacity:
-            capacity = max(nnz + nnz // 4, int(self._mean_nnz * rows * 1.25))
+            capacity = max(nnz + nnz // 4, int(self.store.nnz / max(1, self.store.n_cells) * rows * 1.25))
             block = _pin(torch.empty(8 * (self.sampler.batch_size + 1) + (4 + index_dtype.itemsize) * capacity,
                                      dtype=torch.uint8))
             self._buffers[slot] = block
