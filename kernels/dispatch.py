@@ -1,8 +1,10 @@
 """Which implementation runs, argument checks, and the counter-based random keys every op shares.
 
-`CELLSSL_KERNELS=torch` forces the torch references, `=triton` forces the Triton kernels (with
-`TRITON_INTERPRET=1` they run on CPU tensors: how the tests reach them); otherwise Triton runs on CUDA
-tensors and torch on CPU ones. Never imports engine or loaders.
+Each op has up to three implementations: the Triton kernel, a CPU path (numba, on CPU tensors) and the torch
+reference. By default (`CELLSSL_KERNELS=auto`) Triton runs on CUDA tensors and the CPU path on CPU tensors (the
+torch reference where an op has no CPU path). `CELLSSL_KERNELS=torch` runs the torch references everywhere,
+`=numba` the CPU paths (on CPU tensors; references elsewhere), `=triton` the Triton kernels (with
+`TRITON_INTERPRET=1` they run on CPU tensors: how the tests reach them). Never imports engine or loaders.
 """
 from __future__ import annotations
 
@@ -13,15 +15,29 @@ import torch
 _MASK64 = (1 << 64) - 1
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
+BACKENDS = ("auto", "torch", "numba", "triton")
+
+
+def backend(*tensors) -> str:
+    """"triton", "numba" or "torch": which implementation an op runs on these tensors (None entries ignored)."""
     mode = os.environ.get("CELLSSL_KERNELS", "auto").lower()
-    if mode == "torch":
-        return False
+    if mode not in BACKENDS:
+        raise ValueError(f"CELLSSL_KERNELS={mode!r}: use one of {', '.join(BACKENDS)}")
+    present = [t for t in tensors if t is not None]
+    on_cpu = all(t.device.type == "cpu" for t in present)
     if mode == "triton":
-        return True
-    if mode != "auto":
-        raise ValueError(f"CELLSSL_KERNELS={mode!r}: use auto, torch or triton")
-    return all(t.is_cuda for t in tensors if t is not None) and _triton_available()
+        return "triton"
+    if mode == "torch":
+        return "torch"
+    if on_cpu:
+        return "numba"
+    if mode == "numba":
+        return "torch"
+    return "triton" if all(t.is_cuda for t in present) and _triton_available() else "torch"
+
+
+def use_triton(*tensors) -> bool:
+    return backend(*tensors) == "triton"
 
 
 def _triton_available() -> bool:

@@ -1,6 +1,7 @@
 """Negative-binomial noise augmentation (the paper's BYOL / Barlow Twins view): per element noise
-K ~ NB(total_count = 10, probs ~ U(0, 1)); each row of noise normalised to sum 10,000 and log1p'd, scaled by
-`intensity`, added to x, clamped at 0.
+K ~ NB(total_count = 10, probs ~ U(0, 1)); each row of noise normalised to sum `target_sum` (the data's own
+normalisation total, 10,000) and log1p'd, scaled by `intensity`, added to x, clamped at 0. x may be dense or, on
+CPU, SparseRows: its stored values are then added to the dense noise, no dense x is made.
 
 Sampling. With probs drawn per element, each noise element is an independent draw from the NB–uniform
 mixture, whose pmf is ∫₀¹ C(k+9, k) pᵏ (1−p)¹⁰ dp = 10 / ((k+10)(k+11)) and whose CDF is 1 − 10 / (k+11).
@@ -15,12 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import constexpr, jit, log1p, tile, tl, triton
-from .dispatch import check_matrix, generator, random_key, use_triton
+from ._triton import jit, log1p, tile, tl, triton
+from .dispatch import generator, random_key, use_triton
+from .sparse_rows import SparseRows, add_to, check_input, dense
 
 TOTAL_COUNT = 10
-TARGET_SUM = 1e4
-_TARGET_SUM = constexpr(TARGET_SUM)  # what the kernel reads
 
 
 def counts_from_uniform(u: torch.Tensor) -> torch.Tensor:
@@ -35,8 +35,8 @@ def _counts(key, rows, cols, n_genes):
 
 
 @jit
-def _nb_kernel(x_ptr, out_ptr, n_cells, n_genes, key, intensity, RAW: tl.constexpr, BLOCK_R: tl.constexpr,
-               BLOCK_G: tl.constexpr):
+def _nb_kernel(x_ptr, out_ptr, n_cells, n_genes, key, intensity, target_sum, RAW: tl.constexpr,
+               BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_cells
     total = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -44,7 +44,7 @@ def _nb_kernel(x_ptr, out_ptr, n_cells, n_genes, key, intensity, RAW: tl.constex
         cols = start + tl.arange(0, BLOCK_G)
         inside = row_ok[:, None] & (cols[None, :] < n_genes)
         total += tl.sum(tl.where(inside, _counts(key, rows, cols, n_genes), 0.0), axis=1)
-    factor = tl.where(total > 0, _TARGET_SUM / tl.maximum(total, 1.0), 0.0)
+    factor = tl.where(total > 0, target_sum / tl.maximum(total, 1.0), 0.0)
     for start in range(0, n_genes, BLOCK_G):
         cols = start + tl.arange(0, BLOCK_G)
         inside = row_ok[:, None] & (cols[None, :] < n_genes)
@@ -58,42 +58,49 @@ def _nb_kernel(x_ptr, out_ptr, n_cells, n_genes, key, intensity, RAW: tl.constex
             tl.store(out_ptr + offsets, tl.maximum(x + intensity * noise, 0.0), mask=inside)
 
 
-def _nb_triton(x: torch.Tensor, key: int, intensity: float, raw: bool) -> torch.Tensor:
+def _nb_triton(x: torch.Tensor, key: int, intensity: float, target_sum: float, raw: bool) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     block_r, block_g = tile(*x.shape, x.is_cuda)
     block_r = 1 if x.is_cuda else block_r  # one row per GPU program: both passes stay in L2
-    _nb_kernel[(triton.cdiv(x.shape[0], block_r),)](x, out, x.shape[0], x.shape[1], key, intensity, RAW=raw,
-                                                    BLOCK_R=block_r, BLOCK_G=block_g)
+    _nb_kernel[(triton.cdiv(x.shape[0], block_r),)](x, out, x.shape[0], x.shape[1], key, intensity, target_sum,
+                                                    RAW=raw, BLOCK_R=block_r, BLOCK_G=block_g)
     return out
 
 
-def nb_noise(x: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+def nb_noise(x, seed: int, step: int) -> torch.Tensor:
     """The raw noise counts K [B, G] that nb_augment(x, ·, seed, step) uses, from the same backend."""
-    check_matrix(x, "x")
+    check_input(x, "x")
     key = random_key(seed, step, 3)
-    if use_triton(x):
-        return _nb_triton(x, key, 0.0, raw=True)
+    if use_triton(x.data if isinstance(x, SparseRows) else x):
+        return _nb_triton(dense(x), key, 0.0, 1.0, raw=True)
     u = torch.rand(x.shape, generator=generator(key, x.device), device=x.device)
     return counts_from_uniform(u)
 
 
-def nb_augment_reference(x: torch.Tensor, intensity: float, noise: torch.Tensor, inplace: bool = False):
-    """The torch reference given the raw counts: row-normalise to 10,000, log1p, scale, add, clamp at 0
-    (`inplace` reuses the noise buffer for the output: the CPU path's only full-size allocation)."""
+def nb_augment_reference(x, intensity: float, noise: torch.Tensor, target_sum: float, inplace: bool = False):
+    """The torch reference given the raw counts: row-normalise to `target_sum`, log1p, scale, add x, clamp at 0
+    (`inplace` reuses the noise buffer for the output: the CPU path's only full-size allocation). A SparseRows x
+    on CPU adds its stored values only: the same sums, element by element."""
     total = noise.sum(dim=1, keepdim=True)
-    factor = torch.where(total > 0, TARGET_SUM / total.clamp(min=1.0), 0.0)
+    factor = torch.where(total > 0, target_sum / total.clamp(min=1.0), 0.0)
     noise = noise if inplace else noise.clone()
-    return noise.mul_(factor).log1p_().mul_(intensity).add_(x).clamp_(min=0.0)
+    noise.mul_(factor).log1p_().mul_(intensity)
+    if isinstance(x, SparseRows) and not x.counts and noise.device.type == "cpu":
+        add_to(noise, x)
+    else:
+        noise.add_(dense(x))
+    return noise.clamp_(min=0.0)
 
 
-def nb_augment(x: torch.Tensor, intensity: float = 0.1, seed: int = 0, step: int = 0) -> torch.Tensor:
-    """x plus `intensity` · log1p(NB noise normalised to 10,000 per row), clamped at 0 (paper: intensity 0.1)."""
-    check_matrix(x, "x")
+def nb_augment(x, intensity: float, seed: int, step: int, target_sum: float) -> torch.Tensor:
+    """x plus `intensity` · log1p(NB noise normalised to `target_sum` per row), clamped at 0 (the paper: intensity
+    0.1, the data's total 10,000). x: a dense float32 batch, or SparseRows."""
+    check_input(x, "x")
     intensity = float(intensity)
-    if use_triton(x):
-        return _nb_triton(x, random_key(seed, step, 3), intensity, raw=False)
-    return nb_augment_reference(x, intensity, nb_noise(x, seed, step), inplace=True)
+    if use_triton(x.data if isinstance(x, SparseRows) else x):
+        return _nb_triton(dense(x), random_key(seed, step, 3), intensity, float(target_sum), raw=False)
+    return nb_augment_reference(x, intensity, nb_noise(x, seed, step), target_sum, inplace=True)
 
 
 __all__ = ["counts_from_uniform", "nb_augment", "nb_augment_reference", "nb_noise"]

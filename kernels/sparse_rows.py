@@ -1,15 +1,18 @@
 """A batch as CSR rows, the form the loader ships and the first layer reads: what every op accepts in place of a
 dense [cells, genes] float32 tensor.
 
-On CPU the ops that can work on the nonzeros do (the masked first layer, the reconstruction losses); the ones
-that need every element (NB noise) ask for `to_dense()` where they are used. On CUDA the trainer densifies once
-on the device (`csr_to_dense`, log1p per 10k fused when the values are counts). Never imports engine or loaders.
+On CPU the ops that can work on the nonzeros do (the masked first layer, the reconstruction losses, NB noise,
+which adds the stored values to its dense noise); on CUDA the trainer densifies once on the device (`csr_to_dense`,
+log1p per `target_sum` fused when the values are raw counts). Never imports engine or loaders.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import numba
+import numpy as np
 import torch
+from numba import prange
 
 from .csr_to_dense import csr_to_dense
 from .dispatch import check_matrix
@@ -20,14 +23,14 @@ _INDEX_DTYPES = (torch.uint16, torch.int16, torch.int32, torch.int64)
 @dataclass(frozen=True)
 class SparseRows:
     """float32 CSR [len(indptr) − 1, n_genes]: row r holds values data[indptr[r]:indptr[r+1]] at columns
-    indices[same]. `counts`: the values are raw counts still to be normalised (log1p per 10k) when densified."""
+    indices[same]. `target_sum`: None when the values are what the model reads; a total (10,000) when they are raw
+    counts, each row to be normalised to that total and log1p'd when densified (`counts` is then True)."""
 
     indptr: torch.Tensor   # int64 [rows + 1]
     indices: torch.Tensor  # uint16, int16, int32 or int64 [nnz]
     data: torch.Tensor     # float32 [nnz]
     n_genes: int
-    counts: bool = False
-    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+    target_sum: float | None = None
 
     def __post_init__(self):
         if self.indptr.dtype != torch.int64 or self.indptr.dim() != 1 or len(self.indptr) < 1:
@@ -41,6 +44,11 @@ class SparseRows:
                              "and of one length")
         if not self.indptr.device == self.indices.device == self.data.device:
             raise ValueError("indptr, indices and data must be on one device")
+
+    @property
+    def counts(self) -> bool:
+        """The values are raw counts, still to be normalised."""
+        return self.target_sum is not None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -71,19 +79,15 @@ class SparseRows:
     requires_grad = False  # data, never a parameter
 
     def detach(self) -> "SparseRows":
-        return self  # data, never a parameter
+        return self
 
     def to(self, device, non_blocking: bool = False) -> "SparseRows":
         return SparseRows(*(t.to(device, non_blocking=non_blocking) for t in (self.indptr, self.indices, self.data)),
-                          self.n_genes, self.counts)  # the dense cache stays behind: it is of this device
+                          self.n_genes, self.target_sum)
 
     def to_dense(self) -> torch.Tensor:
-        """The dense float32 batch (normalised and log1p'd when the values are counts), made once per batch: the
-        views that need it (BYOL's two) share it."""
-        if "dense" not in self._cache:
-            self._cache["dense"] = csr_to_dense(self.indptr, self.indices, self.data, self.n_genes,
-                                                normalize_log1p=self.counts)
-        return self._cache["dense"]
+        """The dense float32 batch (normalised and log1p'd when the values are counts)."""
+        return csr_to_dense(self.indptr, self.indices, self.data, self.n_genes, self.target_sum)
 
     def numpy(self):
         """(indptr, indices, data) as numpy arrays sharing memory (CPU only)."""
@@ -101,14 +105,26 @@ def dense(x) -> torch.Tensor:
     return x.to_dense() if isinstance(x, SparseRows) else x
 
 
+@numba.njit(parallel=True, cache=True)
+def add_rows(out, indptr, indices, data, sign):
+    """out[r, indices[k]] += sign · data[k] for every stored value k of row r: a dense matrix plus (or minus) the
+    rows of a CSR, without the dense rows."""
+    for r in prange(out.shape[0]):
+        row = out[r]
+        for k in range(indptr[r], indptr[r + 1]):
+            row[indices[k]] += sign * data[k]
+
+
+def add_to(out: torch.Tensor, x: SparseRows, sign: float = 1.0) -> torch.Tensor:
+    """out += sign · x, in place, on CPU tensors (one numba pass over x's stored values)."""
+    add_rows(out.numpy(), *x.numpy(), np.float32(sign))
+    return out
+
+
 class _MinusRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, x):
-        from .cpu import minus_csr
-
-        out = torch.empty_like(pred)
-        minus_csr(pred.detach().contiguous().numpy(), *x.numpy(), out.numpy())
-        return out
+        return add_to(pred.detach().contiguous().clone(), x, -1.0)
 
     @staticmethod
     def backward(ctx, grad):
@@ -125,4 +141,4 @@ def difference(pred: torch.Tensor, x) -> torch.Tensor:
     return pred.index_put((rows, x.indices.to(torch.int64)), -x.data, accumulate=True)
 
 
-__all__ = ["SparseRows", "check_input", "dense", "difference"]
+__all__ = ["SparseRows", "add_to", "check_input", "dense", "difference"]

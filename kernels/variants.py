@@ -14,18 +14,19 @@ TARGETS = (80, 90)  # sm_80 (A100) and sm_90 (H100/H200)
 
 
 def _mask_launches():
-    from .mask_kernel import _mask_kernel
-    from .mask_modes import DROP_BITS, KEEP_BITS, RANDOM
+    from .masking import DROP_BITS, KEEP_BITS, RANDOM, _kept_kernel, _mask_kernel
 
     sig = {"x_ptr": "*fp32", "out_ptr": "*fp32", "scale_ptr": "*fp32", "row_bits_ptr": "*i32",
            "row_index_ptr": "*i32", "n_cells": "i32", "n_genes": "i32", "n_words": "i32", "key": KEY, "rate": "fp32",
            "MODE": "constexpr", "BLOCK_R": "constexpr", "BLOCK_G": "constexpr"}
     for mode in (RANDOM, DROP_BITS, KEEP_BITS):
         yield f"mask MODE={mode}", _mask_kernel, sig, {"MODE": mode, "BLOCK_R": 4, "BLOCK_G": 1024}
+    counted = {"partial_ptr": "*i32", **{k: v for k, v in sig.items() if k not in ("x_ptr", "out_ptr", "scale_ptr")}}
+    yield "kept count MODE=0", _kept_kernel, counted, {"MODE": RANDOM, "BLOCK_R": 4, "BLOCK_G": 1024}
 
 
 def _loss_launches():
-    from .mask_modes import DROP_BITS, KEEP_BITS, RANDOM, TARGET_GENE, TARGET_MASKED
+    from .masking import DROP_BITS, KEEP_BITS, RANDOM, TARGET_GENE, TARGET_MASKED
     from .recon_loss import _loss_kernel
 
     sig = {"pred_ptr": "*fp32", "x_ptr": "*fp32", "grad_ptr": "*fp32", "partial_ptr": "*fp32",
@@ -44,7 +45,8 @@ def _nb_launches():
     from .nb_augment import _nb_kernel
 
     sig = {"x_ptr": "*fp32", "out_ptr": "*fp32", "n_cells": "i32", "n_genes": "i32", "key": KEY,
-           "intensity": "fp32", "RAW": "constexpr", "BLOCK_R": "constexpr", "BLOCK_G": "constexpr"}
+           "intensity": "fp32", "target_sum": "fp32", "RAW": "constexpr", "BLOCK_R": "constexpr",
+           "BLOCK_G": "constexpr"}
     for raw in (False, True):
         yield f"nb_augment RAW={raw}", _nb_kernel, sig, {"RAW": raw, "BLOCK_R": 1, "BLOCK_G": 1024}
 
@@ -53,13 +55,18 @@ def _csr_launches():
     from .csr_to_dense import _csr_kernel
 
     # what the loader and the store hand over: int64 offsets (int32 from callers that pack them), uint16 or
-    # int32 gene indices (int64 from torch code), float32 values or uint16/uint32 integer counts
-    for indptr, indices, data, normalize in product(("int32", "int64"), ("uint16", "int32", "int64"),
-                                                    ("float32", "uint16", "uint32"), (False, True)):
-        sig = {"indptr_ptr": _PTR[indptr], "indices_ptr": _PTR[indices], "data_ptr": _PTR[data], "out_ptr": "*fp32",
-               "n_genes": "i32", "NORMALIZE": "constexpr", "BLOCK": "constexpr"}
-        yield (f"csr_to_dense {indptr}/{indices}/{data} NORMALIZE={normalize}", _csr_kernel, sig,
-               {"NORMALIZE": normalize, "BLOCK": 1024})
+    # int32 gene indices (int64 from torch code), float32 values or uint16/uint32 integer counts; every batch
+    # row (rows_ptr then stands in for indptr) or the rows a resident shard's batch names (int64 row ids)
+    for indptr, indices, data, normalize, rows in product(("int32", "int64"), ("uint16", "int32", "int64"),
+                                                          ("float32", "uint16", "uint32"), (False, True),
+                                                          (False, True)):
+        if rows and indptr != "int64":
+            continue  # a resident shard's offsets are int64
+        sig = {"indptr_ptr": _PTR[indptr], "indices_ptr": _PTR[indices], "data_ptr": _PTR[data],
+               "rows_ptr": "*i64" if rows else _PTR[indptr], "out_ptr": "*fp32", "n_genes": "i32",
+               "target_sum": "fp32", "NORMALIZE": "constexpr", "ROWS": "constexpr", "BLOCK": "constexpr"}
+        yield (f"csr_to_dense {indptr}/{indices}/{data} NORMALIZE={normalize} ROWS={rows}", _csr_kernel, sig,
+               {"NORMALIZE": normalize, "ROWS": rows, "BLOCK": 1024})
 
 
 def launches():

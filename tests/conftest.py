@@ -88,9 +88,9 @@ def synthetic_store(tmp_path_factory):
     return synth(tmp_path_factory.mktemp("synth") / "s.cellstore", 1500, progress=False)
 
 
-@pytest.fixture(params=["torch", "triton"])
+@pytest.fixture(params=["torch", "numba", "triton"])
 def backend(request, monkeypatch):
-    """Run a kernel test once with the torch reference and once with the Triton kernel (interpreted)."""
+    """Run a kernel test with the torch reference, the CPU path (numba) and the Triton kernel (interpreted)."""
     monkeypatch.setenv("CELLSSL_KERNELS", request.param)
     return request.param
 
@@ -99,7 +99,7 @@ def block_programmes(n_genes: int, n_programmes: int, size: int):
     """Disjoint programmes of `size` consecutive genes, as int32 bitsets."""
     import torch
 
-    from cellssl.kernels.mask_spec import pack_bits
+    from cellssl.kernels.masking import pack_bits
 
     flags = torch.zeros(n_programmes, n_genes, dtype=torch.bool)
     for p in range(n_programmes):

@@ -2,13 +2,13 @@
 for every mask kind; the fused CPU loss equals the reference; the random stream has the right statistics."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cellssl import kernels
-from cellssl.kernels.mask_spec import pack_bits, random_keep
-from cellssl.kernels.masking import mask_reference
+from cellssl.kernels.masking import _random_keep, mask_reference, pack_bits, threshold16
 from cellssl.kernels.recon_loss import recon_loss_reference
 
 
@@ -77,6 +77,12 @@ def test_cpu_random_loss_equals_reference(monkeypatch):
     torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-9)
 
 
+def random_keep(key, shape, rate, device="cpu") -> torch.Tensor:
+    out = np.empty(shape, np.bool_)
+    _random_keep(key, shape[0], shape[1], threshold16(rate), out)
+    return torch.from_numpy(out)
+
+
 def test_cpu_random_stream_statistics():
     keep = random_keep(12345, (400, 1003), 0.5, "cpu")
     assert abs(keep.float().mean().item() - 0.5) < 0.005
@@ -105,7 +111,7 @@ def test_dense_inputs_take_the_dense_product(monkeypatch):
 
     ml = importlib.import_module("cellssl.kernels.masked_linear")  # the package's masked_linear attribute is the function
 
-    monkeypatch.setenv("CELLSSL_KERNELS", "torch")
+    monkeypatch.setenv("CELLSSL_KERNELS", "numba")
     calls = []
     real = ml._SparseLinear.apply
     monkeypatch.setattr(ml._SparseLinear, "apply", lambda *a: calls.append(1) or real(*a))

@@ -7,8 +7,7 @@ import torch
 from conftest import block_programmes
 
 from cellssl.kernels import apply_mask, gene_program_mask, isolated_mask, mask_spec, random_mask
-from cellssl.kernels.mask_spec import pack_bits, unpack_bits
-from cellssl.kernels.masking import mask_reference
+from cellssl.kernels.masking import mask_reference, pack_bits, unpack_bits
 
 SHAPES = [(16, 2048), (7, 2049), (3, 100)]
 

@@ -16,9 +16,9 @@ def mixture_cdf(k: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("shape", [(16, 2048), (3, 777)])
 def test_kernel_matches_reference_on_its_noise(backend, shape):
     x = torch.rand(shape) * 3
-    out = nb_augment(x, 0.1, seed=7, step=2)
+    out = nb_augment(x, 0.1, seed=7, step=2, target_sum=1e4)
     noise = nb_noise(x, 7, 2)
-    torch.testing.assert_close(out, nb_augment_reference(x, 0.1, noise), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, nb_augment_reference(x, 0.1, noise, 1e4), rtol=1e-5, atol=1e-5)
     assert torch.equal(noise, nb_noise(x, 7, 2)) and not torch.equal(noise, nb_noise(x, 7, 3))
 
 
@@ -47,21 +47,35 @@ def test_inversion_equals_torch_gamma_poisson_sampling():
     assert (ours > 1e5).mean() == pytest.approx(10 / (1e5 + 11), rel=0.25)  # large rates reached
 
 
-def test_rows_normalised_to_10k(backend):
-    out = nb_augment(torch.zeros(8, 1500), 0.1, seed=3)
+@pytest.mark.parametrize("total", [1e4, 1e6])
+def test_rows_normalised_to_the_target_sum(backend, total):
+    out = nb_augment(torch.zeros(8, 1500), 0.1, seed=3, step=0, target_sum=total)
     sums = torch.expm1(out.double() / 0.1).sum(1)
-    torch.testing.assert_close(sums, torch.full((8,), 1e4, dtype=torch.float64), rtol=1e-3, atol=0)
+    torch.testing.assert_close(sums, torch.full((8,), total, dtype=torch.float64), rtol=1e-3, atol=0)
 
 
 def test_clamped_at_zero_and_intensity_zero(backend):
     x = -torch.rand(4, 300)
-    assert (nb_augment(x, 0.1) >= 0).all()
+    assert (nb_augment(x, 0.1, 0, 0, 1e4) >= 0).all()
     y = torch.rand(4, 300)
-    torch.testing.assert_close(nb_augment(y, 0.0), y)
+    torch.testing.assert_close(nb_augment(y, 0.0, 0, 0, 1e4), y)
+
+
+def test_csr_batch_equals_its_dense_form(backend):
+    """A CSR batch gets the same noised view as its dense form: its stored values are added to the noise."""
+    import scipy.sparse as sp
+
+    from cellssl.kernels import SparseRows
+
+    m = sp.random(12, 700, density=0.1, format="csr", random_state=0, dtype=np.float32)
+    rows = SparseRows(torch.from_numpy(m.indptr.astype(np.int64)), torch.from_numpy(m.indices.astype(np.int32)),
+                      torch.from_numpy(m.data), 700)
+    dense = torch.from_numpy(m.toarray())
+    assert torch.equal(nb_augment(rows, 0.1, 4, 5, 1e4), nb_augment(dense, 0.1, 4, 5, 1e4))
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="2-D"):
-        nb_augment(torch.rand(10))
+        nb_augment(torch.rand(10), 0.1, 0, 0, 1e4)
     with pytest.raises(TypeError, match="float32"):
-        nb_augment(torch.rand(2, 10, dtype=torch.float64))
+        nb_augment(torch.rand(2, 10, dtype=torch.float64), 0.1, 0, 0, 1e4)
