@@ -4,8 +4,9 @@ Never imports engine or kernels.
 """
 from .errors import CellStoreError, InputError
 from .genes import GeneAlignment, GeneSpace, align_genes
-from .store import CellStore, CellStoreWriter, Layout, open_store
+from .sampler import BlockShuffleSampler
+from .store import TARGET_SUM, CellStore, CellStoreWriter, Layout, open_store
 from .stream import Batch, BatchStream
 
-__all__ = ["Batch", "BatchStream", "CellStore", "CellStoreError", "CellStoreWriter", "GeneAlignment", "GeneSpace",
-           "InputError", "Layout", "align_genes", "open_store"]
+__all__ = ["TARGET_SUM", "Batch", "BatchStream", "BlockShuffleSampler", "CellStore", "CellStoreError",
+           "CellStoreWriter", "GeneAlignment", "GeneSpace", "InputError", "Layout", "align_genes", "open_store"]

@@ -26,7 +26,7 @@ from .errors import InputError
 from .genes import GeneAlignment, GeneSpace, align_genes
 from .sources import H5adSource, RowChunk, ScTabSource, Source, TenxSource
 from .spill import Spill, disk_error
-from .store import FORMAT, SPLITS, CellStore, CellStoreWriter, Layout, index_dtype, remove_tree
+from .store import FORMAT, SPLITS, TARGET_SUM, CellStore, CellStoreWriter, Layout, index_dtype, remove_tree
 
 BUCKET_BYTES = 128 << 20     # scratch bucket size: what pass 2 holds in memory at once
 MAX_EXACT_COUNT = 1 << 24    # float32 holds every integer up to here exactly
@@ -84,8 +84,6 @@ def destinations(split_codes: np.ndarray, seed: int) -> tuple[np.ndarray, dict[s
         start += len(members)
     return dest, splits
 
-
-TARGET_SUM = 1e4
 
 
 def _decide_value_kind(requested: str | None, source: Source, first: RowChunk) -> tuple[str, float]:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-TARGET_SUM = np.float32(1e4)
+from .store import TARGET_SUM as _TOTAL
+
+TARGET_SUM = np.float32(_TOTAL)  # as float32: the dense formula's rounding
 
 
 @numba.njit(nogil=True, cache=True)

@@ -18,15 +18,22 @@ from .errors import InputError
 
 @dataclass(frozen=True)
 class BlockShuffleSampler:
+    """Rows [start, stop) of a store (a split), batched for one rank. `block_size` consecutive rows are read
+    together (1,024: ~7 compressed chunks, bench/randomness.py measures how i.i.d. the batches stay); a shuffle
+    window spans `buffer_batches` batches."""
+
     start: int
     stop: int
-    batch_size: int
-    block_size: int = 64
-    buffer_batches: int = 4
+    batch_size: int = 8192
     seed: int = 0
     rank: int = 0
     world_size: int = 1
     drop_last: bool = True
+    block_size: int = 1024
+    buffer_batches: int = 2
+
+    kind = "block_shuffle"
+    RESUME_FIELDS = ("seed", "rank", "world_size", "batch_size", "block_size", "buffer_batches")
 
     def __post_init__(self):
         if not 0 <= self.rank < self.world_size:
@@ -46,6 +53,10 @@ class BlockShuffleSampler:
     @property
     def n_cells(self) -> int:
         return self.stop - self.start
+
+    def identity(self) -> dict:
+        """What a saved position must share with this sampler to replay the same batches."""
+        return {"sampler": self.kind, **{k: getattr(self, k) for k in self.RESUME_FIELDS}, "n_cells": self.n_cells}
 
     def share_bounds(self, rank: int) -> tuple[int, int]:
         """Positions [a, b) of `rank`'s share in the epoch's concatenated block order."""

@@ -1,6 +1,6 @@
 """The cell store: a zarr v3 CSR matrix plus parquet obs/var, its writer and its validating reader.
 
-Format (version 1) is documented in loaders/README.md. The writer appends rows in store order and writes whole
+The format (`FORMAT_VERSION`, 2: the obs.parquet checksum joined the attributes) is documented in loaders/README.md. The writer appends rows in store order and writes whole
 shards only, so memory stays bounded and no shard is rewritten. The reader validates on open and checks every
 range it decodes, so a corrupt or foreign store fails with one `CellStoreError`, never deep inside a batch.
 Depends on numpy, pandas, pyarrow and zarr; never imports engine or kernels.
@@ -25,6 +25,7 @@ from .genes import GeneSpace
 FORMAT = "cellstore"
 FORMAT_VERSION = 2  # 2: obs.parquet checksum in the attributes
 VALUE_KINDS = ("counts", "log1p_10k")
+TARGET_SUM = 10_000  # "log1p_10k": log1p of each cell's counts normalised to this total (scTab's values)
 SPLITS = ("train", "val", "test")
 CATEGORIES_KEY = b"cellssl.categories"
 _DATA_DTYPES = {"float32", "uint16", "uint32"}

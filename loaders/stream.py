@@ -1,18 +1,17 @@
 """BatchStream: dense (or CSR) batches of cells from a cell store, straight into a training loop.
 
-The sampler (`BlockShuffleSampler`) decides which rows; this file turns them into batches. A reader thread
-decodes one shuffle window at a time (each needed chunk once, on a small thread pool) and normalises counts
-(unless `normalize=False`: then the values stay as stored, e.g. for a GPU that normalises while densifying);
-a second thread scatters each batch into a ring of reused dense buffers (one pinned block when CUDA is available),
-or, with output="csr", gathers its rows into a ring of reused CSR blocks (one pinned block per slot, grown only
-when a batch holds more values than the slot ever did). A yielded batch's buffers stay valid until two more
-batches have been requested (one without CUDA), so an async host-to-device copy of it can finish. An exception
-in a worker reaches the consumer as itself.
+A sampler decides which rows (`BlockShuffleSampler` by default; any object with its interface may be passed);
+this file turns them into batches. A reader thread decodes one shuffle window at a time (each needed chunk once,
+on a small thread pool) and normalises counts (unless `normalize=False`: then the values stay as stored, e.g. for
+a GPU that normalises while densifying); an assembly thread puts each batch into a ring of reused buffers
+(loaders/rings.py): scattered into dense blocks (output="dense") or gathered into CSR blocks (output="csr"). A
+yielded batch's buffers stay valid until `held` more batches have been requested (by default two when they are
+pinned for an asynchronous host-to-device copy, `pin_memory=True`, one otherwise; a consumer that keeps several
+batches, as gradient accumulation does, asks for more). An exception in a worker reaches the consumer as itself. Everything the stream does is said by its arguments: it reads no environment and asks no device.
 Never imports engine or kernels.
 """
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections import deque
@@ -24,15 +23,13 @@ import numpy as np
 import torch
 
 from .chunks import ShardedArray
-from .densify import gather_rows, log1p_per_10k, scatter_rows
+from .densify import log1p_per_10k
 from .errors import InputError
+from .rings import CsrRing, DenseRing
 from .sampler import BlockShuffleSampler
 from .store import CellStore, open_store
 
-
-def _held() -> int:
-    """Yielded batches whose buffers stay untouched: two when an async host→device copy may still read one."""
-    return 2 if torch.cuda.is_available() else 1
+OUTPUTS = ("dense", "csr")
 
 
 @dataclass
@@ -55,29 +52,45 @@ class Batch:
         return len(self.index)
 
 
-def _pin(t: torch.Tensor) -> torch.Tensor:
-    return t.pin_memory() if torch.cuda.is_available() else t  # CPU-only builds cannot pin
-
-
 class _Stop(Exception):
     pass
 
 
+def _sampler(store: CellStore, split: str, sampler, batch_size, seed, rank, world_size, drop_last):
+    """The given sampler, checked against the split, or the default one for the given parameters (exclusive with a
+    sampler, as in torch's DataLoader)."""
+    start, stop = store.split(split)
+    given = {k: v for k, v in dict(batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
+                                   drop_last=drop_last).items() if v is not None}
+    if sampler is None:
+        return BlockShuffleSampler(start, stop, **{"drop_last": split == "train", **given})
+    if given:
+        raise ValueError(f"pass either a sampler or {sorted(given)}, not both: the sampler holds them")
+    if (sampler.start, sampler.stop) != (start, stop):
+        raise ValueError(f"the sampler covers rows [{sampler.start}, {sampler.stop}), the {split!r} split "
+                         f"[{start}, {stop})")
+    return sampler
+
+
 class BatchStream:
-    def __init__(self, store: str | Path | CellStore, split: str = "train", batch_size: int = 8192, seed: int = 0,
-                 rank: int | None = None, world_size: int | None = None, block_size: int = 1024,
-                 buffer_batches: int = 2, threads: int = 2, output: str = "dense", columns=None,
-                 drop_last: bool | None = None, normalize: bool = True, prefetch: int = 2):
+    def __init__(self, store: str | Path | CellStore, split: str = "train", batch_size: int | None = None,
+                 seed: int | None = None, rank: int | None = None, world_size: int | None = None,
+                 drop_last: bool | None = None, *, sampler=None, output: str = "dense", columns=None,
+                 normalize: bool = True, pin_memory: bool = False, held: int | None = None, prefetch: int = 2,
+                 threads: int = 2):
+        """`batch_size` (8,192), `seed` (0), `rank` (0) of `world_size` (1) and `drop_last` (for the train split)
+        configure the default sampler; or pass `sampler`. `pin_memory`: batches in pinned memory (only where CUDA
+        exists) for an asynchronous copy to the GPU. `held`: how many yielded batches stay valid (see above)."""
         self.store = open_store(store)
-        if output not in ("dense", "csr"):
-            raise ValueError(f"output must be 'dense' or 'csr', not {output!r}")
-        rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-        world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-        start, stop = self.store.split(split)
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, not {output!r}")
+        self.sampler = _sampler(self.store, split, sampler, batch_size, seed, rank, world_size, drop_last)
         self.split, self.output, self.threads, self.prefetch = split, output, max(1, threads), max(1, prefetch)
         self.normalize = normalize and self.store.value_kind == "counts"
-        self.sampler = BlockShuffleSampler(start, stop, batch_size, block_size, buffer_batches, seed, rank, world_size,
-                                           split == "train" if drop_last is None else drop_last)
+        self.pin_memory = pin_memory
+        self.held = held if held is not None else 2 if pin_memory else 1
+        if self.held < 1:
+            raise ValueError(f"held must be at least 1, got {held}")
         available = self.store.obs_columns
         if columns is None:  # the label most training needs, where the store has it
             columns = [c for c in ("cell_type",) if c in available]
@@ -87,7 +100,8 @@ class BatchStream:
                              f"choose from {sorted(available)}")
         self.obs = {c: self.store.obs_codes(c).astype(np.int64) for c in columns}
         self.epoch, self.step = 0, 0
-        self._buffers: torch.Tensor | list | None = None
+        self._ring: DenseRing | CsrRing | None = None
+        self._held: deque = deque()  # slots of yielded batches the consumer may still read: across passes too
 
     # --- the contract ----------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -100,15 +114,16 @@ class BatchStream:
     def endless(self):
         """Batches epoch after epoch from the current position (each batch says its epoch): a training loop is a
         plain `for` over this, and `state_dict()` stays exact at every batch."""
+        if len(self) == 0:
+            raise InputError(self.store.path, f"the {self.split!r} split gives this rank no batch of "
+                             f"{self.sampler.batch_size} cells", "use a smaller --batch-size or fewer ranks")
         while True:
             yield from self
             self.set_epoch(self.epoch + 1)
 
     def state_dict(self) -> dict:
-        s = self.sampler
-        return {"epoch": self.epoch, "step": self.step, "seed": s.seed, "rank": s.rank, "world_size": s.world_size,
-                "batch_size": s.batch_size, "block_size": s.block_size, "buffer_batches": s.buffer_batches,
-                "split": self.split, "n_cells": s.n_cells, "store": self.store.checksum}
+        return {"epoch": self.epoch, "step": self.step, "split": self.split, "store": self.store.checksum,
+                **self.sampler.identity()}
 
     def state_after(self, batch: Batch) -> dict:
         """state_dict() as it stands once `batch` is consumed: what a checkpoint holds when the consumer reads
@@ -117,12 +132,11 @@ class BatchStream:
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        for key in ("store", "seed", "rank", "world_size", "batch_size", "block_size", "buffer_batches", "split",
-                    "n_cells"):
+        for key in [k for k in mine if k not in ("epoch", "step")]:
             if state.get(key) != mine[key]:
                 raise InputError(self.store.path, f"cannot resume the loader: the saved position has {key}="
                                  f"{state.get(key)!r}, this stream {mine[key]!r}; the remaining batches would differ",
-                                 "resume with the same store, ranks and batch size")
+                                 "resume with the same store, ranks, batch size and sampling")
         epoch, step = state.get("epoch"), state.get("step")
         if not (isinstance(epoch, int) and isinstance(step, int) and epoch >= 0 and 0 <= step <= len(self)):
             raise InputError(self.store.path, f"cannot resume the loader: position epoch={epoch!r}, step={step!r} is "
@@ -130,37 +144,35 @@ class BatchStream:
         self.epoch, self.step = epoch, step
 
     # --- the pipeline ----------------------------------------------------------------------------------
+    def _make_ring(self) -> DenseRing | CsrRing:
+        slots = self.prefetch + self.held + 1
+        if self._ring is None or len(self._ring) != slots:
+            self._held.clear()
+            s, store = self.sampler, self.store
+            self._ring = (DenseRing(slots, s.batch_size, store.n_genes, self.pin_memory) if self.output == "dense"
+                          else CsrRing(slots, s.batch_size, store.index_dtype, store.nnz / max(1, store.n_cells),
+                                       self.pin_memory))
+        return self._ring
+
     def __iter__(self):
         epoch, start = self.epoch, self.step
+        ring = self._make_ring()
         stop = threading.Event()
         windows: queue.Queue = queue.Queue(maxsize=1)
         turn = threading.Semaphore(1)  # the reader starts a window only once the previous one is taken: 2 alive
         batches: queue.Queue = queue.Queue(maxsize=self.prefetch)
         free: queue.Queue = queue.Queue()
-        for slot in range(self._ring_slots()):
-            free.put(slot)
+        for slot in range(len(ring)):
+            if slot not in self._held:  # the last batches of a previous pass (an epoch's end) stay untouched
+                free.put(slot)
         workers = [threading.Thread(target=self._guard, args=(self._read_windows, stop, windows, epoch, start,
                                                               windows, turn), daemon=True),
-                   threading.Thread(target=self._guard, args=(self._densify, stop, batches, windows, batches, free,
-                                                              epoch, turn), daemon=True)]
+                   threading.Thread(target=self._guard, args=(self._assemble, stop, batches, ring, windows, batches,
+                                                              free, epoch, turn), daemon=True)]
         for w in workers:
             w.start()
-        held: deque = deque()
         try:
-            while True:
-                item = batches.get()
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                if item.slot >= 0:
-                    held.append(item.slot)
-                    if len(held) > _held():
-                        free.put(held.popleft())
-                self.step = item.step + 1
-                yield item
-            if self.step >= len(self):
-                self.step = 0
+            yield from self._consume(batches, free)
         finally:
             stop.set()
             for q in (windows, batches):
@@ -169,35 +181,21 @@ class BatchStream:
             for w in workers:
                 w.join(timeout=10)
 
-    def _ring_slots(self) -> int:
-        slots = self.prefetch + _held() + 1
-        if self.output == "dense":
-            shape = (slots, self.sampler.batch_size, self.store.n_genes)
-            if self._buffers is None or self._buffers.shape != shape:
-                # one allocation: pinned memory is rounded up to a power of two per allocation
-                self._buffers = _pin(torch.empty(shape, dtype=torch.float32))
-        elif self._buffers is None or len(self._buffers) != slots:
-            self._buffers = [None] * slots  # CSR slots: allocated at first use, sized by the batches they hold
-        return slots
-
-    def _csr_slot(self, slot: int, rows: int, nnz: int):
-        """(indptr, indices, data) views of ring slot `slot` for `rows` rows and `nnz` values. Each slot is one
-        byte block (one pinned allocation where CUDA exists) holding the three arrays; it grows, with 25 % headroom,
-        only when a batch has more values than it ever held, so after the first batches nothing is allocated."""
-        index_dtype = self.store.index_dtype
-        block = self._buffers[slot]
-        capacity = 0 if block is None else (len(block) - 8 * (self.sampler.batch_size + 1)) // (
-            4 + index_dtype.itemsize)
-        if nnz > capacity:
-            capacity = max(nnz + nnz // 4, int(self.store.nnz / max(1, self.store.n_cells) * rows * 1.25))
-            block = _pin(torch.empty(8 * (self.sampler.batch_size + 1) + (4 + index_dtype.itemsize) * capacity,
-                                     dtype=torch.uint8))
-            self._buffers[slot] = block
-        raw = block.numpy()
-        a = 8 * (self.sampler.batch_size + 1)
-        b = a + 4 * capacity
-        return (raw[:8 * (rows + 1)].view(np.int64), raw[b:b + index_dtype.itemsize * nnz].view(index_dtype),
-                raw[a:a + 4 * nnz].view(np.float32))
+    def _consume(self, batches: queue.Queue, free: queue.Queue):
+        held = self._held
+        while True:
+            item = batches.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            held.append(item.slot)
+            if len(held) > self.held:
+                free.put(held.popleft())
+            self.step = item.step + 1
+            yield item
+        if self.step >= len(self):
+            self.step = 0
 
     @staticmethod
     def _put(q: queue.Queue, item, stop: threading.Event) -> None:
@@ -238,6 +236,7 @@ class BatchStream:
                 raise _Stop
 
     def _read_windows(self, stop, epoch: int, start: int, out: queue.Queue, turn: threading.Semaphore) -> None:
+        """Decode each shuffle window's rows once: (batches, sorted rows, their CSR)."""
         arrays = ShardedArray(self.store.path / "X" / "indices"), ShardedArray(self.store.path / "X" / "data")
         indptr = self.store.indptr
         try:
@@ -254,7 +253,7 @@ class BatchStream:
                         raise arrays[0]._fail("c", f"gene index out of range [0, {self.store.n_genes})")
                     local = np.zeros(len(rows) + 1, np.int64)
                     np.cumsum(indptr[rows + 1] - indptr[rows], out=local[1:])
-                    # normalised here, on the pool: the densify thread is the busier
+                    # normalised here, on the pool: the assembly thread is the busier
                     if self.normalize:
                         values = log1p_per_10k(local, values, pool, self.threads)
                     self._put(out, (group, rows, local, indices, values), stop)
@@ -262,8 +261,9 @@ class BatchStream:
             for a in arrays:
                 a.close()
 
-    def _densify(self, stop, windows: queue.Queue, out: queue.Queue, free: queue.Queue, epoch: int,
-                 turn: threading.Semaphore) -> None:
+    def _assemble(self, stop, ring, windows: queue.Queue, out: queue.Queue, free: queue.Queue, epoch: int,
+                  turn: threading.Semaphore) -> None:
+        """Each batch of each decoded window into a free ring slot."""
         while True:
             item = self._get(windows, stop)
             if item is None:
@@ -275,15 +275,6 @@ class BatchStream:
             for step, batch_rows in group:
                 positions = np.searchsorted(rows, batch_rows)
                 obs = {c: torch.from_numpy(v[batch_rows]) for c, v in self.obs.items()}
-                batch = Batch(torch.from_numpy(batch_rows), obs, epoch, step)
-                batch.slot = self._get(free, stop)
-                if self.output == "dense":
-                    x = self._buffers[batch.slot, :len(batch_rows)]
-                    scatter_rows(x.numpy(), positions, local, indices, values)
-                    batch.x = x
-                else:
-                    nnz = int((local[positions + 1] - local[positions]).sum())
-                    sub = self._csr_slot(batch.slot, len(positions), nnz)
-                    gather_rows(positions, local, indices, values, *sub)
-                    batch.indptr, batch.indices, batch.data = (torch.from_numpy(a) for a in sub)
-                self._put(out, batch, stop)
+                slot = self._get(free, stop)
+                fields = ring.fill(slot, positions, local, indices, values)
+                self._put(out, Batch(torch.from_numpy(batch_rows), obs, epoch, step, slot=slot, **fields), stop)

@@ -22,6 +22,7 @@ import numpy as np
 from .genes import GeneSpace
 from .genesets import index_programmes, read_gmt
 from .sources.base import RowChunk, Source
+from .store import TARGET_SUM
 
 LINEAGES = ("lymphoid", "myeloid", "epithelial", "endothelial", "stromal", "neural")
 TISSUES = {"lymphoid": "blood", "myeloid": "blood", "epithelial": "lung", "endothelial": "lung",
@@ -156,7 +157,7 @@ class SyntheticAtlas:
         library = np.array([ASSAYS[a][1] for a in self.dataset_assay[dataset]]) * rng.lognormal(0, 0.45, n)
         mean = prob * library[:, None].astype(np.float32)
         indptr, indices, counts = sample_nb(rng, mean)
-        expected = mean[:, self.protein_genes] / library[:, None].astype(np.float32) * 1e4
+        expected = mean[:, self.protein_genes] / library[:, None].astype(np.float32) * TARGET_SUM
         proteins = np.log1p(expected * self.protein_scale * rng.gamma(20, 1 / 20, expected.shape) + rng.gamma(
             2, 5, expected.shape)).astype(np.float32)
         obs = {"cell_type": cell_type, "lineage": self.type_lineage[cell_type], "dataset_id": dataset,

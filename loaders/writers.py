@@ -15,7 +15,7 @@ import scipy.sparse as sp
 from anndata.io import sparse_dataset, write_elem
 from tqdm import tqdm
 
-from .store import SPLITS
+from .store import SPLITS, TARGET_SUM
 from .synthetic import CHUNK_CELLS, LINEAGES, TISSUES, SyntheticAtlas
 
 SCTAB_ROWS_PER_PART = 65536
@@ -89,7 +89,7 @@ def write_sctab(atlas: SyntheticAtlas, n_cells: int, folder: Path, val_frac=0.1,
                                                   disable=not progress):
         n = len(indptr) - 1
         dense = sp.csr_matrix((counts, indices, indptr), shape=(n, G)).toarray()
-        dense = np.log1p(dense / dense.sum(axis=1, keepdims=True).clip(1) * 1e4, dtype=np.float32)
+        dense = np.log1p(dense / dense.sum(axis=1, keepdims=True).clip(1) * TARGET_SUM, dtype=np.float32)
         columns = {"cell_type": obs["cell_type"], "dataset_id": obs["dataset_id"], "donor_id": obs["donor_id"],
                    "assay": obs["assay"], "development_stage": np.zeros(n, int), "disease": np.zeros(n, int),
                    "tissue": tissue_code[obs["lineage"]], "tissue_general": tissue_code[obs["lineage"]],

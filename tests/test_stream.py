@@ -9,7 +9,13 @@ from cellssl.loaders import CellStore, CellStoreError, InputError
 from cellssl.loaders.sampler import BlockShuffleSampler
 from cellssl.loaders.stream import BatchStream
 
-KW = dict(batch_size=100, block_size=16, buffer_batches=3)
+
+def make_stream(store, split="train", seed=0, rank=0, world_size=1, drop_last=None, **kw) -> BatchStream:
+    """A stream of 100-cell batches over blocks of 16 rows, shuffled in windows of 3 batches."""
+    start, stop = (store if isinstance(store, CellStore) else CellStore(store)).split(split)
+    drop = split == "train" if drop_last is None else drop_last
+    sampler = BlockShuffleSampler(start, stop, 100, seed, rank, world_size, drop, block_size=16, buffer_batches=3)
+    return BatchStream(store, split, sampler=sampler, **kw)
 
 
 def expected_dense(store: CellStore, rows: np.ndarray, normalize=True) -> np.ndarray:
@@ -22,7 +28,7 @@ def test_every_cell_once_per_epoch_across_ranks(synthetic_store, world):
     start, stop = CellStore(synthetic_store).split("train")
     seen, steps = [], set()
     for rank in range(world):
-        stream = BatchStream(synthetic_store, "train", rank=rank, world_size=world, drop_last=False, **KW)
+        stream = make_stream(synthetic_store, "train", rank=rank, world_size=world, drop_last=False)
         batches = list(stream)
         steps.add(len(batches))
         assert len(batches) == len(stream)
@@ -36,7 +42,7 @@ def test_every_cell_once_per_epoch_across_ranks(synthetic_store, world):
 def test_training_shards_are_disjoint_full_batches(synthetic_store, world):
     shards = []
     for rank in range(world):
-        stream = BatchStream(synthetic_store, "train", rank=rank, world_size=world, **KW)
+        stream = make_stream(synthetic_store, "train", rank=rank, world_size=world)
         batches = list(stream)
         assert len(batches) == len(stream) and all(len(b) == 100 for b in batches)
         shards.append(set(np.concatenate([b.index.numpy() for b in batches])))
@@ -44,17 +50,17 @@ def test_training_shards_are_disjoint_full_batches(synthetic_store, world):
 
 
 def test_same_seed_same_batches_new_epoch_new_order(synthetic_store):
-    a = [b.index.numpy().copy() for b in BatchStream(synthetic_store, seed=3, **KW)]
-    b = [b.index.numpy().copy() for b in BatchStream(synthetic_store, seed=3, **KW)]
+    a = [b.index.numpy().copy() for b in make_stream(synthetic_store, seed=3)]
+    b = [b.index.numpy().copy() for b in make_stream(synthetic_store, seed=3)]
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    stream = BatchStream(synthetic_store, seed=3, **KW)
+    stream = make_stream(synthetic_store, seed=3)
     stream.set_epoch(1)
     c = [b.index.numpy().copy() for b in stream]
     assert not np.array_equal(a[0], c[0])
 
 
 def test_resume_mid_epoch_gives_the_remaining_batches(synthetic_store):
-    stream = BatchStream(synthetic_store, seed=5, **KW)
+    stream = make_stream(synthetic_store, seed=5)
     stream.set_epoch(2)
     full = [(b.index.numpy().copy(), b.x.numpy().copy()) for b in stream]
     stream.set_epoch(2)
@@ -64,19 +70,19 @@ def test_resume_mid_epoch_gives_the_remaining_batches(synthetic_store):
     state = stream.state_dict()
     it.close()
     assert state["epoch"] == 2 and state["step"] == 4
-    resumed = BatchStream(synthetic_store, seed=5, **KW)
+    resumed = make_stream(synthetic_store, seed=5)
     resumed.load_state_dict(state)
     rest = [(b.index.numpy().copy(), b.x.numpy().copy()) for b in resumed]
     assert len(rest) == len(full) - 4
     for (i1, x1), (i2, x2) in zip(full[4:], rest):
         assert np.array_equal(i1, i2) and np.array_equal(x1, x2)
     with pytest.raises(InputError, match="cannot resume the loader: the saved position has seed=5, this stream 6"):
-        BatchStream(synthetic_store, seed=6, **KW).load_state_dict(state)
+        make_stream(synthetic_store, seed=6).load_state_dict(state)
     for bad in ({"step": len(resumed) + 1}, {"step": -1}, {"epoch": -2}, {"step": "3"}):
         with pytest.raises(InputError, match="position .* is outside"):
-            BatchStream(synthetic_store, seed=5, **KW).load_state_dict({**state, **bad})
+            make_stream(synthetic_store, seed=5).load_state_dict({**state, **bad})
     with pytest.raises(InputError, match="the saved position has store="):
-        BatchStream(synthetic_store, seed=5, **KW).load_state_dict({**state, "store": "another store"})
+        make_stream(synthetic_store, seed=5).load_state_dict({**state, "store": "another store"})
 
 
 def test_ranks_with_an_empty_share_yield_nothing_and_others_everything(synthetic_store):
@@ -94,7 +100,7 @@ def test_ranks_with_an_empty_share_yield_nothing_and_others_everything(synthetic
 
 
 def test_endless_stream_crosses_epochs_and_resumes(synthetic_store):
-    stream = BatchStream(synthetic_store, seed=3, **KW)
+    stream = make_stream(synthetic_store, seed=3)
     per_epoch = len(stream)
     taken = []
     for batch in stream.endless():
@@ -108,7 +114,7 @@ def test_endless_stream_crosses_epochs_and_resumes(synthetic_store):
 @pytest.mark.parametrize("normalize", [True, False])
 def test_dense_values_equal_store_rows(synthetic_store, normalize):
     store = CellStore(synthetic_store)
-    for batch in BatchStream(store, "val", normalize=normalize, drop_last=False, **KW):
+    for batch in make_stream(store, "val", normalize=normalize, drop_last=False):
         rows = batch.index.numpy()
         assert np.array_equal(batch.x.numpy(), expected_dense(store, rows, normalize))  # bitwise
         assert np.array_equal(batch.obs["cell_type"].numpy(), store.obs_codes("cell_type")[rows])
@@ -121,20 +127,20 @@ def test_csr_output_densifies_to_the_same(synthetic_store, normalize):
     from cellssl.kernels import csr_to_dense
 
     store = CellStore(synthetic_store)
-    for batch in BatchStream(store, "test", output="csr", drop_last=False, normalize=normalize, **KW):
+    for batch in make_stream(store, "test", output="csr", drop_last=False, normalize=normalize):
         assert batch.x is None and batch.indices.dtype == torch.uint16  # the store's own index dtype
-        dense = csr_to_dense(batch.indptr, batch.indices, batch.data, store.n_genes, normalize_log1p=not normalize)
+        dense = csr_to_dense(batch.indptr, batch.indices, batch.data, store.n_genes, None if normalize else 1e4)
         np.testing.assert_allclose(dense.numpy(), expected_dense(store, batch.index.numpy()), rtol=1e-6, atol=1e-6)
 
 
 def test_position_after_a_batch_resumes_at_the_next(synthetic_store):
     """A consumer that reads one batch ahead (the CUDA feed) saves the position after the batch it trained."""
-    stream = BatchStream(synthetic_store, "train", **KW)
+    stream = make_stream(synthetic_store, "train")
     it = stream.endless()
     trained, ahead = next(it), next(it)
     state = stream.state_after(trained)
     assert stream.state_dict()["step"] == ahead.step + 1 and state["step"] == trained.step + 1
-    again = BatchStream(synthetic_store, "train", **KW)
+    again = make_stream(synthetic_store, "train")
     again.load_state_dict(state)
     assert torch.equal(next(iter(again)).index, ahead.index)
 
@@ -145,14 +151,31 @@ def test_log1p_store_values_pass_through(tmp_path, synthetic_store):
 
     src = synth(tmp_path / "sctab", 400, "sctab-parquet", progress=False)
     store = convert(open_source("sctab", src), tmp_path / "s.cellstore", progress=False)
-    batch = next(iter(BatchStream(store, "train", batch_size=64, block_size=8)))
+    start, stop = store.split("train")
+    sampler = BlockShuffleSampler(start, stop, batch_size=64, block_size=8)
+    batch = next(iter(BatchStream(store, "train", sampler=sampler)))
     assert np.array_equal(batch.x.numpy(), store.to_scipy()[batch.index.numpy()].toarray())
 
 
 def test_ring_buffers_are_reused(synthetic_store):
-    stream = BatchStream(synthetic_store, prefetch=1, **KW)
+    stream = make_stream(synthetic_store, prefetch=1)
     pointers = [b.x.data_ptr() for b in stream]
     assert len(set(pointers)) <= 1 + 2 + 1 < len(pointers)  # prefetch + held + the one being filled
+
+
+@pytest.mark.parametrize("output", ["dense", "csr"])
+def test_held_batches_stay_intact_while_more_are_read(synthetic_store, output):
+    """A consumer that keeps `held` batches (gradient accumulation) finds them unchanged while the loader runs
+    ahead into its ring."""
+    kept = []
+    for batch in make_stream(synthetic_store, held=3, output=output).endless():
+        parts = (batch.x,) if output == "dense" else (batch.indptr, batch.indices, batch.data)
+        kept.append((parts, [p.clone() for p in parts]))
+        kept = kept[-3:]
+        for views, copies in kept:
+            assert all(torch.equal(v, c) for v, c in zip(views, copies))
+        if batch.epoch == 2:
+            break
 
 
 def test_worker_errors_reach_the_consumer(synthetic_store, tmp_path):
@@ -160,7 +183,7 @@ def test_worker_errors_reach_the_consumer(synthetic_store, tmp_path):
 
     broken = tmp_path / "broken.cellstore"
     shutil.copytree(synthetic_store, broken)
-    stream = BatchStream(broken, **KW)
+    stream = make_stream(broken)
     shard = broken / "X" / "data" / "c" / "0"
     raw = bytearray(shard.read_bytes())
     raw[100] ^= 0xFF
@@ -176,13 +199,18 @@ def test_bad_arguments(synthetic_store):
     with pytest.raises(InputError, match="--batch-size: 5000 exceeds the 1,200 cells .* use --batch-size 1200 or less"):
         BatchStream(synthetic_store, batch_size=5000)
     with pytest.raises(InputError, match="no obs column"):
-        BatchStream(synthetic_store, columns=["nope"], **KW)
+        make_stream(synthetic_store, columns=["nope"])
     with pytest.raises(InputError, match="no 'holdout' split"):
-        BatchStream(synthetic_store, split="holdout", **KW)
+        BatchStream(synthetic_store, split="holdout")
     with pytest.raises(ValueError, match="rank 2 outside"):
-        BatchStream(synthetic_store, rank=2, world_size=2, **KW)
+        make_stream(synthetic_store, rank=2, world_size=2)
     with pytest.raises(ValueError, match="output must be"):
-        BatchStream(synthetic_store, output="coo", **KW)
+        make_stream(synthetic_store, output="coo")
+    start, stop = CellStore(synthetic_store).split("train")
+    with pytest.raises(ValueError, match="either a sampler or"):
+        BatchStream(synthetic_store, "train", batch_size=64, sampler=BlockShuffleSampler(start, stop, 64))
+    with pytest.raises(ValueError, match="the 'val' split"):
+        BatchStream(synthetic_store, "val", sampler=BlockShuffleSampler(start, stop, 64))
 
 
 def test_sampler_windows_cover_steps():
