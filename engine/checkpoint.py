@@ -1,7 +1,7 @@
 """Checkpoints and exported models, read without ever executing code from a file.
 
-Checkpoints: DeepSpeed's engine state plus what it does not hold (loader position, step, RNG, the store's
-fingerprint and the run's config). DeepSpeed writes a tag directory and only then updates the `latest` file, so an
+Checkpoints: DeepSpeed's engine state plus the parts registered with the `Checkpointer` (the loader's position,
+step and best score, RNG, the store's fingerprint and the run's config). DeepSpeed writes a tag directory and only then updates the `latest` file, so an
 interrupted save leaves the previous checkpoint as the one a resume finds. DeepSpeed unpickles its files with
 `weights_only=False`; `SafeCheckpointEngine` replaces that with torch's restricted unpickler (tensors, plain
 containers and the few DeepSpeed types its state holds), so a crafted checkpoint is refused, not run.
@@ -66,31 +66,63 @@ def safe_checkpoint_engine(engine) -> None:
     current.__class__ = SafeCheckpointEngine
 
 
-def save(engine, folder: Path, step: int, client: dict) -> None:
-    client = {**client, "step": step, "torch_rng": torch.get_rng_state()}
-    engine.save_checkpoint(str(folder), tag=f"step{step:08d}", client_state=client)
+class Checkpointer:
+    """Saves and restores the DeepSpeed engine together with every part registered with it. A part is anything
+    with `state_dict()` and `load_state_dict(state)` (the loader's position, the step and best score, the RNG, the
+    checks of config and store); its state travels in DeepSpeed's client state under its name, and parts are
+    restored in the order they were registered."""
+
+    def __init__(self, engine, folder: Path):
+        self.engine, self.folder, self.parts = engine, Path(folder), {}
+
+    def register(self, name: str, part) -> None:
+        if name in self.parts:
+            raise ValueError(f"a checkpoint part named {name!r} is already registered")
+        self.parts[name] = part
+
+    def save(self, step: int) -> None:
+        client = {name: part.state_dict() for name, part in self.parts.items()}
+        self.engine.save_checkpoint(str(self.folder), tag=f"step{step:08d}", client_state=client)
+
+    def load(self) -> None:
+        """Restore the engine and every part from the newest complete checkpoint."""
+        tag = latest_tag(self.folder)
+        if tag is None:
+            raise InputError(self.folder, "no checkpoint to resume from", "start the run without --resume")
+        if not (self.folder / tag).is_dir() or "/" in tag or tag.startswith("."):
+            raise InputError(self.folder / "latest", f"names checkpoint {tag!r}, which is not a folder beside it",
+                             "restore the checkpoints folder from a copy, or start the run again with --overwrite")
+        safe_checkpoint_engine(self.engine)
+        path, client = self.engine.load_checkpoint(str(self.folder), tag=tag)
+        if path is None or client is None:
+            raise InputError(self.folder / tag, "DeepSpeed could not read this checkpoint",
+                             "restore it from a copy, or start the run again with --overwrite")
+        missing = [name for name in self.parts if name not in client]
+        if missing:
+            raise InputError(self.folder / tag, f"the checkpoint lacks {missing} (written by an older cellssl)",
+                             "start the run again with --overwrite")
+        for name, part in self.parts.items():
+            part.load_state_dict(client[name])
+
+
+class RandomState:
+    """torch's CPU generator, and the CUDA one where there is one (dropout draws from it on a GPU)."""
+
+    def state_dict(self) -> dict:
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
 
 
 def latest_tag(folder: Path) -> str | None:
     latest = folder / "latest"
     return latest.read_text().strip() if latest.is_file() else None
-
-
-def load(engine, folder: Path) -> dict | None:
-    """Restore the engine from the newest complete checkpoint; its client state, or None if there is none."""
-    tag = latest_tag(folder)
-    if tag is None:
-        return None
-    if not (folder / tag).is_dir() or "/" in tag or tag.startswith("."):
-        raise InputError(folder / "latest", f"names checkpoint {tag!r}, which is not a folder beside it",
-                         "restore the checkpoints folder from a copy, or start the run again with --overwrite")
-    safe_checkpoint_engine(engine)
-    path, client = engine.load_checkpoint(str(folder), tag=tag)
-    if path is None or client is None:
-        raise InputError(folder / tag, "DeepSpeed could not read this checkpoint",
-                         "restore it from a copy, or start the run again with --overwrite")
-    torch.set_rng_state(client["torch_rng"])
-    return client
 
 
 # --- exported models ---------------------------------------------------------------------------------------------

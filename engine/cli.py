@@ -120,69 +120,81 @@ def info(store: CellStore) -> dict:
             "source": store.attrs.get("source"), "shuffle_seed": store.attrs.get("shuffle_seed")}
 
 
+def run_convert(args) -> None:
+    options = {"layer": args.layer} if args.format == "h5ad" else {}
+    source = open_source(args.format, args.src, **options)
+    genes = args.genes or ("keep" if args.format == "sctab" else "default")
+    convert(source, args.dst, genes=genes, split_by=args.split_by, val_frac=args.val_frac, test_frac=args.test_frac,
+            seed=args.seed, overwrite=args.overwrite, value_kind=None if args.value_kind == "auto" else args.value_kind,
+            layout=Layout(codec=args.codec), progress=not args.quiet, workers=args.workers)
+
+
+def run_synth(args) -> None:
+    datasets = tuple(int(d) for d in args.datasets.split(",")) if args.datasets else None
+    synth(args.dst, args.cells, args.format, args.seed, args.genes, args.overwrite, progress=not args.quiet,
+          datasets=datasets, draw=args.draw)
+    print(f"wrote {args.dst}", file=sys.stderr)
+
+
+def run_plot(args) -> None:
+    from .plot import plot_runs
+
+    print(f"wrote {plot_runs(args.runs, args.out)}", file=sys.stderr)
+
+
+def run_upgrade(args) -> None:
+    from .checkpoint import upgrade_model
+
+    print(f"wrote {upgrade_model(args.model, args.out)}", file=sys.stderr)
+
+
+def run_embed(args) -> None:
+    from .embed import check_output, embed, write_embeddings
+
+    check_output(args.out)
+    embeddings, obs = embed(args.model, args.store, args.batch_size)
+    write_embeddings(embeddings, obs, args.out)
+    print(f"wrote {args.out}: {embeddings.shape[0]:,} cells x {embeddings.shape[1]} dimensions", file=sys.stderr)
+
+
+def run_eval(args) -> None:
+    from .evaluate.suite import evaluate
+
+    cfg = eval_config(args)
+    evaluate(cfg)
+    print(Path(cfg.out, "results.md").read_text())
+    print(f"wrote {cfg.out}/results.json, results.md and plots/", file=sys.stderr)
+
+
+def run_info(args) -> None:
+    report = info(CellStore(default_store() if args.store == "default" else args.store))
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    for key, value in report.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k}: {v}")
+        else:
+            print(f"{key}: {value}")
+
+
+COMMANDS = {"convert": (_add_convert, run_convert), "synth": (_add_synth, run_synth), "info": (_add_info, run_info),
+            "embed": (_add_embed, run_embed), "eval": (_add_eval, run_eval),
+            "upgrade-model": (_add_upgrade, run_upgrade), "plot": (_add_plot, run_plot)}
+
+
 def main(argv: list[str] | None = None) -> int:
     from .options import OneLineParser
 
     parser = OneLineParser(prog="cellssl", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_convert(sub)
-    _add_synth(sub)
-    _add_info(sub)
-    _add_embed(sub)
-    _add_eval(sub)
-    _add_upgrade(sub)
-    _add_plot(sub)
+    for add, _ in COMMANDS.values():
+        add(sub)
     try:
         args = parser.parse_args(argv)
-        if args.command == "convert":
-            options = {"layer": args.layer} if args.format == "h5ad" else {}
-            source = open_source(args.format, args.src, **options)
-            genes = args.genes or ("keep" if args.format == "sctab" else "default")
-            convert(source, args.dst, genes=genes, split_by=args.split_by, val_frac=args.val_frac,
-                    test_frac=args.test_frac, seed=args.seed, overwrite=args.overwrite,
-                    value_kind=None if args.value_kind == "auto" else args.value_kind,
-                    layout=Layout(codec=args.codec), progress=not args.quiet, workers=args.workers)
-        elif args.command == "synth":
-            datasets = tuple(int(d) for d in args.datasets.split(",")) if args.datasets else None
-            synth(args.dst, args.cells, args.format, args.seed, args.genes, args.overwrite, progress=not args.quiet,
-                  datasets=datasets, draw=args.draw)
-            print(f"wrote {args.dst}", file=sys.stderr)
-        elif args.command == "plot":
-            from .plot import plot_runs
-
-            print(f"wrote {plot_runs(args.runs, args.out)}", file=sys.stderr)
-        elif args.command == "upgrade-model":
-            from .checkpoint import upgrade_model
-
-            print(f"wrote {upgrade_model(args.model, args.out)}", file=sys.stderr)
-        elif args.command == "embed":
-            from .embed import check_output, embed, write_embeddings
-
-            check_output(args.out)
-            embeddings, obs = embed(args.model, args.store, args.batch_size)
-            write_embeddings(embeddings, obs, args.out)
-            print(f"wrote {args.out}: {embeddings.shape[0]:,} cells x {embeddings.shape[1]} dimensions",
-                  file=sys.stderr)
-        elif args.command == "eval":
-            from .evaluate.suite import evaluate
-
-            cfg = eval_config(args)
-            evaluate(cfg)
-            print(Path(cfg.out, "results.md").read_text())
-            print(f"wrote {cfg.out}/results.json, results.md and plots/", file=sys.stderr)
-        elif args.command == "info":
-            path = default_store() if args.store == "default" else args.store
-            report = info(CellStore(path))
-            if args.json:
-                print(json.dumps(report, indent=1))
-            else:
-                for key, value in report.items():
-                    if isinstance(value, dict):
-                        print(f"{key}:")
-                        for k, v in value.items():
-                            print(f"  {k}: {v}")
-                    else:
-                        print(f"{key}: {value}")
+        COMMANDS[args.command][1](args)
     except InputError as exc:
         print(f"cellssl: error: {exc}", file=sys.stderr)
         return 2

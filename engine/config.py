@@ -7,19 +7,14 @@ once; the per-objective values of the paper's reference code live in the experim
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .fields import at_least, dropout, fraction, non_negative, opt, positive, probability
 from .models import ModelConfig
 
 MAE, BYOL, BT, SUPERVISED = ("mae",), ("byol",), ("barlow_twins",), ("supervised",)
 CONTRASTIVE = BYOL + BT
-
-
-def opt(default, help: str, objectives: tuple[str, ...] | None = None, choices=None, **kw):
-    """A config field with its command-line help; `objectives`: the objectives it concerns (None: all)."""
-    factory = {"default_factory": default} if callable(default) else {"default": default}
-    return field(**factory, metadata={"help": help, "objectives": objectives, "choices": choices}, **kw)
 
 
 @dataclass
@@ -28,7 +23,7 @@ class ObjectiveConfig:
                                                                        "barlow_twins", "supervised"))
     mask: str = opt("random", "masking strategy", MAE, ("random", "gene_program", "gp_to_gp", "gp_to_tf"))
     rate: float = opt(0.5, "masking rate: of genes (random), of programmes or genes (gene_program, see --rate-of)",
-                      MAE)
+                      MAE, check=fraction)
     rate_of: str = opt("programmes", "gene_program: the rate is the fraction of programmes drawn (the paper) or the "
                        "fraction of genes to mask, drawing programmes until it is covered", MAE,
                        ("programmes", "genes"))
@@ -38,11 +33,13 @@ class ObjectiveConfig:
     label: str = opt("cell_type", "obs column to predict", SUPERVISED)
     class_weighted: bool = opt(True, "weight the cross-entropy by inverse class frequency (the reference's "
                                "fine-tuning)", SUPERVISED)
-    augment_p: float = opt(0.5, "probability of each augmentation of a view (NB noise, dropout)", BYOL)
-    noise_intensity: float = opt(0.1, "NB-noise intensity of the augmented views", CONTRASTIVE)
-    dropout_intensity: float = opt(0.1, "fraction of genes dropped in the augmented views", CONTRASTIVE)
-    ema: float = opt(0.99, "EMA decay of the target network", BYOL)
-    lambd: float = opt(0.0051, "weight of the off-diagonal terms", BT)
+    augment_p: float = opt(0.5, "probability of each augmentation of a view (NB noise, dropout)", BYOL,
+                           check=probability)
+    noise_intensity: float = opt(0.1, "NB-noise intensity of the augmented views", CONTRASTIVE, check=non_negative)
+    dropout_intensity: float = opt(0.1, "fraction of genes dropped in the augmented views", CONTRASTIVE,
+                                   check=dropout)
+    ema: float = opt(0.99, "EMA decay of the target network", BYOL, check=probability)
+    lambd: float = opt(0.0051, "weight of the off-diagonal terms", BT, check=non_negative)
 
 
 @dataclass
@@ -51,33 +48,38 @@ class TrainConfig:
     out: str = opt("runs/default", "run folder")
     objective: ObjectiveConfig = opt(ObjectiveConfig, "")
     model: ModelConfig = opt(ModelConfig, "")
-    batch_size: int = opt(8192, "cells per rank per step (DeepSpeed's micro-batch)")
+    batch_size: int = opt(8192, "cells per rank per micro-batch (DeepSpeed's micro-batch)", check=at_least(1))
+    gradient_accumulation: int = opt(1, "micro-batches per optimiser step: the global batch is batch size × this × "
+                                     "ranks, and --max-steps, the schedule and the log count optimiser steps",
+                                     check=at_least(1))
     optimizer: str = opt("adamw", "optimiser", choices=("adamw", "lars"))
-    lr: float = opt(1e-3, "learning rate (LARS: of the weights)")
-    lr_biases: float = opt(0.0, "LARS: learning rate of biases and norms (0: the same as --lr)")
-    weight_decay: float = opt(0.01, "weight decay")
+    lr: float = opt(1e-3, "learning rate (LARS: of the weights)", check=positive)
+    lr_biases: float = opt(0.0, "LARS: learning rate of biases and norms (0: the same as --lr)", check=non_negative)
+    weight_decay: float = opt(0.01, "weight decay", check=non_negative)
     scheduler: str = opt("step", "learning-rate schedule: StepLR (×gamma every lr-step-epochs), linear warm-up then "
                          "cosine decay to 1/1000, or constant", choices=("step", "warmup_cosine", "none"))
-    lr_step_epochs: int = opt(2, "StepLR period in epochs of the training split")
-    lr_gamma: float = opt(0.9, "StepLR factor")
+    lr_step_epochs: int = opt(2, "StepLR period in epochs of the training split", check=at_least(1))
+    lr_gamma: float = opt(0.9, "StepLR factor", check=positive)
     warmup_fraction: float = opt(0.01, "warmup_cosine: fraction of max-steps spent warming up (the reference: 10 of "
-                                 "1,000 epochs)")
-    gradient_clipping: float = opt(1.0, "max gradient norm; 0: off")
+                                 "1,000 epochs)", check=probability)
+    gradient_clipping: float = opt(1.0, "max gradient norm; 0: off", check=non_negative)
     input: str = opt("csr", "how batches reach the model: CSR (on a GPU copied compactly and densified there; on CPU "
                      "read sparse by the first layer and the losses) or dense from the loader",
                      choices=("csr", "dense"))
     precision: str = opt("fp32", "fp32, or bf16 matmuls under autocast (fp32 weights, optimiser and loss)",
                          choices=("fp32", "bf16"))
-    max_steps: int = opt(1000, "optimiser steps to train for")
-    seed: int = opt(0, "seed of the weights, the data order and every mask and view")
-    log_every: int = opt(10, "steps between log lines")
-    val_every: int = opt(200, "steps between validations")
-    val_batches: int = opt(4, "validation batches (a fixed pass over the same cells each time)")
-    checkpoint_every: int = opt(500, "steps between checkpoints")
+    max_steps: int = opt(1000, "optimiser steps to train for", check=at_least(1))
+    seed: int = opt(0, "seed of the weights, the data order and every mask and view", check=at_least(0))
+    log_every: int = opt(10, "steps between log lines", check=at_least(1))
+    val_every: int = opt(200, "steps between validations", check=at_least(1))
+    val_batches: int = opt(4, "validation batches (a fixed pass over the same cells each time)", check=at_least(1))
+    select: str = opt("last", "which model a run exports: the last step's, or the one with the best validation loss "
+                      "or macro F1 (classifiers)", choices=("last", "val_loss", "val_macro_f1"))
+    checkpoint_every: int = opt(500, "steps between checkpoints", check=at_least(1))
     resume: bool = opt(False, "continue the run in --out from its last checkpoint")
     overwrite: bool = opt(False, "start again in an --out that holds a run, deleting its files")
     init_encoder: str | None = opt(None, "a model (or run folder) whose encoder starts this run (fine-tuning)")
-    deepspeed_config: str | None = opt(None, "DeepSpeed JSON; default: recipes/deepspeed.json")
+    deepspeed_config: str | None = opt(None, "DeepSpeed JSON; default: the packaged engine/deepspeed.json")
     monitor: str = opt("none", "also log to DeepSpeed's monitor in the run folder: TensorBoard event files (needs the "
                        "tensorboard package) or CSV files", choices=("none", "tensorboard", "csv"))
     trace: bool = opt(False, "each rank logs its batches' cells and a weight checksum (trace-rankN.jsonl)")

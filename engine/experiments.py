@@ -45,7 +45,8 @@ EXPERIMENTS: dict[str, TrainConfig] = {
     # clipping 1.0; the model kept is the one with the best validation macro F1
     "supervised": TrainConfig(objective=ObjectiveConfig(name="supervised", class_weighted=True), optimizer="adamw",
                               lr=9e-4, weight_decay=0.05, scheduler="step", lr_step_epochs=2, lr_gamma=0.9,
-                              gradient_clipping=1.0, model=ModelConfig(dropout=0.1), out="runs/supervised"),
+                              gradient_clipping=1.0, model=ModelConfig(dropout=0.1), select="val_macro_f1",
+                              out="runs/supervised"),
 }
 EXPERIMENTS["finetune"] = replace(EXPERIMENTS["supervised"], out="runs/finetune")
 

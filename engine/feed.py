@@ -9,38 +9,65 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from cellssl.kernels import SparseRows
-from cellssl.loaders import BatchStream, CellStore
+from cellssl.loaders import TARGET_SUM, Batch, BatchStream, CellStore
 
 INPUTS = ("csr", "dense")
 
 
+@dataclass
+class Fed:
+    """One batch on the training device: the model's input `x` (dense, or SparseRows on CPU), the labels the run
+    predicts (None when it predicts none) and the loader's batch it came from (`source`: index, epoch, step)."""
+
+    x: torch.Tensor | SparseRows
+    labels: torch.Tensor | None
+    source: Batch
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
 class Feed:
-    def __init__(self, input: str, device: torch.device, store: CellStore):
+    def __init__(self, input: str, device: torch.device, store: CellStore, label: str | None = None,
+                 kept: int = 1):
+        """`kept`: batches the consumer uses at once (micro-batches accumulated into one step): on CPU they are read
+        in the loader's ring, which must not reuse their buffers before then."""
         if input not in INPUTS:
             raise ValueError(f"input must be one of {INPUTS}, not {input!r}")
         self.input, self.device, self.n_genes = input, torch.device(device), store.n_genes
+        self.label = label if label in store.obs_columns else None
         self.on_device = self.input == "csr" and self.device.type == "cuda"
-        self.counts = self.on_device and store.value_kind == "counts"  # normalised while densifying
+        # a GPU step reads copies; the host only waits for the copy of the batch it has read ahead (two held)
+        self.held = 2 if self.device.type == "cuda" else kept
+        # counts are normalised while densifying on the device: the loader leaves them as stored
+        self.target_sum = TARGET_SUM if self.on_device and store.value_kind == "counts" else None
 
     def stream(self, store: CellStore, split: str, batch_size: int, seed: int, rank: int, world: int,
                **kw) -> BatchStream:
         """The BatchStream this feed reads (CSR or dense; counts left raw where the GPU normalises them)."""
         return BatchStream(store, split, batch_size, seed, rank, world, output="csr" if self.input == "csr" else
-                           "dense", normalize=not self.on_device, **kw)
+                           "dense", normalize=self.target_sum is None, pin_memory=self.device.type == "cuda",
+                           held=self.held, columns=[self.label] if self.label else [], **kw)
 
     def __call__(self, batches):
-        """(batch, x) for each batch: x dense on the device, or SparseRows on CPU."""
+        """A `Fed` for each loader batch."""
         if self.on_device:
             yield from self._copied_ahead(batches)
         elif self.input == "csr":
             for batch in batches:
-                yield batch, SparseRows(batch.indptr, batch.indices, batch.data, self.n_genes)
+                yield self._fed(batch, SparseRows(batch.indptr, batch.indices, batch.data, self.n_genes))
         else:
             for batch in batches:
-                yield batch, batch.x.to(self.device, non_blocking=True)
+                yield self._fed(batch, batch.x.to(self.device, non_blocking=True))
+
+    def _fed(self, batch: Batch, x) -> Fed:
+        labels = batch.obs.get(self.label) if self.label else None
+        return Fed(x, None if labels is None else labels.to(self.device, non_blocking=True), batch)
 
     def _copied_ahead(self, batches):
         side = torch.cuda.Stream(self.device)
@@ -56,11 +83,11 @@ class Feed:
         if pending is not None:
             yield self._densify(*pending)
 
-    def _densify(self, batch, parts, done):
+    def _densify(self, batch, parts, done) -> Fed:
         # the host waits too: the loader reuses this batch's pinned block two batches later, and the copy must be
         # over by then (issued a whole step earlier, it normally is)
         done.synchronize()
         main = torch.cuda.current_stream(self.device)
         for t in parts:
             t.record_stream(main)  # allocated on the side stream, freed after the main stream's use
-        return batch, SparseRows(*parts, self.n_genes, counts=self.counts).to_dense()
+        return self._fed(batch, SparseRows(*parts, self.n_genes, target_sum=self.target_sum).to_dense())

@@ -5,22 +5,21 @@ decoder mirrors it back to the genes. Plain torch modules: they know nothing of 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-
-def _opt(default, help: str, choices=None):
-    return field(default=default, metadata={"help": help, "objectives": None, "choices": choices})
+from .fields import at_least, dropout, opt, widths
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    hidden: tuple[int, ...] = _opt((512, 512, 256, 256), "hidden widths of the encoder (the decoder mirrors them)")
-    latent: int = _opt(64, "width of the embedding")
-    dropout: float = _opt(0.1, "dropout after each hidden layer of the encoder and decoder")
-    norm: str | None = _opt(None, "normalisation after each hidden Linear", ("batch", "layer"))
+    hidden: tuple[int, ...] = opt((512, 512, 256, 256), "hidden widths of the encoder (the decoder mirrors them)",
+                                  check=widths)
+    latent: int = opt(64, "width of the embedding", check=at_least(1))
+    dropout: float = opt(0.1, "dropout after each hidden layer of the encoder and decoder", check=dropout)
+    norm: str | None = opt(None, "normalisation after each hidden Linear", choices=("batch", "layer"))
 
 
 def _norm(kind: str | None, width: int) -> nn.Module:

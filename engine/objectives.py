@@ -13,9 +13,11 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from cellssl import kernels
 from cellssl.kernels.dispatch import random_key
+from cellssl.loaders import TARGET_SUM
 
 from .models import AutoEncoder, ModelConfig, classifier_head, projection_head
 
@@ -94,9 +96,13 @@ class MaskedAutoencoder(Objective):
         return kernels.mask_spec(x, "isolated", 0.0, self.seed, step, self.programmes, tf, self.per)
 
     def forward(self, x, labels=None, step: int = 0):
-        spec = self.spec(x, step)  # the masked copy of the batch is never made: the mask acts in the first layer
-        pred = self.net(self.autoencoder.decoder, self.encode(self.encoder, x, spec))
-        loss = kernels.masked_recon_loss(pred, x, spec)
+        with record_function("mask + first layer"):  # the masked batch is never made: the mask acts in the layer
+            spec = self.spec(x, step)
+            h = self.first_layer(self.encoder, x, spec)
+        with record_function("rest of forward"):
+            pred = self.net(nn.Sequential(*list(self.encoder)[1:], self.autoencoder.decoder), h)
+        with record_function("loss"):
+            loss = kernels.masked_recon_loss(pred, x, spec)
         return loss, {"loss": loss.detach(), "masked_fraction": spec.masked_fraction()}
 
 
@@ -106,17 +112,18 @@ def view_coins(seed: int, step: int, view: int, p: float = 0.5) -> tuple[bool, b
     return bool(coin[0] < p), bool(coin[1] < p)
 
 
-def augmented_view(x: torch.Tensor, seed: int, step: int, view: int, intensity: float = 0.1, dropout: float = 0.1,
+def augmented_view(x, seed: int, step: int, view: int, intensity: float = 0.1, dropout: float = 0.1,
                    p: float = 0.5) -> tuple[torch.Tensor, kernels.MaskSpec]:
     """The paper's contrastive view, NB noise (`intensity`) and dropout (`dropout` of the genes) each applied with
-    probability `p`, as (base, spec) with view = apply_mask(base, spec). A noised view is dense (made here from the
-    batch, densified if it is CSR): its dropout is applied here, once (both encoders read it); a sparse one keeps the
-    batch as it came and the dropout as a spec, applied inside the first layer. Views are built from the data alone: no gradient flows into them."""
+    probability `p`, as (base, spec) with view = apply_mask(base, spec). A noised view is dense (the noise touches
+    every gene; a CSR batch's values are added to it, never densified on their own): its dropout is applied here,
+    once (both encoders read it); a clean one keeps the batch as it came and the dropout as a spec, applied inside
+    the first layer. Views are built from the data alone: no gradient flows into them."""
     noise, drop = view_coins(seed, step, view, p)
     spec = kernels.mask_spec(x, "random", dropout if drop else 0.0, seed + 1, step * 4 + view)
     if not noise:
         return x, spec
-    noised = kernels.nb_augment(kernels.dense(x).detach(), intensity, seed, step * 4 + view)
+    noised = kernels.nb_augment(x.detach(), intensity, seed, step * 4 + view, TARGET_SUM)
     return (kernels.apply_mask(noised, spec) if drop else noised), kernels.no_mask(x)
 
 

@@ -52,12 +52,13 @@ def lars(params, cfg: TrainConfig, global_batch: int) -> LARS:
     return LARS(groups, lr=cfg.lr * scale, weight_decay=cfg.weight_decay)
 
 
-def schedule(cfg: TrainConfig, steps_per_epoch: int):
-    """The factor on each group's base rate after `step` optimiser steps."""
+def schedule(cfg: TrainConfig, steps_per_epoch: float):
+    """The factor on each group's base rate after `step` optimiser steps (`steps_per_epoch`: optimiser steps an
+    epoch of the training split takes, fractional where accumulation does not divide it)."""
     if cfg.scheduler == "none":
         return lambda step: 1.0
     if cfg.scheduler == "step":
-        every = max(1, cfg.lr_step_epochs * steps_per_epoch)
+        every = max(1, round(cfg.lr_step_epochs * steps_per_epoch))
         return lambda step: cfg.lr_gamma ** (step // every)
     if cfg.scheduler == "warmup_cosine":
         warmup = max(1, round(cfg.warmup_fraction * cfg.max_steps))

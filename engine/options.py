@@ -13,16 +13,14 @@ from dataclasses import fields, is_dataclass, replace
 
 from cellssl.loaders import InputError
 
+from .fields import check_values, flag
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad command line as one `InputError` instead of usage + exit."""
 
     def error(self, message: str):
         raise InputError(self.prog, message, f"see {self.prog} --help")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def _parse_type(hint):
@@ -64,11 +62,11 @@ def add_options(parser: argparse.ArgumentParser, defaults, objective: str | None
         help_text = f.metadata.get("help", "")
         help_text += "" if "default:" in help_text else f" (default: {shown})"
         if is_bool:
-            parser.add_argument(_flag(path[-1]), dest=".".join(path), action=argparse.BooleanOptionalAction,
+            parser.add_argument(flag(path[-1]), dest=".".join(path), action=argparse.BooleanOptionalAction,
                                 default=value, help=f"{f.metadata.get('help', '')} (default: "
                                 f"{'on' if value else 'off'})")
         else:
-            parser.add_argument(_flag(path[-1]), dest=".".join(path), type=kind, default=value,
+            parser.add_argument(flag(path[-1]), dest=".".join(path), type=kind, default=value,
                                 choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices") else
                                 path[-1].upper(), help=help_text)
         paths.append(path)
@@ -76,7 +74,8 @@ def add_options(parser: argparse.ArgumentParser, defaults, objective: str | None
 
 
 def apply(defaults, args: argparse.Namespace, paths: list[tuple[str, ...]]):
-    """`defaults` with every parsed option written in (nested dataclasses replaced, not mutated)."""
+    """`defaults` with every parsed option written in (nested dataclasses replaced, not mutated), every value then
+    checked against its field's range (one `InputError` for the first that is out of it)."""
     def set_path(obj, path, value):
         if len(path) == 1:
             return replace(obj, **{path[0]: value})
@@ -84,6 +83,7 @@ def apply(defaults, args: argparse.Namespace, paths: list[tuple[str, ...]]):
 
     for path in paths:
         defaults = set_path(defaults, path, getattr(args, ".".join(path)))
+    check_values(defaults)
     return defaults
 
 

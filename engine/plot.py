@@ -3,26 +3,22 @@ training loss, validation loss (and macro F1 for classifiers), learning rate and
 from each run's log.jsonl."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from cellssl.loaders import InputError
+
+from .runlog import LOG_FILE
+from .runlog import read_log as read_records
 
 PANELS = (("loss", "training loss", True), ("val_loss", "validation loss", True), ("lr", "learning rate", True),
           ("cells_per_s", "cells / s", False))
 
 
 def read_log(run: Path) -> list[dict]:
-    log = Path(run) / "log.jsonl"
+    log = Path(run) / LOG_FILE
     if not log.is_file():
-        raise InputError(run, "no log.jsonl in this folder", "pass the folder of a run a recipe wrote")
-    records = []
-    for line in log.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by an interruption
-            continue
-    return records
+        raise InputError(run, f"no {LOG_FILE} in this folder", "pass the folder of a run a recipe wrote")
+    return read_records(log)
 
 
 def plot_runs(runs: list[str | Path], out: str | Path) -> Path:

@@ -80,9 +80,8 @@ def check_config(cfg: TrainConfig, saved_json: str, out: Path) -> None:
                              "logging and checkpoint cadence may change), or start a new run in another --out")
 
 
-def check_store(store: CellStore, client: dict, out: Path) -> None:
+def check_store(store: CellStore, saved: dict | None, out: Path) -> None:
     """A resume continues on the same data: the checkpoint's store fingerprint is this store's."""
-    saved = client.get("store")
     if saved is None:
         raise InputError(out / "checkpoints", "the checkpoint records no store fingerprint (written by an older "
                          "cellssl)", "start the run again with --overwrite")
@@ -91,20 +90,3 @@ def check_store(store: CellStore, client: dict, out: Path) -> None:
             raise InputError(store.path, f"is not the data this run trained on: {key} was {saved.get(key)!r}, is "
                              f"{store.attrs.get(key)!r}", "resume with the run's own --data, or start a new run in "
                              "another --out")
-
-
-def truncate_log(log: Path, step: int) -> None:
-    """Keep the log lines up to the checkpoint's step: the steps after it are about to be run again."""
-    if not log.is_file():
-        return
-    kept = []
-    for line in log.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by the interruption
-            continue
-        if record.get("step", 0) <= step:
-            kept.append(line)
-    tmp = log.with_name(f".{log.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    tmp.replace(log)

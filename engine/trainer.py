@@ -1,260 +1,278 @@
-"""The training loop, read top to bottom: set up → (resume) → loop over batches → log → validate → checkpoint
-→ export.
+"""The Trainer: set up once from a run config; `train_step` is the one training step (forward, backward, gradient
+clipping, optimiser and schedule, EMA) that training, every benchmark and bench/gpu_check.py run; `train` is the
+loop around it, read top to bottom: step → log → validate → checkpoint, then export.
 
-DeepSpeed wraps the objective (`deepspeed.initialize` with `recipes/deepspeed.json`, batch size and optimiser
-filled in from the run config); the loader is a `BatchStream` sharded by global rank, whose position goes into
-every checkpoint. On a CPU-only machine DeepSpeed runs with its CPU accelerator and the gloo backend.
+DeepSpeed wraps the objective (`deepspeed.initialize` with the packaged `deepspeed.json`, or `--deepspeed-config`,
+batch size, accumulation and optimiser filled in from the run config); the loader is a `BatchStream` sharded by
+global rank. The loader's position, the step, the best validation score, the RNG and the checks of config and
+store are registered with the checkpointer once and travel in every checkpoint. With `--gradient-accumulation N` an
+optimiser step takes N micro-batches: `--max-steps`, the schedule, the log and the checkpoints all count optimiser
+steps. On a CPU-only machine DeepSpeed runs with its CPU accelerator and the gloo backend.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import socket
-import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from torch.profiler import record_function
 
 from cellssl.loaders import BatchStream, CellStore, InputError
 from cellssl.loaders.synthetic import default_store
 
 from . import checkpoint, optim, rundir
 from .config import TrainConfig
-from .feed import Feed
+from .distributed import init_distributed
+from .feed import Fed, Feed
+from .flops import flops_per_cell, matmul_peak
+from .runlog import LOG_FILE, RunLog, truncate_log
 from .setup import build_objective
+from .validation import Validator
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+DEFAULT_DEEPSPEED = Path(__file__).with_name("deepspeed.json")
 
 
 class NonFiniteLoss(RuntimeError):
     pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Single-process defaults for `python recipe.py` (a free port, so two runs on one machine do not collide);
-    the deepspeed launcher sets the real ones."""
-    if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port())
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", "29500")):
-        os.environ.setdefault(key, value)
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
+def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
+    """The DeepSpeed JSON with what the run config decides filled in; a file that disagrees with the run config on
+    batch size or accumulation is refused (one place says each)."""
+    path = Path(cfg.deepspeed_config) if cfg.deepspeed_config else DEFAULT_DEEPSPEED
     try:
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    except Exception as exc:  # torch raises several types; the message says which port
-        if "EADDRINUSE" in str(exc) or "address already in use" in str(exc).lower():
-            raise InputError(f"MASTER_PORT={os.environ['MASTER_PORT']}", "port already in use (another run?)",
-                             "set MASTER_PORT (or the launcher's --master_port) to a free port") from None
-        raise
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        return rank, world, torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return rank, world, torch.device("cpu")
-
-
-def announce_op_build(rank: int) -> None:
-    """DeepSpeed compiles its CPU communication op the first time it runs on a machine (1–3 minutes, silently):
-    say so before it starts."""
-    if torch.cuda.is_available() or rank != 0:
-        return
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    if not any(root.rglob("deepspeed_shm_comm*.so")):
-        print(f"cellssl: building DeepSpeed's CPU communication op once (1–3 minutes; cached in {root})",
-              file=sys.stderr, flush=True)
-
-
-def deepspeed_config(cfg: TrainConfig) -> dict:
-    path = Path(cfg.deepspeed_config) if cfg.deepspeed_config else RECIPES / "deepspeed.json"
-    ds = json.loads(path.read_text())
-    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
-    ds.pop("train_batch_size", None)  # derived: micro-batch × accumulation × world size
+        ds = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"not a readable DeepSpeed JSON ({exc})", "pass a JSON file to --deepspeed-config")
+    decided = {"train_micro_batch_size_per_gpu": (cfg.batch_size, "--batch-size"),
+               "gradient_accumulation_steps": (cfg.gradient_accumulation, "--gradient-accumulation"),
+               "train_batch_size": (cfg.batch_size * cfg.gradient_accumulation * world, "--batch-size × "
+                                    "--gradient-accumulation × ranks")}
+    for key, (value, option) in decided.items():
+        if key in ds and ds[key] != value:
+            raise InputError(f"{path}: {key}", f"{ds[key]} disagrees with the run's {value} ({option})",
+                             f"remove {key} from the file and set it with {option}")
+        ds[key] = value
     if cfg.optimizer == "adamw":
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay,
                                                        "torch_adam": True}}
     else:
         ds.pop("optimizer", None)  # ours, handed to deepspeed.initialize
     ds["gradient_clipping"] = cfg.gradient_clipping
+    ds.update(_monitor_config(cfg))
+    return ds
+
+
+def _monitor_config(cfg: TrainConfig) -> dict:
+    if cfg.monitor == "none":
+        return {}
     if cfg.monitor == "tensorboard":
         import importlib.util
 
         if importlib.util.find_spec("tensorboard") is None:
             raise InputError("--monitor tensorboard", "the tensorboard package is not installed",
                              "pip install tensorboard, or use --monitor csv")
-    if cfg.monitor != "none":  # DeepSpeed writes its own lr; the trainer adds loss, cells/s and validation
-        ds["tensorboard" if cfg.monitor == "tensorboard" else "csv_monitor"] = {
-            "enabled": True, "output_path": str(Path(cfg.out).resolve()),
-            "job_name": "tensorboard" if cfg.monitor == "tensorboard" else "csv_monitor"}
-    return ds
+    name = "tensorboard" if cfg.monitor == "tensorboard" else "csv_monitor"
+    return {name: {"enabled": True, "output_path": str(Path(cfg.out).resolve()), "job_name": name}}
 
 
-def build_optimizer(cfg: TrainConfig, params, world: int):
+def build_optimizer(cfg: TrainConfig, params, global_batch: int):
     """None for the optimisers DeepSpeed builds from its config (AdamW); ours otherwise."""
     if cfg.optimizer == "adamw":
         return None
     if cfg.optimizer == "lars":
-        return optim.lars(params, cfg, cfg.batch_size * world)
+        return optim.lars(params, cfg, global_batch)
     raise InputError("--optimizer", f"unknown optimiser {cfg.optimizer!r}", "choose adamw or lars")
 
 
-VALIDATION_STEP = 1 << 62  # the randomness key of every validation pass: the same masks and views each time
+@dataclass
+class Progress:
+    """Optimiser steps taken."""
+
+    step: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
 
 
-@torch.no_grad()
-def validate(engine, val: BatchStream, feed: Feed, cfg: TrainConfig, device) -> dict:
-    """Scores of the first `val_batches` batches of a fresh pass (epoch 0) over the validation split: the same cells
-    and the same masks on every call, summed over every rank's cells. `val_loss` always; `val_macro_f1` and
-    `val_micro_f1` for classifiers (from the confusion matrix of all ranks)."""
-    engine.eval()
-    model = engine.module
-    classes = model.classifier.out_features if hasattr(model, "classifier") else 0
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    confusion = torch.zeros(classes, classes, dtype=torch.float64, device=device)
-    val.set_epoch(0)
-    for batch, x in feed(val):
-        if batch.step >= cfg.val_batches:
-            break
-        labels = batch.obs.get(cfg.objective.label)
-        labels = None if labels is None else labels.to(device)
-        loss, _ = engine(x, labels, VALIDATION_STEP)
-        total += torch.tensor([float(loss) * len(batch), len(batch)], dtype=torch.float64, device=device)
-        if classes:
-            known = labels >= 0
-            pairs = labels[known] * classes + model.logits(x).argmax(1)[known]
-            confusion += torch.bincount(pairs, minlength=classes * classes).view(classes, classes).double()
-    val.set_epoch(0)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total)
-        if classes:
-            torch.distributed.all_reduce(confusion)
-    engine.train()
-    scores = {"val_loss": float(total[0] / total[1]) if total[1] else float("nan")}
-    if classes:
-        scores.update(f1_from_confusion(confusion.cpu()))
-    return scores
+class LoaderPosition:
+    """The training stream's position after the last batch a step consumed (the feed may have read further)."""
+
+    def __init__(self, stream: BatchStream):
+        self.stream, self.last = stream, None
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict() if self.last is None else self.stream.state_after(self.last)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
 
 
-def f1_from_confusion(confusion: torch.Tensor) -> dict:
-    """Macro F1 over the classes that occur (as truth or prediction) and micro F1, as scikit-learn computes them."""
-    tp = confusion.diag()
-    predicted, actual = confusion.sum(0), confusion.sum(1)
-    occurs = (predicted + actual) > 0
-    f1 = torch.where(occurs, 2 * tp / (predicted + actual).clamp(min=1), torch.zeros_like(tp))
-    return {"val_macro_f1": float(f1[occurs].mean()) if occurs.any() else 0.0,
-            "val_micro_f1": float(tp.sum() / confusion.sum().clamp(min=1))}
+class _Check:
+    """A checkpoint part that restores nothing: it records a value and, on resume, compares it."""
+
+    def __init__(self, value, compare):
+        self.value, self.compare = value, compare
+
+    def state_dict(self):
+        return self.value
+
+    def load_state_dict(self, saved) -> None:
+        self.compare(saved)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, objective: torch.nn.Module | None = None):
+        """Set up on this rank: the process group, the store, the loader and validation, the objective (built from
+        the config unless one is given) and its DeepSpeed engine."""
+        import deepspeed
+
+        self.cfg = cfg
+        self.rank, self.world, self.device = init_distributed()
+        self.store = CellStore(cfg.data or default_store(progress=self.rank == 0))
+        torch.manual_seed(cfg.seed)
+        self.feed = Feed(cfg.input, self.device, self.store, cfg.objective.label, kept=cfg.gradient_accumulation)
+        self.stream = self.feed.stream(self.store, "train", cfg.batch_size, cfg.seed, self.rank, self.world)
+        self.objective = objective if objective is not None else build_objective(cfg, self.store)
+        self.flops_per_cell = flops_per_cell(self.objective, self.store.n_genes)
+        params = [p for p in self.objective.parameters() if p.requires_grad]
+        factor = optim.schedule(cfg, len(self.stream) / cfg.gradient_accumulation)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.objective, model_parameters=params, config=deepspeed_config(cfg, self.world),
+            optimizer=build_optimizer(cfg, params, cfg.batch_size * cfg.gradient_accumulation * self.world),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+        self.validator = self._validator()
+        self.progress, self.position = Progress(), LoaderPosition(self.stream)
+
+    def _validator(self) -> Validator | None:
+        if "val" not in self.store.splits:
+            return None
+        start, stop = self.store.split("val")
+        batch = max(1, min(self.cfg.batch_size, -(-(stop - start) // self.world)))
+        stream = self.feed.stream(self.store, "val", batch, self.cfg.seed, self.rank, self.world, drop_last=False)
+        return Validator(stream, self.feed, self.cfg.val_every, self.cfg.val_batches, self.cfg.max_steps,
+                         self.cfg.select)
+
+    # --- the step ------------------------------------------------------------------------------------------------
+    def batches(self):
+        """The training split, endlessly, as optimiser steps: lists of `gradient_accumulation` micro-batches."""
+        micro: list[Fed] = []
+        for fed in self.feed(self.stream.endless()):
+            micro.append(fed)
+            if len(micro) == self.cfg.gradient_accumulation:
+                yield micro
+                micro = []
+
+    def train_step(self, batch: list[Fed], step: int) -> dict:
+        """One optimiser step over `batch` (its micro-batches): forward and backward each, then DeepSpeed clips the
+        accumulated gradient and steps optimiser and schedule; the objective's EMA follows. Micro-batch i of step s
+        draws its masks and views with key s · N + i (N micro-batches a step: with N = 1, the step). Returns the
+        loss and the objective's metrics, averaged over the micro-batches."""
+        totals: dict[str, float] = {}
+        for i, fed in enumerate(batch):
+            with record_function("forward"):
+                loss, metrics = self.engine(fed.x, fed.labels, step * len(batch) + i)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"loss is {value} at step {step}; stopping with the last good checkpoint "
+                                    f"in {Path(self.cfg.out) / 'checkpoints'} intact (lower the learning rate, or "
+                                    "check the data)")
+            with record_function("backward"):
+                self.engine.backward(loss)
+            with record_function("optimizer step"):
+                self.engine.step()  # steps only at the last micro-batch (DeepSpeed counts them)
+            for key, v in {**metrics, "loss": value}.items():
+                totals[key] = totals.get(key, 0.0) + float(v)
+        with record_function("after step"):
+            self.objective.after_step()
+        return {key: v / len(batch) for key, v in totals.items()}
+
+    # --- the loop ------------------------------------------------------------------------------------------------
+    def train(self) -> Path:
+        """Train to `max_steps` (resuming or starting the run folder as the config says); returns the model path."""
+        cfg, out = self.cfg, Path(self.cfg.out)
+        saver = self._checkpointer(out)
+        self._open_run(out, saver)
+        log = self._log(out)
+        try:
+            for batch in (self.batches() if self.progress.step < cfg.max_steps else ()):
+                metrics = self.train_step(batch, self.progress.step)
+                step = self.progress.step = self.progress.step + 1
+                self.position.last = last = batch[-1].source
+                log.step(step, last.epoch, sum(map(len, batch)) * self.world, metrics, self.scheduler.get_last_lr()[0])
+                if cfg.trace:
+                    log.traced(step, [int(i) for f in batch for i in f.source.index], self._weight_sum())
+                if self.validator is not None and self.validator.due(step):
+                    self._validate(log, step, last.epoch, out)
+                if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                    saver.save(step)
+                if step >= cfg.max_steps:
+                    break
+        finally:
+            log.close()
+        if self.rank == 0 and (self.validator is None or self.validator.select == "last"):
+            self._export(out / checkpoint.MODEL_FILE)
+        return out / checkpoint.MODEL_FILE
+
+    def _checkpointer(self, out: Path) -> checkpoint.Checkpointer:
+        saver = checkpoint.Checkpointer(self.engine, out / "checkpoints")
+        saver.register("config", _Check(self.cfg.to_json(), lambda saved: rundir.check_config(self.cfg, saved, out)))
+        saver.register("store", _Check(self.store.fingerprint(), lambda saved: rundir.check_store(self.store, saved,
+                                                                                                   out)))
+        saver.register("stream", self.position)
+        saver.register("progress", self.progress)
+        if self.validator is not None:
+            saver.register("validation", self.validator)
+        saver.register("rng", checkpoint.RandomState())
+        return saver
+
+    def _open_run(self, out: Path, saver: checkpoint.Checkpointer) -> None:
+        """Resume (every registered part restored and checked), or clear the folder on --overwrite; then every rank
+        waits until the folder is ready before anyone writes."""
+        if self.cfg.resume:
+            saver.load()
+        elif self.cfg.overwrite and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            rundir.clear(out)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        out.mkdir(parents=True, exist_ok=True)  # every rank: on separate nodes each may be the first here
+        if self.rank == 0:
+            if self.cfg.resume:
+                truncate_log(out / LOG_FILE, self.progress.step)
+            else:
+                self.cfg.save(out / "config.json")
+
+    def _log(self, out: Path) -> RunLog:
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float32
+        peak = matmul_peak(self.device, dtype) if self.rank == 0 else 0.0
+        return RunLog(out, self.rank, self.cfg.log_every, self.cfg.max_steps, self.progress.step,
+                      self.engine.monitor if self.cfg.monitor != "none" else None, self.cfg.trace,
+                      self.flops_per_cell, peak)
+
+    def _validate(self, log: RunLog, step: int, epoch: int, out: Path) -> None:
+        scores = self.validator(self.engine)
+        improved = self.validator.improved(scores)
+        if improved and self.rank == 0:
+            self._export(out / checkpoint.MODEL_FILE)
+        if self.rank == 0:
+            log.validation(step, epoch, scores, improved)
+
+    def _export(self, path: Path) -> None:
+        checkpoint.export_model(self.objective, self.cfg.to_json(), list(self.store.genes.gene_id), path)
+
+    def _weight_sum(self) -> float:
+        return float(next(self.objective.encoder.parameters()).detach().double().abs().sum())
 
 
 def train(cfg: TrainConfig) -> Path:
-    import deepspeed
-
-    rundir.check_start(cfg)  # before any rank writes into the folder
-    rank, world, device = init_distributed()
-    out = Path(cfg.out)
-    store = CellStore(cfg.data or default_store(progress=rank == 0))
-    torch.manual_seed(cfg.seed)
-    columns = [cfg.objective.label] if cfg.objective.label in store.obs_columns else []
-    feed = Feed(cfg.input, device, store)
-    stream = feed.stream(store, "train", cfg.batch_size, cfg.seed, rank, world, columns=columns)
-    val = None
-    if "val" in store.splits:
-        start, stop = store.split("val")
-        val = feed.stream(store, "val", max(1, min(cfg.batch_size, -(-(stop - start) // world))), cfg.seed, rank,
-                          world, columns=columns, drop_last=False)
-    if cfg.resume and (out / "config.json").is_file():
-        rundir.check_config(cfg, (out / "config.json").read_text(), out)
-    objective = build_objective(cfg, store)
-    params = [p for p in objective.parameters() if p.requires_grad]
-    factor = optim.schedule(cfg, len(stream))
-    announce_op_build(rank)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=objective, model_parameters=params, config=deepspeed_config(cfg),
-        optimizer=build_optimizer(cfg, params, world),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
-    step, best = 0, -math.inf  # classifiers export their best validation macro F1, not their last step
-    if cfg.resume:
-        client = checkpoint.load(engine, out / "checkpoints")
-        rundir.check_config(cfg, client["config"], out)
-        rundir.check_store(store, client, out)
-        step, best = client["step"], client.get("best", -math.inf)
-        stream.load_state_dict(client["stream"])
-    elif cfg.overwrite and int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        rundir.clear(out)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # the folder is checked (and cleared) before anyone writes
-    out.mkdir(parents=True, exist_ok=True)  # every rank: on separate nodes each may be the first here
-    if rank == 0:
-        if cfg.resume:
-            rundir.truncate_log(out / "log.jsonl", step)
-        else:
-            cfg.save(out / "config.json")
-    log = open(out / "log.jsonl", "a") if rank == 0 else None
-    trace = open(out / f"trace-rank{rank}.jsonl", "a") if cfg.trace else None
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=rank != 0)
-    started, cells = time.perf_counter(), 0
-    for batch, x in feed(stream.endless()) if step < cfg.max_steps else ():
-        labels = batch.obs.get(cfg.objective.label)
-        loss, metrics = engine(x, None if labels is None else labels.to(device), step)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise NonFiniteLoss(f"loss is {value} at step {step}; stopping with the last good checkpoint "
-                                f"in {out / 'checkpoints'} intact (lower the learning rate, or check the data)")
-        engine.backward(loss)
-        engine.step()
-        objective.after_step()
-        step += 1
-        if trace:
-            weight = next(objective.encoder.parameters())
-            trace.write(json.dumps({"step": step, "cells": batch.index.tolist(),
-                                    "weight_sum": float(weight.detach().double().abs().sum())}) + "\n")
-        cells += len(batch) * world
-        bar.update(1)
-        if log and (step % cfg.log_every == 0 or step == cfg.max_steps):
-            seconds = time.perf_counter() - started
-            record = {"step": step, "epoch": batch.epoch, "loss": value, "lr": scheduler.get_last_lr()[0],
-                      "cells_per_s": cells / seconds, "seconds": seconds,
-                      **{k: float(v) for k, v in metrics.items() if k != "loss"}}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{value:.4f}")
-        if cfg.monitor != "none" and (step % cfg.log_every == 0 or step == cfg.max_steps):
-            engine.monitor.write_events([(f"Train/{k}", v, step) for k, v in (
-                ("loss", value), *((k, float(v)) for k, v in metrics.items() if k != "loss"))])
-        if val is not None and (step % cfg.val_every == 0 or step == cfg.max_steps):
-            scores = validate(engine, val, feed, cfg, device)
-            improved = scores.get("val_macro_f1", -math.inf) > best
-            if improved:
-                best = scores["val_macro_f1"]
-                if rank == 0:
-                    checkpoint.export_model(objective, cfg.to_json(), list(store.genes.gene_id), out / checkpoint.MODEL_FILE)
-            if cfg.monitor != "none":
-                engine.monitor.write_events([(f"Validation/{k}", v, step) for k, v in scores.items()])
-            if log:
-                log.write(json.dumps({"step": step, "epoch": batch.epoch, **scores,
-                                      **({"best": True} if improved else {})}) + "\n")
-                log.flush()
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            checkpoint.save(engine, out / "checkpoints", step, {"stream": stream.state_after(batch),
-                                                                "store": store.fingerprint(),
-                                                                "config": cfg.to_json(), "best": best})
-        if step >= cfg.max_steps:
-            break
-    bar.close()
-    if trace:
-        trace.close()
-    if rank == 0:
-        if best == -math.inf:  # no classifier validation: the last step is the model
-            checkpoint.export_model(objective, cfg.to_json(), list(store.genes.gene_id), out / checkpoint.MODEL_FILE)
-        log.close()
-    return out / checkpoint.MODEL_FILE
+    """Check the run folder (before any rank writes or anything heavy starts), then train; the model's path."""
+    rundir.check_start(cfg)
+    if cfg.resume:  # before DeepSpeed loads anything: another architecture is one line, not a shape error
+        rundir.check_config(cfg, (Path(cfg.out) / "config.json").read_text(), Path(cfg.out))
+    return Trainer(cfg).train()

@@ -17,11 +17,12 @@ import pandas as pd
 from cellssl.loaders import CellStore, GeneSpace, InputError
 from cellssl.loaders.synth import synth
 
-from ..checkpoint import MODEL_FILE
-from ..experiments import EXPERIMENTS, experiment
-from . import celltype
-from .inputs import labels
-from .representations import ModelRepresentation
+from .checkpoint import MODEL_FILE
+from .evaluate import celltype
+from .evaluate.inputs import labels
+from .evaluate.representations import ModelRepresentation
+from .experiments import EXPERIMENTS, experiment
+from .runlog import LOG_FILE, read_log
 
 METHODS = ("mae_random", "mae_gene_program", "byol", "barlow_twins")  # experiment-registry names
 AUX_DATASETS = tuple(range(10))
@@ -77,7 +78,7 @@ def pretrain(cfg: StudyConfig, store: CellStore, method: str, seed: int, out: Pa
     """SSL pretraining with the method's settings from the experiment registry. StepLR (masked autoencoders) decays
     every `decay_steps` optimiser steps on any store: counted in epochs, the 2,400-cell target would decay its
     learning rate 20× faster than the auxiliary store does. A finished run is reused; an unfinished one restarts."""
-    from ..trainer import train
+    from .trainer import train
 
     if finished(out, cfg.pretrain_steps):
         return out / MODEL_FILE
@@ -98,8 +99,7 @@ def epochs(cfg: StudyConfig, store: CellStore, steps: int, batch_size: int) -> f
 
 def masked_fraction(run: Path) -> float | None:
     """Mean realised masked fraction over a pretraining run's log (masking objectives only)."""
-    values = [r["masked_fraction"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
-              if "masked_fraction" in r]
+    values = [r["masked_fraction"] for r in read_log(run / LOG_FILE) if "masked_fraction" in r]
     return float(np.mean(values)) if values else None
 
 

@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from cellssl.engine.evaluate.transfer import StudyConfig, finetune, frozen_scores, stores
+from cellssl.engine.transfer import StudyConfig, finetune, frozen_scores, stores
 from cellssl.engine.experiments import experiment
 from cellssl.engine.trainer import train
 

@@ -1,10 +1,10 @@
-"""Recipe: the paper's transfer-learning study on the synthetic atlas (see engine/evaluate/transfer.py).
+"""Recipe: the paper's transfer-learning study on the synthetic atlas (see engine/transfer.py).
 `python recipes/transfer_study.py [--seeds 0,1,2,3,4] [--pretrain-steps 300] [--finetune-steps 150] [--out DIR]`;
 writes records.json (every run) and summary.md (mean ± sd over seeds, paired differences) in --out."""
 import argparse
 from pathlib import Path
 
-from cellssl.engine.evaluate.transfer import METHODS, StudyConfig, run_study, summary
+from cellssl.engine.transfer import METHODS, StudyConfig, run_study, summary
 
 if __name__ == "__main__":
     d = StudyConfig()

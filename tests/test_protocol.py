@@ -32,7 +32,7 @@ def test_registry_holds_the_reference_settings():
             bt.objective.lambd) == ("lars", 0.2, 0.0048, "warmup_cosine", 0.0, 0.0, 0.0051)
     assert (ft.lr, ft.weight_decay, ft.objective.class_weighted) == (9e-4, 0.05, True)
     assert set(PRETRAINING) < set(EXPERIMENTS)
-    assert deepspeed_config(mae)["gradient_clipping"] == 1.0 and "optimizer" not in deepspeed_config(bt)
+    assert deepspeed_config(mae, 1)["gradient_clipping"] == 1.0 and "optimizer" not in deepspeed_config(bt, 1)
 
 
 def test_schedules():

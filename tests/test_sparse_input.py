@@ -11,8 +11,8 @@ from test_objectives import CASES, config
 from cellssl import kernels
 from cellssl.engine.setup import build_objective
 from cellssl.kernels import SparseRows
-from cellssl.kernels.mask_spec import pack_bits
-from cellssl.loaders import BatchStream, CellStore
+from cellssl.kernels.masking import pack_bits
+from cellssl.loaders import TARGET_SUM, BatchStream, CellStore
 
 
 def sparse_rows(batch, n_genes) -> SparseRows:
@@ -102,7 +102,7 @@ def test_dense_fallbacks_agree():
     torch.testing.assert_close(kernels.masked_linear(csr_of(x), spec, weight), kernels.masked_linear(x, spec, weight))
     counts = torch.floor(expression(density=0.1) * 3)
     raw = csr_of(counts)
-    raw = SparseRows(raw.indptr, raw.indices, raw.data, raw.n_genes, counts=True)
+    raw = SparseRows(raw.indptr, raw.indices, raw.data, raw.n_genes, target_sum=TARGET_SUM)
     normalised = torch.log1p(counts / counts.sum(1, keepdim=True).clamp(min=1) * 1e4)
     torch.testing.assert_close(raw.to_dense(), normalised)
     pred = torch.randn(counts.shape)
@@ -134,10 +134,11 @@ def test_csr_ring_reuses_its_blocks_and_matches_dense(synthetic_store):
         seen.add(b.data.untyped_storage().data_ptr())
         if a.epoch == 2:
             break
-    assert len(seen) <= len(csr._buffers)  # every batch lives in one of the ring's blocks
+    assert len(seen) <= len(csr._ring)  # every batch lives in one of the ring's blocks
     raw = next(iter(BatchStream(store, "train", batch_size=32, seed=1, output="csr", normalize=False)))
     first = next(iter(BatchStream(store, "train", batch_size=32, seed=1)))
-    counted = SparseRows(raw.indptr, raw.indices, raw.data, store.n_genes, counts=store.value_kind == "counts")
+    counted = SparseRows(raw.indptr, raw.indices, raw.data, store.n_genes,
+                         target_sum=TARGET_SUM if store.value_kind == "counts" else None)
     torch.testing.assert_close(counted.to_dense(), first.x)
 
 
@@ -149,9 +150,10 @@ def test_feed_hands_the_model_csr_or_dense(synthetic_store):
     store = CellStore(synthetic_store)
     got = {}
     for kind in ("csr", "dense"):
-        feed = Feed(kind, torch.device("cpu"), store)
-        batch, x = next(feed(feed.stream(store, "train", 32, 0, 0, 1, columns=[])))
-        got[kind] = x
+        feed = Feed(kind, torch.device("cpu"), store, label="cell_type")
+        fed = next(feed(feed.stream(store, "train", 32, 0, 0, 1)))
+        assert torch.equal(fed.labels, fed.source.obs["cell_type"])
+        got[kind] = fed.x
     assert isinstance(got["csr"], SparseRows) and not got["csr"].counts
     torch.testing.assert_close(got["csr"].to_dense(), got["dense"])
     with pytest.raises(ValueError, match="input must be one of"):

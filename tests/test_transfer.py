@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_trainer import run
 
-from cellssl.engine.evaluate.transfer import paired, summary
+from cellssl.engine.transfer import paired, summary
 
 
 def test_transfer_study_runs_every_setting(tmp_path):

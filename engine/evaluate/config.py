@@ -2,15 +2,12 @@
 command line can describe them cheaply). The fields are `cellssl eval`'s options (engine/options.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from ..fields import at_least, fraction, opt
 
 TASKS = ("cell_type", "reconstruction", "cross_modality", "integration")
 NO_PRETRAINING = "no pretraining"
-
-
-def opt(default, help: str, choices=None):
-    factory = {"default_factory": default} if callable(default) else {"default": default}
-    return field(**factory, metadata={"help": help, "objectives": None, "choices": choices})
 
 
 @dataclass
@@ -26,12 +23,14 @@ class EvalConfig:
                                            "numeric column named protein_*)")
     tasks: tuple[str, ...] = opt(TASKS, f"comma-separated subset of {','.join(TASKS)}")
     baselines: bool = opt(True, "PCA and the supervised model trained from scratch beside the models")
-    finetune_steps: int = opt(200, "fine-tuning steps per model (and for the from-scratch baseline)")
-    crossmodal_steps: int = opt(200, "steps of the end-to-end cross-modality training")
-    batch_size: int = opt(2048, "cells per step of fine-tuning and cross-modality training")
-    precision: str = opt("fp32", "fine-tuning precision", ("fp32", "bf16"))
-    knn: int = opt(5, "neighbours of the zero-shot kNN classifier")
-    mask_rate: float | None = opt(0.5, "also score reconstruction on the positions of a random mask of this rate")
-    integration_cells: int = opt(10_000, "subsample for the scIB metrics")
+    finetune_steps: int = opt(200, "fine-tuning steps per model (and for the from-scratch baseline)",
+                              check=at_least(1))
+    crossmodal_steps: int = opt(200, "steps of the end-to-end cross-modality training", check=at_least(1))
+    batch_size: int = opt(2048, "cells per step of fine-tuning and cross-modality training", check=at_least(1))
+    precision: str = opt("fp32", "fine-tuning precision", choices=("fp32", "bf16"))
+    knn: int = opt(5, "neighbours of the zero-shot kNN classifier", check=at_least(1))
+    mask_rate: float | None = opt(0.5, "also score reconstruction on the positions of a random mask of this rate",
+                                  check=fraction)
+    integration_cells: int = opt(10_000, "subsample for the scIB metrics", check=at_least(2))
     plots: bool = opt(True, "UMAP and per-class F1 plots")
-    seed: int = opt(0, "seed of probes, heads, fine-tuning and subsamples")
+    seed: int = opt(0, "seed of probes, heads, fine-tuning and subsamples", check=at_least(0))

@@ -43,6 +43,7 @@ class PCARepresentation:
     """PCA (50 components) of log1p expression, fitted on the store's train split: the paper's linear baseline."""
 
     kind = "baseline"
+    path = None  # fitted here, not read from a file
 
     def __init__(self, store: CellStore, n_components: int = 50, seed: int = 0, fit_split: str = "train"):
         from sklearn.decomposition import PCA

@@ -78,7 +78,7 @@ def cell_type(run: _Run, results: dict) -> None:
 def reconstruction(run: _Run, results: dict) -> None:
     part = results["reconstruction"] = {}
     for rep in run.reps:
-        if (fn := getattr(rep, "reconstructor", None)) is None:
+        if (fn := rep.reconstructor) is None:
             continue
         part[rep.name] = {"all": reconstruction_scores(fn, run.store, seed=run.cfg.seed)}
         if run.cfg.mask_rate:
@@ -137,7 +137,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     run = _Run(cfg, store, out)
     results: dict = {"store": str(store.path), "label": cfg.label, "config": asdict(cfg), "skipped": {},
-                     "representations": {r.name: {"kind": r.kind, "path": str(getattr(r, "path", ""))}
+                     "representations": {r.name: {"kind": r.kind, "path": str(r.path or "")}
                                          for r in run.reps}}
     tasks = [t for t in TASKS if t in cfg.tasks]
     for i, task in enumerate(tasks, 1):

@@ -1,0 +1,91 @@
+"""Validation during training: a fixed pass over the same validation cells with the same masks and views each
+time, summed over every rank, at its own cadence; and which validation the exported model keeps.
+
+`select` names the score that picks the kept model: "val_loss" (lowest), "val_macro_f1" (highest; classifiers) or
+"last" (the last step, whatever its scores).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cellssl.loaders import BatchStream
+
+from .feed import Feed
+
+VALIDATION_STEP = 1 << 62  # the randomness key of every validation pass: the same masks and views each time
+SELECTIONS = ("val_loss", "val_macro_f1", "last")
+
+
+def f1_from_confusion(confusion: torch.Tensor) -> dict:
+    """Macro F1 over the classes that occur (as truth or prediction) and micro F1, as scikit-learn computes them."""
+    tp = confusion.diag()
+    predicted, actual = confusion.sum(0), confusion.sum(1)
+    occurs = (predicted + actual) > 0
+    f1 = torch.where(occurs, 2 * tp / (predicted + actual).clamp(min=1), torch.zeros_like(tp))
+    return {"val_macro_f1": float(f1[occurs].mean()) if occurs.any() else 0.0,
+            "val_micro_f1": float(tp.sum() / confusion.sum().clamp(min=1))}
+
+
+class Validator:
+    """`due(step)` says when; calling it scores the first `batches` batches of epoch 0 of the validation split;
+    `improved(scores)` says whether they beat the best so far (a registered part of the checkpoint)."""
+
+    def __init__(self, stream: BatchStream, feed: Feed, every: int, batches: int, max_steps: int,
+                 select: str = "last"):
+        if select not in SELECTIONS:
+            raise ValueError(f"select must be one of {SELECTIONS}, not {select!r}")
+        self.stream, self.feed, self.every, self.batches, self.max_steps = stream, feed, every, batches, max_steps
+        self.select = select
+        self.best = math.inf if select == "val_loss" else -math.inf
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.max_steps
+
+    @torch.no_grad()
+    def __call__(self, engine) -> dict:
+        engine.eval()
+        model = engine.module
+        classes = model.classifier.out_features if hasattr(model, "classifier") else 0
+        device = self.feed.device
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        confusion = torch.zeros(classes, classes, dtype=torch.float64, device=device)
+        self.stream.set_epoch(0)
+        for fed in self.feed(self.stream):
+            if fed.source.step >= self.batches:
+                break
+            loss, _ = engine(fed.x, fed.labels, VALIDATION_STEP)
+            total += torch.tensor([float(loss) * len(fed), len(fed)], dtype=torch.float64, device=device)
+            if classes:
+                known = fed.labels >= 0
+                pairs = fed.labels[known] * classes + model.logits(fed.x).argmax(1)[known]
+                confusion += torch.bincount(pairs, minlength=classes * classes).view(classes, classes).double()
+        self.stream.set_epoch(0)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+            if classes:
+                torch.distributed.all_reduce(confusion)
+        engine.train()
+        scores = {"val_loss": float(total[0] / total[1]) if total[1] else float("nan")}
+        if classes:
+            scores.update(f1_from_confusion(confusion.cpu()))
+        return scores
+
+    def improved(self, scores: dict) -> bool:
+        """Whether `scores` are the best yet by `select` (and remember them); never for "last"."""
+        if self.select == "last":
+            return False
+        value = scores.get(self.select)
+        if value is None or not math.isfinite(value):
+            return False
+        better = value < self.best if self.select == "val_loss" else value > self.best
+        if better:
+            self.best = value
+        return better
+
+    def state_dict(self) -> dict:
+        return {"select": self.select, "best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = state["best"]
