@@ -2,9 +2,10 @@
 
 1. compiles every Triton launch the dispatchers make (kernels/variants.py) natively for this device;
 2. compares each kernel with its torch reference on realistic shapes (batch 8,192 × 19,350 genes): max error, time;
-3. trains each objective of the experiment registry for 20 steps from a cell store through the CSR path (CSR
-   batches copied to the device on their own stream, densified there by `csr_to_dense`): cells/s, bytes moved per
-   batch (CSR vs the dense batch), and the share of the device's measured bf16 matmul peak;
+3. trains each objective of the experiment registry for 20 steps with the Trainer's own step (`Trainer.train_step`,
+   through DeepSpeed, exactly what a run does) from a cell store through the CSR path (CSR batches copied to the
+   device on their own stream, densified there by `csr_to_dense`): cells/s, bytes moved per batch (CSR vs the
+   dense batch), and the model FLOPs utilisation against the device's measured bf16 matmul peak;
 
 and writes everything as one JSON (`--out`, default $OUT/gpu_check.json when $OUT is set, else
 bench/gpu_check.json). `--smoke` runs the same code on CPU at toy sizes (Triton through its interpreter): the test
@@ -28,20 +29,17 @@ from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from cellssl import kernels  # noqa: E402
 from cellssl.engine.experiments import EXPERIMENTS, PRETRAINING  # noqa: E402
-from cellssl.engine.feed import Feed  # noqa: E402
-from cellssl.engine.optim import schedule  # noqa: E402
-from cellssl.engine.setup import build_objective  # noqa: E402
-from cellssl.engine.trainer import build_optimizer  # noqa: E402
+from cellssl.engine.flops import matmul_peak  # noqa: E402
+from cellssl.engine.trainer import Trainer  # noqa: E402
 from cellssl.kernels import variants  # noqa: E402
 from cellssl.kernels.csr_to_dense import csr_to_dense_reference  # noqa: E402
-from cellssl.kernels.masking import mask_reference  # noqa: E402
+from cellssl.kernels.masking import mask_reference, pack_bits  # noqa: E402
 from cellssl.kernels.nb_augment import nb_augment_reference, nb_noise  # noqa: E402
 from cellssl.kernels.recon_loss import recon_loss_reference  # noqa: E402
-from cellssl.loaders import CellStore  # noqa: E402
+from cellssl.loaders import TARGET_SUM  # noqa: E402
 
 
 def timed(fn, device, repeats: int = 5) -> float:
@@ -76,13 +74,11 @@ def compile_native(device) -> list[dict]:
 def kernel_checks(device, cells: int, genes: int) -> list[dict]:
     gen = torch.Generator(device="cpu").manual_seed(0)
     counts = torch.poisson(torch.rand(cells, genes, generator=gen) ** 8 * 3, generator=gen)
-    x = torch.log1p(counts / counts.sum(1, keepdim=True).clamp(min=1) * 1e4).to(device)
+    x = torch.log1p(counts / counts.sum(1, keepdim=True).clamp(min=1) * TARGET_SUM).to(device)
     pred = x + 0.1 * torch.randn(cells, genes, generator=gen).to(device)
     flags = torch.zeros(64, genes, dtype=torch.bool)
     for p in range(64):
         flags[p, torch.randperm(genes, generator=gen)[:max(1, genes // 100)]] = True
-    from cellssl.kernels.mask_spec import pack_bits
-
     bits = pack_bits(flags).to(device)
     csr = counts.to_sparse_csr()
     indptr, indices, data = (csr.crow_indices().to(device), csr.col_indices().to(torch.int32).to(device),
@@ -102,58 +98,43 @@ def kernel_checks(device, cells: int, genes: int) -> list[dict]:
         check(f"masked loss ({kind})", lambda s=s: kernels.masked_recon_loss(pred, x, s),
               lambda s=s: recon_loss_reference(pred, x, s)[0])
     raw = nb_noise(x, 0, 1)
-    check("NB augmentation", lambda: kernels.nb_augment(x, 0.1, 0, 1), lambda: nb_augment_reference(x, 0.1, raw))
-    check("CSR → dense + log1p", lambda: kernels.csr_to_dense(indptr, indices, data, genes, True),
-          lambda: csr_to_dense_reference(indptr, indices, data, genes, True))
+    check("NB augmentation", lambda: kernels.nb_augment(x, 0.1, 0, 1, TARGET_SUM),
+          lambda: nb_augment_reference(x, 0.1, raw, TARGET_SUM))
+    check("CSR → dense + log1p", lambda: kernels.csr_to_dense(indptr, indices, data, genes, TARGET_SUM),
+          lambda: csr_to_dense_reference(indptr, indices, data, genes, TARGET_SUM))
     return rows
 
 
-def matmul_peak(device, cells: int, genes: int) -> float:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a = torch.randn(cells, genes, dtype=dtype, device=device)
-    b = torch.randn(genes, 512, dtype=dtype, device=device)
-    return 2 * cells * genes * 512 / timed(lambda: a @ b, device)
-
-
-def objective_checks(device, store: CellStore, steps: int, batch: int, peak: float) -> list[dict]:
+def objective_checks(device, store_path: str, steps: int, batch: int, peak: float) -> list[dict]:
+    """Each pretraining objective for `steps` timed steps of `Trainer.train_step` after one untimed step."""
     rows = []
     for name in PRETRAINING:
-        cfg = replace(EXPERIMENTS[name], batch_size=batch, max_steps=steps,
+        cfg = replace(EXPERIMENTS[name], data=str(store_path), batch_size=batch, max_steps=10**9,
                       precision="bf16" if device.type == "cuda" else "fp32")
-        torch.manual_seed(0)
-        objective = build_objective(cfg, store).to(device)
-        params = [p for p in objective.parameters() if p.requires_grad]
-        opt = build_optimizer(cfg, params, 1) or torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        factor = schedule(cfg, 1)
-        feed = Feed("csr", device, store)  # the trainer's path: CSR copied on a side stream, densified on the GPU
-        moved, flops, started, done = 0, None, None, 0
-        for step, (b, x) in enumerate(feed(feed.stream(store, "train", batch, 0, 0, 1, columns=[]).endless())):
-            if step == steps + 1:
-                break
-            moved = sum(t.numel() * t.element_size() for t in (b.indptr, b.indices, b.data))
-            if flops is None:
-                with FlopCounterMode(display=False) as counter:
-                    objective(x, None, step)[0].backward()
-                flops = counter.get_total_flops()
-                opt.zero_grad()
-                started = time.perf_counter()
-                continue
-            for group in opt.param_groups:
-                group.setdefault("base_lr", group["lr"])
-                group["lr"] = group["base_lr"] * factor(step)
-            loss, _ = objective(x, None, step)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            objective.after_step()
-            done += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        trainer = Trainer(cfg)
+        batches = trainer.batches()
+        trainer.train_step(next(batches), 0)  # compiles the kernels, warms the allocator
+        sync(device)
+        started = time.perf_counter()
+        for step in range(1, steps + 1):
+            micro = next(batches)
+            metrics = trainer.train_step(micro, step)
+        sync(device)
         seconds = time.perf_counter() - started
-        rows.append({"objective": name, "cells_per_s": done * batch / seconds, "loss": float(loss),
-                     "bytes_per_batch_csr": moved, "bytes_per_batch_dense": batch * store.n_genes * 4,
-                     "share_of_matmul_peak": flops * done / seconds / peak})
+        source = micro[-1].source
+        cells_per_s = steps * batch / seconds
+        rows.append({"objective": name, "cells_per_s": cells_per_s, "loss": metrics["loss"],
+                     "bytes_per_batch_csr": sum(t.numel() * t.element_size() for t in (source.indptr, source.indices,
+                                                                                        source.data)),
+                     "bytes_per_batch_dense": batch * trainer.store.n_genes * 4,
+                     "share_of_matmul_peak": cells_per_s * trainer.flops_per_cell / peak})
+        del trainer, batches
     return rows
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -176,7 +157,7 @@ def main() -> None:
     t0 = time.perf_counter()
     report["compile"] = compile_native(device)
     report["kernels"] = kernel_checks(device, args.cells, args.genes)
-    report["matmul_peak_flops"] = peak = matmul_peak(device, args.cells, args.genes)
+    report["matmul_peak_flops"] = peak = matmul_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         store_path = args.store
         if store_path is None:
@@ -190,7 +171,7 @@ def main() -> None:
             store_path = synth(Path(tmp) / "s.cellstore", 400 if args.smoke else 4 * args.cells,
                                genes=genes if args.smoke else "default", progress=False)
         batch = 64 if args.smoke else args.cells
-        report["objectives"] = objective_checks(device, CellStore(store_path), args.steps, batch, peak)
+        report["objectives"] = objective_checks(device, store_path, args.steps, batch, peak)
     report["seconds"] = time.perf_counter() - t0
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

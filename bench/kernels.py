@@ -18,6 +18,7 @@ import torch
 from paper_style import eager_csr_to_dense, eager_nb_augment, eager_programme_mask, eager_random_mask_loss
 
 from cellssl import kernels
+from cellssl.loaders import TARGET_SUM
 
 
 def timed(fn, repeats: int, sync) -> float:
@@ -49,7 +50,7 @@ def programme_bits(n_genes: int) -> tuple[torch.Tensor, list[np.ndarray]]:
     index = index_programmes(read_gmt(), space, min_genes=15, max_genes=500)
     if n_genes != len(space):
         members = [m[m < n_genes] for m in index.members]
-        from cellssl.kernels.mask_spec import pack_bits
+        from cellssl.kernels.masking import pack_bits
 
         flags = torch.zeros(len(members), n_genes, dtype=torch.bool)
         for p, m in enumerate(members):
@@ -69,7 +70,7 @@ def main() -> None:
     B, G = args.cells, args.genes
     gen = torch.Generator().manual_seed(0)
     counts = torch.poisson(torch.rand(B, G, generator=gen) ** 8 * 3, generator=gen)
-    x = torch.log1p(counts / counts.sum(1, keepdim=True).clamp(min=1) * 1e4).to(device)
+    x = torch.log1p(counts / counts.sum(1, keepdim=True).clamp(min=1) * TARGET_SUM).to(device)
     pred = (x + 0.1 * torch.randn(B, G, generator=gen).to(device)).contiguous()
     bits, members = programme_bits(G)
     bits = bits.to(device)
@@ -86,10 +87,10 @@ def main() -> None:
          "1 (output)"),
         ("gene-programme mask (cell)", None,
          lambda: kernels.gene_program_mask(x, bits, 0.5, 0, 1, "cell"), 4 * G * 2, "-", "2 (union, output)"),
-        ("NB augmentation", lambda: eager_nb_augment(x), lambda: kernels.nb_augment(x, 0.1, 0, 1), 4 * G * 2,
+        ("NB augmentation", lambda: eager_nb_augment(x), lambda: kernels.nb_augment(x, 0.1, 0, 1, TARGET_SUM), 4 * G * 2,
          "6 (probs, gamma, poisson, norm, log1p, sum)", "2 (rand, output) on CPU; 0 in Triton"),
         ("CSR → dense + log1p", lambda: eager_csr_to_dense(indptr, indices, data, G),
-         lambda: kernels.csr_to_dense(indptr, indices, data, G, normalize_log1p=True),
+         lambda: kernels.csr_to_dense(indptr, indices, data, G, TARGET_SUM),
          int(nnz_per_cell * 16 + 4 * G), "3 (dense, sums, quotient)", "1 (output)"),
     ]
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, batch {B} x {G}, "

@@ -331,55 +331,24 @@ def drop_caches() -> bool:
         return False
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cells", type=int, default=200_000)
-    parser.add_argument("--batches", type=int, default=0, help="timed batches per phase (default: one epoch)")
-    parser.add_argument("--workdir", type=Path, default=Path("bench/data"))
-    parser.add_argument("--cold", action="store_true", help="drop the page cache before each loader")
-    parser.add_argument("--only", default=",".join(PEERS))
-    parser.add_argument("--_child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    if args._child:
-        paths = {k: Path(v) for k, v in json.loads(os.environ["CELLSSL_BENCH_PATHS"]).items()}
-        print(json.dumps(child(args._child, paths, args.batches)))
-        return
-    names = args.only.split(",")
-    unknown = sorted(set(names) - set(PEERS))
-    if unknown:
-        parser.error(f"unknown loader(s) {unknown}; choose from {', '.join(PEERS)}")
-    paths = prepare(args.workdir, args.cells, {FILES[n] for n in names})
-    from cellssl.loaders import CellStore
+def run_loader(name: str, paths: dict[str, Path], workdir: Path, batches: int, env: dict) -> dict:
+    """One loader in its own process (its peak RSS is its own): its JSON result, or {"error": …}."""
+    if name.startswith("annbatch"):
+        python = annbatch_env(workdir)
+        if not (paths["annbatch"] / "zarr.json").exists():
+            subprocess.run([str(python), "-c", ANNBATCH_SCRIPT, str(paths["h5ad"]), str(paths["annbatch"]), "0",
+                            "build"], check=True)
+        cmd = [str(python), "-c", ANNBATCH_SCRIPT, str(paths["h5ad"]), str(paths["annbatch"]), str(batches),
+               "sparse" if name == "annbatch-sparse" else "dense"]
+    else:
+        cmd = [sys.executable, __file__, "--_child", name, "--batches", str(batches)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:150]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
-    start, stop = CellStore(paths["store"]).split("train")
-    batches = args.batches or (stop - start) // BATCH
-    env = {**os.environ, "CELLSSL_BENCH_PATHS": json.dumps({k: str(v) for k, v in paths.items()})}
-    results = {}
-    for name in names:
-        if name.startswith("annbatch"):
-            python = annbatch_env(args.workdir)
-            if not (paths["annbatch"] / "zarr.json").exists():
-                subprocess.run([str(python), "-c", ANNBATCH_SCRIPT, str(paths["h5ad"]), str(paths["annbatch"]), "0",
-                                "build"], check=True)
-            cmd = [str(python), "-c", ANNBATCH_SCRIPT, str(paths["h5ad"]), str(paths["annbatch"]), str(batches),
-                   "sparse" if name == "annbatch-sparse" else "dense"]
-        else:
-            cmd = [sys.executable, __file__, "--_child", name, "--batches", str(batches)]
-        if args.cold and not drop_caches():
-            print("cannot drop the page cache (not root): --cold numbers would be warm", file=sys.stderr)
-            return
-        if not args.cold:
-            warm_page_cache(paths[FILES[name]])
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if out.returncode != 0:
-            results[name] = {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:150]}
-        else:
-            results[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(name, results[name], file=sys.stderr, flush=True)
-    print(f"{args.cells:,}-cell synthetic atlas (train split {stop - start:,} cells), batches of {BATCH} x 19,350, "
-          f"{batches} batches per phase (first epoch from a cold start, then steady state), "
-          f"{'cold' if args.cold else 'warm'} page cache, {os.cpu_count()} cores")
+
+def report(results: dict[str, dict]) -> None:
     print("| loader | output | steady cells/s | first epoch cells/s | peak RSS MB |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
@@ -398,6 +367,43 @@ def main() -> None:
             print(f"- {ours} / {peer}: steady {a['cells_per_s'] / b['cells_per_s']:.2f}x, first epoch "
                   f"{a['first_epoch_cells_per_s'] / b['first_epoch_cells_per_s']:.2f}x, peak RSS "
                   f"{a['peak_rss_mb']:,.0f} vs {b['peak_rss_mb']:,.0f} MB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", type=int, default=200_000)
+    parser.add_argument("--batches", type=int, default=0, help="timed batches per phase (default: one epoch)")
+    parser.add_argument("--workdir", type=Path, default=Path("bench/data"))
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each loader")
+    parser.add_argument("--only", default=",".join(PEERS))
+    parser.add_argument("--_child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args._child:
+        paths = {k: Path(v) for k, v in json.loads(os.environ["CELLSSL_BENCH_PATHS"]).items()}
+        print(json.dumps(child(args._child, paths, args.batches)))
+        return
+    names = args.only.split(",")
+    unknown = sorted(set(names) - set(PEERS))
+    if unknown:
+        parser.error(f"unknown loader(s) {unknown}; choose from {', '.join(PEERS)}")
+    if args.cold and not drop_caches():
+        parser.error("cannot drop the page cache (not root): --cold numbers would be warm")
+    paths = prepare(args.workdir, args.cells, {FILES[n] for n in names})
+    from cellssl.loaders import CellStore
+
+    start, stop = CellStore(paths["store"]).split("train")
+    batches = args.batches or (stop - start) // BATCH
+    env = {**os.environ, "CELLSSL_BENCH_PATHS": json.dumps({k: str(v) for k, v in paths.items()})}
+    results = {}
+    for name in names:
+        drop_caches() if args.cold else warm_page_cache(paths[FILES[name]])
+        results[name] = run_loader(name, paths, args.workdir, batches, env)
+        print(name, results[name], file=sys.stderr, flush=True)
+    print(f"{args.cells:,}-cell synthetic atlas (train split {stop - start:,} cells), batches of {BATCH} x 19,350, "
+          f"{batches} batches per phase (first epoch from a cold start, then steady state), "
+          f"{'cold' if args.cold else 'warm'} page cache, {os.cpu_count()} cores")
+    report(results)
 
 
 if __name__ == "__main__":

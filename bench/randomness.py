@@ -41,7 +41,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, perm in orders.items():
         for block in (1, 16, 64, 256, 1024, 4096, 16384):
-            sampler = BlockShuffleSampler(0, stop - start, args.batch_size, block, 2, seed=0)
+            sampler = BlockShuffleSampler(0, stop - start, args.batch_size, seed=0, block_size=block, buffer_batches=2)
             batches = [perm[rows] for e in range(args.epochs) for _, rows in sampler.batches(e)]
             tv = {c: mean_tv(v, batches, sizes[c]) for c, v in labels.items()}
             print(f"| {name} | {block} | {tv['cell_type']:.4f} | {tv['dataset_id']:.4f} |", flush=True)

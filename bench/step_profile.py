@@ -1,9 +1,10 @@
 """Where one masked-autoencoder training step spends its time on this machine (batch 8,192, paper network).
 
-Times, as the objective runs them: the mask applied inside the first layer (on CPU the sparse product of the kept
-nonzeros; `--dense` switches that off: mask the dense batch, then a dense first layer), the rest of the forward,
-the fused loss, backward and AdamW, for a few steps at the given precision.
-Usage: python bench/step_profile.py [--precision fp32|bf16] [--steps 3] [--dense]
+Profiles `Trainer.train_step` (the step a run takes) with torch.profiler and reports its labelled phases: the mask
+applied inside the first layer (on CPU the sparse product of the kept nonzeros; `--dense` switches that off: a dense
+first layer on the masked batch), the rest of the forward, the fused loss, backward, and the optimiser step (DeepSpeed's
+clipping and AdamW), for a few steps at the given precision.
+Usage: python bench/step_profile.py [--precision fp32|bf16] [--steps 3] [--dense] [--data STORE]
 """
 from __future__ import annotations
 
@@ -12,50 +13,43 @@ import os
 import time
 from dataclasses import replace
 
-import torch
+from torch.profiler import ProfilerActivity, profile
 
-from cellssl import kernels
 from cellssl.engine.experiments import experiment
-from cellssl.engine.setup import build_objective
-from cellssl.loaders import BatchStream, CellStore
+from cellssl.engine.trainer import Trainer
 from cellssl.loaders.synthetic import default_store
+
+PHASES = ("mask + first layer", "rest of forward", "loss", "backward", "optimizer step")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8192)
+    parser.add_argument("--data", default=None)
     parser.add_argument("--dense", action="store_true", help="CELLSSL_SPARSE_INPUT=0: the dense first layer")
     args = parser.parse_args()
     if args.dense:
         os.environ["CELLSSL_SPARSE_INPUT"] = "0"
-    store = CellStore(default_store())
-    objective = build_objective(replace(experiment("mae_random"), precision=args.precision),
-                                store)
-    opt = torch.optim.AdamW(objective.parameters(), lr=1e-3, weight_decay=0.01)
-    x = next(iter(BatchStream(store, "train", 8192, columns=[]))).x.clone()
-    rest = torch.nn.Sequential(*list(objective.encoder)[1:], objective.autoencoder.decoder)
-    print(f"MAE random, batch 8192 x {store.n_genes}, {args.precision}, {'dense' if args.dense else 'sparse'} "
-          "first layer, seconds per phase")
-    print("| step | mask + first layer | rest of forward | loss | backward | AdamW | total |")
-    print("|---|---|---|---|---|---|---|")
+    cfg = replace(experiment("mae_random"), data=str(args.data or default_store()), batch_size=args.batch_size,
+                  precision=args.precision, max_steps=10**9)
+    trainer = Trainer(cfg)
+    batches = trainer.batches()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    print(f"MAE random, batch {args.batch_size} x {trainer.store.n_genes}, {args.precision}, "
+          f"{'dense' if args.dense else 'sparse'} first layer, seconds per phase of Trainer.train_step")
+    print("| step | " + " | ".join(PHASES) + " | total |")
+    print("|---|" + "---|" * (len(PHASES) + 1))
     for step in range(args.steps + 1):
-        t = [time.perf_counter()]
-        spec = kernels.mask_spec(x, "random", 0.5, 0, step)
-        h = objective.first_layer(objective.encoder, x, spec)
-        t.append(time.perf_counter())
-        pred = objective.net(rest, h)
-        t.append(time.perf_counter())
-        loss = kernels.masked_recon_loss(pred, x, spec)
-        t.append(time.perf_counter())
-        opt.zero_grad()
-        loss.backward()
-        t.append(time.perf_counter())
-        opt.step()
-        t.append(time.perf_counter())
+        batch = next(batches)
+        t0 = time.perf_counter()
+        with profile(activities=activities) as prof:
+            trainer.train_step(batch, step)
+        total = time.perf_counter() - t0
+        seconds = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key in PHASES}
         if step:  # the first step warms allocators up
-            phases = [b - a for a, b in zip(t[:-1], t[1:])]
-            print(f"| {step} | " + " | ".join(f"{p:.2f}" for p in phases) + f" | {t[-1] - t[0]:.2f} |")
+            print(f"| {step} | " + " | ".join(f"{seconds.get(p, 0.0):.2f}" for p in PHASES) + f" | {total:.2f} |")
 
 
 if __name__ == "__main__":

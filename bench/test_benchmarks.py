@@ -12,16 +12,13 @@ import json
 import os
 import shutil
 import subprocess
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from cellssl import kernels
-from cellssl.engine.experiments import experiment
-from cellssl.engine.setup import build_objective
-from cellssl.loaders import BatchStream
+from cellssl.loaders import TARGET_SUM, BatchStream
 
 GENES = 19_350
 
@@ -58,8 +55,8 @@ def _kernel_ops(k):
         "random mask + loss": (lambda: ours_random_mask_loss(x, pred), lambda: eager_random_mask_loss(x, pred)),
         "gene-programme mask": (lambda: kernels.gene_program_mask(x, k["bits"], 0.5, 0, 1, "batch"),
                                 lambda: eager_programme_mask(x, k["members"])),
-        "NB augmentation": (lambda: kernels.nb_augment(x, 0.1, 0, 1), lambda: eager_nb_augment(x)),
-        "CSR → dense + log1p": (lambda: kernels.csr_to_dense(*k["csr"], GENES, normalize_log1p=True),
+        "NB augmentation": (lambda: kernels.nb_augment(x, 0.1, 0, 1, TARGET_SUM), lambda: eager_nb_augment(x)),
+        "CSR → dense + log1p": (lambda: kernels.csr_to_dense(*k["csr"], GENES, TARGET_SUM),
                                 lambda: eager_csr_to_dense(*k["csr"], GENES)),
     }
 
@@ -81,53 +78,25 @@ TRAINED = ("mae_random", "mae_gene_program", "mae_gp_to_tf", "byol", "barlow_twi
 @pytest.mark.parametrize("impl", ["ours", "paper-style"])
 @pytest.mark.parametrize("name", TRAINED)
 def test_training_step(benchmark, store, size, name, impl):
-    from torch.utils.flop_counter import FlopCounterMode
-    from train import matmul_rate, paper_style  # bench/train.py
+    """The Trainer's own step (bench/train.py builds the trainers): ours as a run trains, and the paper-style
+    objective through the same step."""
+    from paper_style import PAPER_STYLE
+    from train import stepper, trainers  # bench/train.py
+
+    from cellssl.engine.flops import matmul_peak
 
     benchmark.group = f"train: {name}"
-    cfg = replace(experiment(name), batch_size=size["batch"], precision="fp32")
-    torch.manual_seed(0)
-    objective = build_objective(cfg, store)
-    members = None
-    if name == "mae_gene_program":
-        from cellssl.engine.setup import programme_file
-        from cellssl.loaders.genesets import index_programmes, read_gmt
-
-        members = index_programmes(read_gmt(programme_file(cfg, store, "programmes.gmt")), store.genes).members
-    label = {"mae_random": "mae random", "mae_gene_program": "mae gene programme", "mae_gp_to_tf": "mae gp→tf",
-             "byol": "byol", "barlow_twins": "barlow twins"}[name]
-    stream = BatchStream(store, "train", size["batch"], seed=0, columns=[]).endless()
-    if impl == "paper-style":
-        first = next(stream)
-        if paper_style(objective, label, members, first.x[:16], 0) is None:
-            pytest.skip(f"no paper-style step for {name}: the reference's GP→TF branch cannot run as written")
-        loss_fn = lambda x, i: paper_style(objective, label, members, x, i)  # noqa: E731
-    else:
-        loss_fn = lambda x, i: objective(x, None, i)[0]  # noqa: E731
-    opt = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
-    step = [0]
-
-    def train_step():
-        batch = next(stream)
-        loss = loss_fn(batch.x, step[0])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        objective.after_step()
-        step[0] += 1
-
+    if impl == "paper-style" and name not in PAPER_STYLE:
+        pytest.skip(f"no paper-style step for {name}: the reference's GP→TF branch cannot run as written")
+    built = trainers(name, str(store.path), size["batch"])
+    trainer = built["csr" if impl == "ours" else "paper"]
+    step = stepper(trainer)
     extra = {}
     if impl == "ours":  # the ceiling: the dense network's FLOPs at this machine's matmul rate
-        x = next(stream).x.clone()
-        os.environ["CELLSSL_SPARSE_INPUT"] = "0"
-        with FlopCounterMode(display=False) as counter:
-            objective(x, None, 0)[0].backward()
-        os.environ.pop("CELLSSL_SPARSE_INPUT")
-        extra["ceiling_cells_per_s"] = size["batch"] / (counter.get_total_flops() / matmul_rate(size["batch"],
-                                                                                             store.n_genes))
+        extra["ceiling_cells_per_s"] = matmul_peak(trainer.device) / trainer.flops_per_cell
     record(benchmark, "ours" if impl == "ours" else "baseline (paper-style)", size["batch"],
            reference=impl == "paper-style", **extra)
-    benchmark.pedantic(train_step, rounds=size["steps"], warmup_rounds=1)
+    benchmark.pedantic(step, rounds=size["steps"], warmup_rounds=1)
 
 
 # --- loaders: ours (dense and CSR batches) vs the ceiling and the peers ------------------------------------------
