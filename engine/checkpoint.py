@@ -126,12 +126,17 @@ def latest_tag(folder: Path) -> str | None:
 
 
 # --- exported models ---------------------------------------------------------------------------------------------
-def export_model(objective: torch.nn.Module, config_json: str, gene_ids: list[str], path: Path) -> None:
+def export_model(objective: torch.nn.Module, config_json: str, gene_ids: list[str], path: Path,
+                 gene_names: list[str] | None = None) -> None:
+    """The weights as safetensors, the config and the genes (ids, and symbols: data without ids is matched by them)
+    as metadata; written under a temporary name and renamed."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in objective.state_dict().items()}
     meta = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "config": config_json,
             "gene_ids": json.dumps(list(gene_ids))}
+    if gene_names is not None:
+        meta["gene_names"] = json.dumps([str(n) for n in gene_names])
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
@@ -157,7 +162,8 @@ def _is_pickle(path: Path) -> bool:
 
 
 def load_model(path: str | Path) -> dict:
-    """{"config": JSON text, "gene_ids": [...], "state_dict": {name: tensor}} of an exported model."""
+    """{"config": JSON text, "gene_ids": [...], "gene_names": [...] or None (older models), "state_dict": {name:
+    tensor}} of an exported model."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -178,7 +184,9 @@ def load_model(path: str | Path) -> dict:
         raise InputError(path, f"model format_version {meta.get('format_version')!r}; this cellssl reads "
                          f"{MODEL_FORMAT_VERSION}", "use the cellssl version that wrote it")
     try:
-        return {"config": meta["config"], "gene_ids": json.loads(meta["gene_ids"]), "state_dict": load_file(str(path))}
+        names = json.loads(meta["gene_names"]) if "gene_names" in meta else None
+        return {"config": meta["config"], "gene_ids": json.loads(meta["gene_ids"]), "gene_names": names,
+                "state_dict": load_file(str(path))}
     except (SafetensorError, OSError, KeyError, ValueError) as exc:
         raise InputError(path, f"not a readable model file ({str(exc)[:200]})", unreadable) from None
 

@@ -1,10 +1,12 @@
-"""The `cellssl` command line: convert, synth, info, embed, eval, plot, upgrade-model.
+"""The `cellssl` command line: convert, synth, info, train, embed, eval, plot, upgrade-model.
 
-Argument parsing and printing only; the work lives in loaders (and, as it lands, the engine). A bad input ends
-in one line on stderr and exit status 2, never a traceback.
+Argument parsing and printing only; the work lives in loaders and the engine. A bad input (a typo, an abbreviated
+option, a value out of range) ends in one line on stderr and exit status 2, never a traceback; so does a closed
+pipe (`cellssl info X | head`), quietly.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -20,8 +22,39 @@ from cellssl.loaders.synthetic import default_store
 from .evaluate.config import EvalConfig
 
 
+def _command(sub, name: str, help: str, **kw):
+    """A subcommand (a OneLineParser, like its parent) that refuses abbreviated options."""
+    return sub.add_parser(name, help=help, allow_abbrev=False, **kw)
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+    return parse
+
+
+def _workers(text: str) -> int:
+    return os.cpu_count() or 1 if text == "auto" else _at_least(1)(text)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1)")
+    return value
+
+
 def _add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="convert h5ad, scTab parquet or a 10x folder into a cell store")
+    p = _command(sub, "convert", "convert h5ad, scTab parquet or a 10x folder into a cell store")
     p.add_argument("format", choices=["h5ad", "sctab", "10x"])
     p.add_argument("src")
     p.add_argument("dst")
@@ -29,55 +62,57 @@ def _add_convert(sub) -> None:
                    help="target gene space: 'default' (19,350 reference genes), 'keep' (the source's own), a cell "
                         "store or a gene-list file (default: 'keep' for sctab, 'default' otherwise)")
     p.add_argument("--split-by", help="obs column holding train/val/test (h5ad)")
-    p.add_argument("--val-frac", type=float, default=0.1)
-    p.add_argument("--test-frac", type=float, default=0.1)
+    p.add_argument("--val-frac", type=_fraction, default=0.1)
+    p.add_argument("--test-frac", type=_fraction, default=0.1)
     p.add_argument("--layer", default="auto", help="h5ad matrix: auto, X, counts, raw or a layer name")
     p.add_argument("--value-kind", choices=["auto", "counts", "log1p_10k"], default="auto")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split assignment and the in-split shuffle")
+    p.add_argument("--seed", type=_at_least(0), default=0, help="seed of the split assignment and the in-split shuffle")
     p.add_argument("--codec", default=Layout.codec, help="auto (default: blosc-lz4 for integers, zstd1 for floats), blosc-lz4, zstdN or none")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at DST")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="processes for reading the source where its format can be split (scTab part files; "
-                        "default: the cores there are); the store is the same for any number")
+    p.add_argument("--workers", type=_workers, default="auto",
+                   help="processes for the passes that can be split (scTab part files): a number, or auto (the "
+                        "cores there are; the default); the store is the same for any number")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_synth(sub) -> None:
-    p = sub.add_parser("synth", help="write a synthetic atlas (cell store, h5ad or scTab-layout parquet)")
+    p = _command(sub, "synth", "write a synthetic atlas (cell store, h5ad or scTab-layout parquet)")
     p.add_argument("dst")
-    p.add_argument("--cells", type=int, required=True)
+    p.add_argument("--cells", type=_at_least(1), required=True)
     p.add_argument("--format", choices=["cellstore", "h5ad", "sctab-parquet"], default="cellstore")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_at_least(0), default=0)
     p.add_argument("--genes", default="default", help="gene space: 'default', a cell store or a gene-list file")
     p.add_argument("--datasets", default=None,
                    help="draw cells from these of the 12 datasets only, e.g. 10,11 (a target with a batch shift)")
-    p.add_argument("--draw", type=int, default=0, help="an independent draw of cells from the same atlas")
+    p.add_argument("--draw", type=_at_least(0), default=0, help="an independent draw of cells from the same atlas")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
 
 
 def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="describe a cell store ('default': the embedded synthetic store)")
+    p = _command(sub, "info", "describe a cell store ('default': the embedded synthetic store)")
     p.add_argument("store")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
 def _add_embed(sub) -> None:
-    p = sub.add_parser("embed", help="write embeddings of every cell of a store (parquet, or obsm of an .h5ad)")
+    p = _command(sub, "embed", "write embeddings of every cell of a store, in its source's cell order and "
+                 "under its cell names (parquet, or obsm of an .h5ad)")
     p.add_argument("model", help="a model written by a recipe (model.safetensors), or its run folder")
     p.add_argument("store")
     p.add_argument("out", help="OUT.parquet (obs columns + z0…) or OUT.h5ad (obsm['X_cellssl'])")
-    p.add_argument("--batch-size", type=int, default=8192)
+    p.add_argument("--batch-size", type=_at_least(1), default=8192)
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
 def _add_plot(sub) -> None:
-    p = sub.add_parser("plot", help="training curves of runs side by side (loss, validation, lr, cells/s) as a PNG")
+    p = _command(sub, "plot", "training curves of runs side by side (loss, validation, lr, cells/s) as a PNG")
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--out", default="curves.png", help="the PNG to write")
 
 
 def _add_upgrade(sub) -> None:
-    p = sub.add_parser("upgrade-model", help="convert a model.pt of cellssl < 0.2 to model.safetensors (read with "
+    p = _command(sub, "upgrade-model", "convert a model.pt of cellssl < 0.2 to model.safetensors (read with "
                        "torch's restricted unpickler: no code in the file runs)")
     p.add_argument("model", help="the old model.pt")
     p.add_argument("out", nargs="?", help="where to write (default: model.safetensors beside it)")
@@ -86,8 +121,7 @@ def _add_upgrade(sub) -> None:
 def _add_eval(sub) -> None:
     from .options import add_options
 
-    p = sub.add_parser("eval", help="evaluate models and baselines on a labelled store (results.json/.md, plots)",
-                       allow_abbrev=False)
+    p = _command(sub, "eval", "evaluate models and baselines on a labelled store (results.json/.md, plots)")
     p.add_argument("models", nargs="*", help="models (model.safetensors or run folders), optionally named: NAME=PATH "
                    "(default name: the run folder)")
     p.set_defaults(eval_paths=add_options(p, EvalConfig(), skip=("models",)))
@@ -151,7 +185,7 @@ def run_upgrade(args) -> None:
 def run_embed(args) -> None:
     from .embed import check_output, embed, write_embeddings
 
-    check_output(args.out)
+    check_output(args.out, args.overwrite)
     embeddings, obs = embed(args.model, args.store, args.batch_size)
     write_embeddings(embeddings, obs, args.out)
     print(f"wrote {args.out}: {embeddings.shape[0]:,} cells x {embeddings.shape[1]} dimensions", file=sys.stderr)
@@ -180,19 +214,30 @@ def run_info(args) -> None:
             print(f"{key}: {value}")
 
 
+def _add_train(sub) -> None:
+    _command(sub, "train", "train an experiment of the registry in one process: cellssl train EXPERIMENT [options] "
+             "(cellssl train EXPERIMENT --help lists them; several GPUs: deepspeed --module cellssl.train …)")
+
+
 COMMANDS = {"convert": (_add_convert, run_convert), "synth": (_add_synth, run_synth), "info": (_add_info, run_info),
-            "embed": (_add_embed, run_embed), "eval": (_add_eval, run_eval),
-            "upgrade-model": (_add_upgrade, run_upgrade), "plot": (_add_plot, run_plot)}
+            "train": (_add_train, None), "embed": (_add_embed, run_embed), "eval": (_add_eval, run_eval),
+            "plot": (_add_plot, run_plot), "upgrade-model": (_add_upgrade, run_upgrade)}
 
 
 def main(argv: list[str] | None = None) -> int:
     from .options import OneLineParser
 
+    argv = sys.argv[1:] if argv is None else argv
     parser = OneLineParser(prog="cellssl", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():
         add(sub)
     try:
+        if argv[:1] == ["train"]:  # its options depend on the experiment: the recipe's parser reads them
+            from .recipe import run_experiment
+
+            run_experiment(argv[1:])
+            return 0
         args = parser.parse_args(argv)
         COMMANDS[args.command][1](args)
     except InputError as exc:
@@ -201,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM during a conversion: its temporary files are already gone
         print("cellssl: interrupted; nothing partial was kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as shell tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

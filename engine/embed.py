@@ -1,8 +1,14 @@
-"""Embeddings of every cell of a store from a trained model's encoder, written as parquet or as obsm of an h5ad;
-`map_split` runs any network over a split's cells in store order (embedding, prediction, reconstruction)."""
+"""Embeddings of cells by a trained model's encoder, in the order and under the names the cells have in their source:
+`cellssl embed MODEL STORE OUT` (a store's cells come back in the order of the file it was converted from, named as
+there) and `cellssl.embed(data, model)` (an AnnData or .h5ad read straight, no store needed). `map_split` runs any
+network over a split's cells in store order (what the evaluators use).
+"""
 from __future__ import annotations
 
 import json
+import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -10,11 +16,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cellssl.loaders import BatchStream, CellStore, InputError
+from cellssl.loaders import BatchStream, CellStore, GeneSpace, InputError, align_genes
+from cellssl.loaders.densify import log1p_per_10k, scatter_rows
+from cellssl.loaders.rows import SourceRows
 
 from .checkpoint import encoder_state, load_model
 from .config import TrainConfig
 from .models import AutoEncoder
+
+TRAINED_DECODER = ("mae", "reconstruction")  # objectives whose decoder is trained (and may reconstruct)
 
 
 def device() -> torch.device:
@@ -28,14 +38,15 @@ def check_genes(store: CellStore, gene_ids: list[str], model_path: str | Path) -
 
 
 def load_autoencoder(model_path: str | Path) -> tuple[AutoEncoder, list[str], TrainConfig]:
-    """The exported model's autoencoder (decoder weights only where the objective trained one)."""
+    """The exported model's autoencoder; its decoder only where the objective trained one (BYOL, Barlow Twins and
+    classifiers have none worth reconstructing with)."""
     saved = load_model(model_path)
     cfg = TrainConfig.from_dict(json.loads(saved["config"]))
     autoencoder = AutoEncoder(len(saved["gene_ids"]), cfg.model)
     autoencoder.encoder.load_state_dict(encoder_state(saved))
     prefix = "autoencoder.decoder."
     decoder = {k[len(prefix):]: v for k, v in saved["state_dict"].items() if k.startswith(prefix)}
-    if decoder:
+    if decoder and cfg.objective.name in TRAINED_DECODER:
         autoencoder.decoder.load_state_dict(decoder)
     else:
         autoencoder.decoder = None
@@ -63,39 +74,93 @@ def map_split(store: CellStore, split: str, fn: Callable[[torch.Tensor, torch.Te
 
 
 def embed(model_path: str | Path, store_path: str | Path, batch_size: int = 8192) -> tuple[np.ndarray, pd.DataFrame]:
-    """(embeddings [n_cells, latent] in store order, obs) for every split of the store."""
+    """(embeddings [n_cells, latent], obs) of every cell of the store, both in the order of the store's source and
+    obs indexed by the source's cell names."""
     encoder, gene_ids = load_encoder(model_path)
     store = CellStore(store_path)
     check_genes(store, gene_ids, model_path)
     encoder.to(device())
-    parts = [map_split(store, split, lambda x, _: encoder(x), batch_size)
-             for split, _ in sorted(store.splits.items(), key=lambda kv: kv[1][0])]
-    return np.concatenate(parts), store.obs()
+    z = np.concatenate([map_split(store, split, lambda x, _: encoder(x), batch_size)
+                        for split, _ in sorted(store.splits.items(), key=lambda kv: kv[1][0])])
+    order = store.source_order()
+    obs = store.obs().iloc[order].drop(columns=["cell_id"], errors="ignore")
+    obs.index = pd.Index(store.cell_names()[order], name="cell_id")
+    return z[order], obs
+
+
+def _is_store(data) -> bool:
+    return isinstance(data, CellStore) or (isinstance(data, (str, Path)) and (Path(data) / "zarr.json").is_file())
+
+
+def _source(data, layer: str):
+    from cellssl.loaders.sources import AnnDataSource, H5adSource
+
+    if isinstance(data, (str, Path)):
+        return H5adSource(data, layer)
+    if hasattr(data, "obs_names") and hasattr(data, "X"):
+        return AnnDataSource(data, layer)
+    raise InputError(type(data).__name__, "cannot be embedded", "pass an AnnData, an .h5ad path or a cell store")
+
+
+@torch.no_grad()
+def embed_cells(data, model: str | Path, batch_size: int = 8192, layer: str = "auto") -> np.ndarray:
+    """cellssl.embed: see its docstring (api/__init__.py)."""
+    if _is_store(data):
+        return embed(model, data.path if isinstance(data, CellStore) else data, batch_size)[0]
+    saved = load_model(model)
+    encoder, gene_ids = load_encoder(model)
+    encoder.to(device())
+    source = _source(data, layer)
+    target = GeneSpace.from_lists(gene_ids, saved.get("gene_names"))
+    alignment = align_genes(source.genes, target, source.describe())
+    print(f"cellssl.embed: {source.describe()}: {alignment.report()}", file=sys.stderr)
+    reader = SourceRows(source, alignment)
+    out = np.empty((source.n_cells, encoder[-1].out_features), np.float32)
+    with tempfile.TemporaryDirectory() as scratch:
+        for chunk, (indptr, cols, vals) in reader.chunks(Path(scratch)):
+            if reader.kind.kind == "counts":
+                vals = log1p_per_10k(indptr, vals)
+            for a in range(0, len(chunk), batch_size):
+                rows = np.arange(a, min(a + batch_size, len(chunk)))
+                x = np.empty((len(rows), len(target)), np.float32)
+                scatter_rows(x, rows, indptr, cols, vals)
+                out[chunk.start + a:chunk.start + a + len(rows)] = encoder(torch.from_numpy(x).to(device())).cpu()
+    return out
 
 
 EMBEDDING_FORMATS = (".parquet", ".h5ad")
 
 
-def check_output(path: str | Path) -> None:
-    """Before any work: the output is a format we write, in a folder that exists."""
+def check_output(path: str | Path, overwrite: bool = False) -> None:
+    """Before any work: the output is a format we write, in a folder that exists, and not a file already there
+    unless the user said --overwrite."""
     path = Path(path)
     if path.suffix not in EMBEDDING_FORMATS:
         raise InputError(path, f"cannot write embeddings as {path.suffix!r}",
                          "name the output OUT.parquet (obs columns + z0…) or OUT.h5ad (obsm['X_cellssl'])")
     if not path.parent.is_dir():
         raise InputError(path, "its folder does not exist", "create it first")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise InputError(path, "already exists", "pass --overwrite to replace it, or choose another name")
+    if path.is_dir():
+        raise InputError(path, "is a folder", "name a file OUT.parquet or OUT.h5ad")
 
 
 def write_embeddings(embeddings: np.ndarray, obs: pd.DataFrame, path: str | Path) -> None:
+    """h5ad: obs (indexed by cell name) and obsm["X_cellssl"]; parquet: cell_id, the obs columns, z0…; written under
+    a temporary name and renamed, so an interrupted write leaves no half file."""
     path = Path(path)
-    if path.suffix == ".h5ad":
-        import anndata as ad
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if path.suffix == ".h5ad":
+            import anndata as ad
 
-        obs = obs.copy()
-        obs.index = obs.index.astype(str)
-        ad.AnnData(obs=obs, obsm={"X_cellssl": embeddings}).write_h5ad(path)
-    else:
-        frame = obs.reset_index(drop=True)
-        for j in range(embeddings.shape[1]):
-            frame[f"z{j}"] = embeddings[:, j]
-        frame.to_parquet(path)
+            ad.AnnData(obs=obs, obsm={"X_cellssl": embeddings}).write_h5ad(tmp)
+        else:
+            frame = obs.reset_index()
+            frame = pd.concat([frame, pd.DataFrame(embeddings, columns=[f"z{j}" for j in range(embeddings.shape[1])])],
+                              axis=1)
+            frame.to_parquet(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

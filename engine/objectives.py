@@ -134,6 +134,7 @@ class BYOL(Objective):
     def __init__(self, n_genes: int, model: ModelConfig, projection: int = 256, hidden: int = 4096,
                  ema: float = 0.99, seed: int = 0, p: float = 0.5, intensity: float = 0.1, dropout: float = 0.1):
         super().__init__(n_genes, model, seed)
+        del self.autoencoder.decoder  # never trained: it must not be exported as if it reconstructed
         self.projector = projection_head([model.latent, hidden, projection])
         self.predictor = projection_head([projection, hidden, projection])
         self.p, self.intensity, self.dropout = p, intensity, dropout
@@ -169,6 +170,7 @@ class BarlowTwins(Objective):
     def __init__(self, n_genes: int, model: ModelConfig, widths=(256, 256, 512, 512), lambd: float = 0.0051,
                  seed: int = 0, intensity: float = 0.1, dropout: float = 0.1):
         super().__init__(n_genes, model, seed)
+        del self.autoencoder.decoder  # never trained: it must not be exported as if it reconstructed
         self.projector = projection_head([model.latent, *widths], bias=False)
         self.lambd, self.intensity, self.dropout = lambd, intensity, dropout
 

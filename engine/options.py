@@ -87,14 +87,14 @@ def apply(defaults, args: argparse.Namespace, paths: list[tuple[str, ...]]):
     return defaults
 
 
-def recipe_parser(defaults, description: str) -> tuple[argparse.ArgumentParser, list]:
-    parser = OneLineParser(prog=sys.argv[0].rsplit("/", 1)[-1], description=description, allow_abbrev=False,
+def recipe_parser(defaults, description: str, prog: str | None = None) -> tuple[argparse.ArgumentParser, list]:
+    parser = OneLineParser(prog=prog or sys.argv[0].rsplit("/", 1)[-1], description=description, allow_abbrev=False,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     paths = add_options(parser, defaults, defaults.objective.name, skip=("name",))
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the launcher's
     return parser, paths
 
 
-def parse_recipe(defaults, argv: list[str], description: str = ""):
-    parser, paths = recipe_parser(defaults, description)
+def parse_recipe(defaults, argv: list[str], description: str = "", prog: str | None = None):
+    parser, paths = recipe_parser(defaults, description, prog)
     return apply(defaults, parser.parse_args(argv), paths)

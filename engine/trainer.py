@@ -264,7 +264,8 @@ class Trainer:
             log.validation(step, epoch, scores, improved)
 
     def _export(self, path: Path) -> None:
-        checkpoint.export_model(self.objective, self.cfg.to_json(), list(self.store.genes.gene_id), path)
+        genes = self.store.genes
+        checkpoint.export_model(self.objective, self.cfg.to_json(), list(genes.gene_id), path, list(genes.gene_name))
 
     def _weight_sum(self) -> float:
         return float(next(self.objective.encoder.parameters()).detach().double().abs().sum())

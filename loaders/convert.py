@@ -21,15 +21,15 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from .csr import remap_columns, take_rows
+from .csr import take_rows
 from .errors import InputError
 from .genes import GeneAlignment, GeneSpace, align_genes
+from .rows import SourceRows, ValueKind
 from .sources import H5adSource, RowChunk, ScTabSource, Source, TenxSource
 from .spill import Spill, disk_error
 from .store import FORMAT, SPLITS, TARGET_SUM, CellStore, CellStoreWriter, Layout, index_dtype, remove_tree
 
 BUCKET_BYTES = 128 << 20     # scratch bucket size: what pass 2 holds in memory at once
-MAX_EXACT_COUNT = 1 << 24    # float32 holds every integer up to here exactly
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                  "test": "test", "testing": "test"}
 
@@ -86,63 +86,12 @@ def destinations(split_codes: np.ndarray, seed: int) -> tuple[np.ndarray, dict[s
 
 
 
-def _decide_value_kind(requested: str | None, source: Source, first: RowChunk) -> tuple[str, float]:
-    """(value kind, scale): integer values are counts; values whose expm1 rows all sum to one constant S are log1p
-    of counts per S — stored as log1p per 10,000, rescaled on the way when S is another constant (per million, …)."""
-    kind = requested or source.value_kind
-    if kind is not None:
-        return kind, TARGET_SUM
-    data = np.asarray(first.data)
-    if np.all(np.mod(data, 1) == 0):
-        return "counts", TARGET_SUM
-    rows = np.diff(first.indptr) > 0
-    sums = np.add.reduceat(np.expm1(data.astype(np.float64)), first.indptr[:-1][rows]) if len(data) else np.zeros(0)
-    scale = float(np.median(sums)) if len(sums) else 0.0
-    if len(sums) and scale > 0 and np.all(np.abs(sums - scale) < 0.01 * scale):
-        return "log1p_10k", TARGET_SUM if abs(scale - TARGET_SUM) < 100 else round(scale, 6)
-    raise InputError(f"{source.describe()}", f"values are not integer counts and not log1p of counts per a constant "
-                     f"total (row sums of expm1 from {sums.min() if len(sums) else 0:.4g} to "
-                     f"{sums.max() if len(sums) else 0:.4g})", "supply raw counts (a counts layer or raw/X: --layer "
-                     "counts|raw), or pass --value-kind log1p_10k to store these values as they are")
-
-
-def rescale_log1p(data: np.ndarray, scale: float) -> np.ndarray:
-    """log1p(x per `scale`) → log1p(x per 10,000)."""
-    return np.log1p(np.expm1(data.astype(np.float64)) * (TARGET_SUM / scale)).astype(np.float32)
-
-
-class _Checker:
-    """Rejects non-finite, negative and (for counts) non-integral values; naming the cell and the gene."""
-
-    def __init__(self, source: Source, value_kind: str):
-        self.source, self.kind, self.max_value = source, value_kind, 0.0
-        self.counts = value_kind == "counts"
-
-    def __call__(self, chunk: RowChunk) -> None:
-        data = np.asarray(chunk.data)
-        if not len(data):
-            return
-        bad = ~np.isfinite(data) | (data < 0)
-        problem = "non-finite or negative value"
-        if self.counts and not bad.any():
-            bad, problem = np.mod(data, 1) != 0, "non-integer value in a counts matrix"
-        if bad.any():
-            pos = int(np.argmax(bad))
-            row = int(np.searchsorted(chunk.indptr, pos, side="right") - 1)
-            gene = self.source.genes.gene_id[int(chunk.indices[pos])]
-            fix = ("pass --value-kind log1p_10k if the values are log1p of counts per 10,000, or supply raw "
-                   "counts with --layer" if self.counts and problem.startswith("non-integer") else
-                   "clean the matrix (NaN/Inf/negative values have no meaning as expression)")
-            raise InputError(self.source.describe(), f"{problem} {data[pos]!r} at cell {chunk.start + row} "
-                             f"(source order), gene {gene}", fix)
-        self.max_value = max(self.max_value, float(data.max()))
-        if self.counts and self.max_value >= MAX_EXACT_COUNT:
-            raise InputError(self.source.describe(), f"count {self.max_value:.0f} exceeds {MAX_EXACT_COUNT}",
-                             "check the matrix: no single gene has that many UMIs in one cell")
+CELL_ID = "cell_id"  # the source's name of each cell (obs_names, barcode), where it has names
 
 
 def _obs_schema(source: Source) -> pa.Schema:
-    fields = [pa.field(n, pa.dictionary(pa.int32(), pa.string())) for n in source.categories]
+    fields = [pa.field(CELL_ID, pa.string())] if source.cell_names is not None else []
+    fields += [pa.field(n, pa.dictionary(pa.int32(), pa.string())) for n in source.categories]
     fields += [pa.field(n, pa.from_numpy_dtype(d)) for n, d in source.numeric.items()]
     return pa.schema(fields + [pa.field("original_index", pa.int64())])
 
@@ -155,6 +104,8 @@ def _row_dtype(source: Source) -> np.dtype:
 
 def _obs_table(rows: np.ndarray, source: Source, dictionaries: dict[str, pa.Array]) -> pa.Table:
     cols = {}
+    if source.cell_names is not None:
+        cols[CELL_ID] = pa.array(source.cell_names[rows["original_index"]], pa.string())
     for name, dictionary in dictionaries.items():
         codes = rows[name]
         cols[name] = pa.DictionaryArray.from_arrays(pa.array(codes, mask=codes < 0), dictionary)
@@ -166,45 +117,31 @@ def _obs_table(rows: np.ndarray, source: Source, dictionaries: dict[str, pa.Arra
 
 @dataclass(frozen=True)
 class _Plan:
-    """What pass 1 decides from the first chunk and every worker shares: value kind, normalisation total, bucket size."""
+    """What pass 1 decides from the first chunk and every worker shares: the value kind and the bucket size."""
 
-    kind: str
-    scale: float
+    kind: ValueKind
     bucket_rows: int
 
 
-def _plan(source: Source, first: RowChunk, requested_kind, n_genes: int) -> _Plan:
-    _Checker(source, "log1p_10k")(first)  # NaN/Inf/negative first: they would confuse the kind detection
-    kind, scale = _decide_value_kind(requested_kind, source, first)
-    if scale != TARGET_SUM:
-        _stderr(f"{source.describe()}: values are log1p of counts per {scale:,.6g}; rescaling them to log1p "
+def _plan(source: Source, first: RowChunk, kind: ValueKind, n_genes: int) -> _Plan:
+    if kind.scale != TARGET_SUM:
+        _stderr(f"{source.describe()}: values are log1p of counts per {kind.scale:,.6g}; rescaling them to log1p "
                 "per 10,000 (the store records source_scale)")
     per_row = _row_dtype(source).itemsize + (len(first.data) / max(len(first), 1)) * (index_dtype(n_genes).itemsize + 4)
-    return _Plan(kind, scale, int(np.clip(BUCKET_BYTES // max(per_row, 1), 1024, max(source.n_cells, 1))))
+    return _Plan(kind, int(np.clip(BUCKET_BYTES // max(per_row, 1), 1024, max(source.n_cells, 1))))
 
 
 def _spill_range(source: Source, alignment: GeneAlignment, dest: np.ndarray, root: Path, scratch: Path, start: int,
                  stop: int, plan: _Plan | None, requested_kind, tick: Callable[[int], None]) -> tuple[int, float, _Plan]:
-    """Read, check, align (and, for log1p per another total, rescale) rows [start, stop) into their destination
-    buckets under `root`; `dest` holds the destinations of those rows. Returns (rows seen, largest value, plan)."""
+    """Read, check and align rows [start, stop) (loaders/rows.py) into their destination buckets under `root`;
+    `dest` holds the destinations of those rows. Returns (rows seen, largest value, plan)."""
     n_genes = len(alignment.target)
-    mapping = None if alignment.is_identity else alignment.source_to_target
-    row_dtype, spill, checker, seen = _row_dtype(source), None, None, start
-    for chunk in source.chunks_in(scratch, start, stop):
-        if plan is None:
-            plan = _plan(source, chunk, requested_kind, n_genes)
-        if spill is None:
-            checker = _Checker(source, plan.kind)
-            spill = Spill(root, row_dtype, {"idx": index_dtype(n_genes), "val": np.float32})
-        checker(chunk)
-        if plan.scale != TARGET_SUM:
-            chunk.data = rescale_log1p(np.asarray(chunk.data), plan.scale)
-        indptr, cols, vals = remap_columns(chunk.indptr, np.asarray(chunk.indices), np.asarray(chunk.data),
-                                           mapping, n_genes)
+    reader = SourceRows(source, alignment, plan.kind if plan else None, requested_kind)
+    row_dtype, spill = _row_dtype(source), Spill(root, _row_dtype(source), {"idx": index_dtype(n_genes),
+                                                                              "val": np.float32})
+    for chunk, (indptr, cols, vals) in reader.chunks(scratch, start, stop):
+        plan = plan or _plan(source, chunk, reader.kind, n_genes)
         n = len(chunk)
-        if chunk.start + n > stop or chunk.start != seen:
-            raise InputError(source.describe(), f"rows out of order or beyond the declared {source.n_cells} cells",
-                             "the source file is inconsistent; re-export it")
         rows = np.zeros(n, row_dtype)
         rows["original_index"] = np.arange(chunk.start, chunk.start + n)
         rows["dest"] = dest[chunk.start - start:chunk.start - start + n]
@@ -214,13 +151,11 @@ def _spill_range(source: Source, alignment: GeneAlignment, dest: np.ndarray, roo
         order = np.argsort(rows["dest"] // plan.bucket_rows, kind="stable")
         new_indptr, pos = take_rows(indptr, order)
         spill.append_split(rows["dest"][order] // plan.bucket_rows, rows[order], new_indptr,
-                           {"idx": cols[pos].astype(index_dtype(n_genes)), "val": vals[pos].astype(np.float32)})
-        seen += n
+                           {"idx": cols[pos].astype(index_dtype(n_genes)), "val": vals[pos]})
         tick(n)
-    if seen != stop or plan is None:
-        raise InputError(source.describe(), f"yielded {seen - start} of rows [{start}, {stop}); its header declares "
-                         f"{source.n_cells} cells", "the source is truncated or inconsistent; re-export it")
-    return seen - start, checker.max_value, plan
+    if plan is None:
+        raise InputError(source.describe(), "holds no cells", "convert a source with at least one cell")
+    return stop - start, reader.max_value, plan
 
 
 def _spill_worker(task) -> tuple[int, float]:
@@ -247,13 +182,19 @@ def _spill_pass(source: Source, alignment: GeneAlignment, dest: np.ndarray, scra
             _, max_value, plan = _spill_range(source, alignment, dest, roots[0], scratch / "source", 0,
                                               source.n_cells, None, requested_kind, bar.update)
         else:
-            first = next(iter(source.chunks_in(scratch / "source", *parts[0])))
-            plan = _plan(source, first, requested_kind, n_genes)
+            plan = _first_plan(source, alignment, scratch / "source", parts[0], requested_kind)
             max_value = _run_workers(source, alignment, dest, roots, scratch, parts, plan, requested_kind, bar)
     finally:
         bar.close()
     spills = [Spill(root, row_dtype, {"idx": index_dtype(n_genes), "val": np.float32}) for root in roots]
     return spills, plan, max_value
+
+
+def _first_plan(source, alignment, scratch, part, requested_kind) -> _Plan:
+    """The plan every worker shares, from the first chunk of the first part (read twice: it is small)."""
+    reader = SourceRows(source, alignment, None, requested_kind)
+    chunk, _ = next(iter(reader.chunks(scratch, *part)))
+    return _plan(source, chunk, reader.kind, len(alignment.target))
 
 
 def _run_workers(source, alignment, dest, roots, scratch, parts, plan, requested_kind, bar) -> float:
@@ -412,12 +353,12 @@ def _convert(source, dst, tmp, scratch, alignment, dest, splits, seed, value_kin
     """The two passes, verification and installation; the temporary store and scratch never outlive it."""
     try:
         spills, plan, max_value = _spill_pass(source, alignment, dest, scratch, value_kind, progress, workers)
-        kind = plan.kind
+        kind = plan.kind.kind
         value_dtype = _counts_dtype(max_value) if kind == "counts" else np.float32
         writer = CellStoreWriter(tmp, alignment.target, kind, value_dtype, _obs_schema(source), source.categories,
                                  layout)
         _write_pass(spills, plan.bucket_rows, source.n_cells, writer, source, value_dtype, progress)
-        extra = {"gene_alignment": alignment.report(), "source_scale": plan.scale}
+        extra = {"gene_alignment": alignment.report(), "source_scale": plan.kind.scale}
         if source.report():
             extra["kept"] = source.report()
         writer.finish(splits, seed, source.describe(), extra)

@@ -379,6 +379,17 @@ class CellStore:
             out.append(remap[idx])
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
+    def source_order(self) -> np.ndarray:
+        """Store rows in the order of the source the store was converted from (conversion shuffles cells within
+        each split; `original_index` says where each came from)."""
+        return np.argsort(self.obs_codes("original_index"), kind="stable")
+
+    def cell_names(self) -> np.ndarray:
+        """Each cell's name in its source (obs_names, 10x barcodes) in store order, as str; its position in the
+        source where the source had no names (scTab, synthetic stores)."""
+        column = "cell_id" if "cell_id" in self.obs_columns else "original_index"
+        return self.obs([column])[column].astype(str).to_numpy(dtype=object)
+
     def size_on_disk(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 

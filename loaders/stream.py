@@ -104,6 +104,11 @@ class BatchStream:
         self._held: deque = deque()  # slots of yielded batches the consumer may still read: across passes too
 
     # --- the contract ----------------------------------------------------------------------------------
+    @property
+    def categories(self) -> dict[str, list[str]]:
+        """The labels behind `batch.obs`'s codes, per categorical column (code i is label i; −1: unlabelled)."""
+        return {c: self.store.categories[c] for c in self.obs if c in self.store.categories}
+
     def __len__(self) -> int:
         return self.sampler.steps()
 

@@ -9,9 +9,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from cellssl.engine.transfer import StudyConfig, finetune, frozen_scores, stores
 from cellssl.engine.experiments import experiment
 from cellssl.engine.trainer import train
+from cellssl.engine.transfer import StudyConfig, finetune, frozen_scores, stores
 
 root, seeds, lrs = Path(sys.argv[1]), [int(s) for s in sys.argv[2].split(",")], [float(v) for v in sys.argv[3].split(",")]
 cfg = StudyConfig(out=str(root), aux_cells=12000, target_cells=3000, n_genes=1500, pretrain_steps=120, batch_size=512,

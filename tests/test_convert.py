@@ -107,7 +107,7 @@ def test_10x_round_trip(tmp_path, counts, gz):
     assert store.n_genes == counts.shape[1]  # antibody features dropped
     np.testing.assert_array_equal(store_dense(store), counts.toarray())
     obs = store.obs().set_index("original_index").sort_index()
-    assert list(obs["barcode"]) == [f"bc{i}-1" for i in range(counts.shape[0])]
+    assert list(obs["cell_id"]) == [f"bc{i}-1" for i in range(counts.shape[0])]
 
 
 def test_sctab_round_trip(tmp_path):

@@ -12,9 +12,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_wheel_installs_the_cellssl_namespace(tmp_path):
+def install_wheel(tmp_path) -> tuple[Path, Path]:
+    """The wheel built from a copy of the tree, unpacked into a fresh venv that reaches the dependencies (not this
+    checkout, not the editable finder: paths listed in a .pth file have their own .pth files ignored) through the
+    test environment. Returns (its python, its site-packages)."""
     source = tmp_path / "src"  # a copy: building writes build/ and *.egg-info beside the sources
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "runs", "data", "__pycache__", "*.egg-info"))
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "runs", "data", "__pycache__",
+                                                                "*.egg-info"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=300)
     wheel = next((tmp_path / "dist").glob("cellssl-*.whl"))
@@ -23,22 +27,45 @@ def test_wheel_installs_the_cellssl_namespace(tmp_path):
     python = venv / "bin" / "python"
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
-    # the wheel's own files only: unpack it, and reach the dependencies (not this checkout, not the editable
-    # finder: paths listed in a .pth file have their own .pth files ignored) through the test environment
     subprocess.run([sys.executable, "-m", "zipfile", "-e", str(wheel), str(site)], check=True)
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    probe = ("import cellssl.loaders, cellssl.kernels, cellssl.engine.cli, cellssl.engine.evaluate.suite\n"
-             "from cellssl.loaders import BatchStream\n"
+    return python, site
+
+
+def test_the_wheel_alone_runs_the_whole_flow(tmp_path):
+    """From a folder outside the repository, with only the wheel's files: synth → train 2 steps (python -m
+    cellssl.train, the packaged DeepSpeed config) → embed → eval with fine-tuning."""
+    python, site = install_wheel(tmp_path)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "WORLD_SIZE", "MASTER_PORT")}
+
+    def cellssl(*args, module="cellssl"):
+        done = subprocess.run([str(python), "-m", module, *map(str, args)], capture_output=True, text=True, cwd=work,
+                              env=env, timeout=600)
+        assert done.returncode == 0, (args, done.stdout[-2000:], done.stderr[-3000:])
+        return done
+
+    probe = ("import cellssl, cellssl.loaders, cellssl.engine.cli, cellssl.engine.evaluate.suite, cellssl.train\n"
              "from cellssl.loaders.genes import GeneSpace\n"
              "from cellssl.loaders.genesets import read_gmt\n"
              "assert len(GeneSpace.default()) == 19350 and len(read_gmt()) > 5000\n"
-             "print(cellssl.loaders.__file__)")
-    done = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, cwd=tmp_path,
-                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, timeout=300)
+             "print(cellssl.__file__, cellssl.loaders.__file__)")
+    done = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, cwd=work, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().startswith(str(site)), done.stdout
+    assert all(p.startswith(str(site)) for p in done.stdout.split()), done.stdout
     entry = (next(site.glob("cellssl-*.dist-info")) / "entry_points.txt").read_text()
     assert "cellssl = cellssl.engine.cli:main" in entry
+    (work / "genes.txt").write_text("\n".join(__import__("cellssl.loaders", fromlist=["GeneSpace"]).GeneSpace
+                                              .default().gene_id[:2000]))
+    cellssl("synth", "s.cellstore", "--cells", "1200", "--genes", "genes.txt", "--quiet")
+    cellssl("mae_random", "--data", "s.cellstore", "--out", "run", "--max-steps", "2", "--batch-size", "64",
+            module="cellssl.train")
+    cellssl("embed", "run", "s.cellstore", "e.parquet")
+    cellssl("eval", "run", "--data", "s.cellstore", "--out", "ev", "--finetune-steps", "2", "--batch-size", "64",
+            "--tasks", "cell_type", "--no-baselines", "--no-plots")
+    results = __import__("json").loads((work / "ev" / "results.json").read_text())
+    assert "finetune" in results["cell_type"]["run"]
 
 
 def test_no_top_level_engine_kernels_or_loaders_importable(tmp_path):

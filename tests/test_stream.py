@@ -118,6 +118,8 @@ def test_dense_values_equal_store_rows(synthetic_store, normalize):
         rows = batch.index.numpy()
         assert np.array_equal(batch.x.numpy(), expected_dense(store, rows, normalize))  # bitwise
         assert np.array_equal(batch.obs["cell_type"].numpy(), store.obs_codes("cell_type")[rows])
+        names = make_stream(store, "val").categories["cell_type"]
+        assert [names[c] for c in batch.obs["cell_type"]] == list(store.obs()["cell_type"].iloc[rows])
 
 
 @pytest.mark.parametrize("normalize", [True, False])

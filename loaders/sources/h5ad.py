@@ -57,14 +57,14 @@ class H5adSource(Source):
             raise InputError(f"{path}:{self.element}", f"shape {n_cells} x {n_genes} disagrees with obs ({len(obs)}) "
                              f"and var ({len(var)})", "rewrite the file with anndata")
         obs = obs.copy()
-        obs.insert(0, "cell_id", obs.index.astype(str))
+        names = obs.index.astype(str).to_numpy(dtype=object)
         self.paired = self._paired_modalities(n_cells)
         for key, frame in self.paired.items():
             obs = pd.concat([obs, frame.set_axis(obs.index)], axis=1)
         self.obs_arrays, categories, numeric = obs_from_frame(obs)
         self._labels = obs
         super().__init__(path, GeneSpace.from_frame(var, f"{path}:{var_element}"), n_cells, value_kind,
-                         categories, numeric)
+                         categories, numeric, cell_names=names)
 
     def _paired_modalities(self, n_cells: int) -> dict[str, pd.DataFrame]:
         """obsm matrices of paired measurements (e.g. obsm["protein"]), as float32 columns KEY_NAME; embeddings
@@ -153,3 +153,36 @@ def _blocks(indptr: np.ndarray, budget: int, max_rows: int = 65536):
         stop = min(max(stop, start + 1), start + max_rows, n)
         yield start, stop
         start = stop
+
+
+class AnnDataSource(Source):
+    """An AnnData in memory (what a notebook holds), read in row blocks like an .h5ad: for `cellssl.embed`."""
+
+    def __init__(self, adata, layer: str = "auto"):
+        import scipy.sparse as sp
+
+        if layer == "auto":
+            layer = "counts" if "counts" in adata.layers else ("raw" if adata.raw is not None else "X")
+        if layer == "raw" and adata.raw is None:
+            raise InputError("AnnData", "has no .raw", "pass layer='X' or the name of a layer")
+        if layer not in ("X", "raw") and layer not in adata.layers:
+            raise InputError("AnnData", f"no layer {layer!r}", f"choose from {['X', 'raw', *adata.layers]}")
+        self.x = adata.raw.X if layer == "raw" else adata.X if layer == "X" else adata.layers[layer]
+        var = adata.raw.var if layer == "raw" else adata.var
+        self.sparse, self.layer = sp.issparse(self.x), layer
+        super().__init__(Path("AnnData"), GeneSpace.from_frame(var, f"AnnData.{'raw.' if layer == 'raw' else ''}var"),
+                         adata.n_obs, None, cell_names=adata.obs_names.astype(str).to_numpy(dtype=object))
+
+    def describe(self) -> str:
+        return f"AnnData:{self.layer}"
+
+    def chunks(self, scratch: Path) -> Iterator[RowChunk]:
+        step = max(1, ELEMENTS_PER_CHUNK // max(len(self.genes), 1))
+        for start in range(0, self.n_cells, step):
+            block = self.x[start:start + step]
+            if self.sparse:
+                block = block.tocsr()
+                block.sort_indices()
+                yield RowChunk(start, block.indptr.astype(np.int64), block.indices, block.data, {})
+            else:
+                yield RowChunk(start, *dense_to_csr(np.asarray(block)), {})

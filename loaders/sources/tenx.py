@@ -53,10 +53,14 @@ class TenxSource(Source):
         self.feature_to_gene = np.full(self.n_features, -1, np.int64)
         self.feature_to_gene[is_gene] = np.arange(is_gene.sum())
         names = genes[1] if genes.shape[1] > 1 else genes[0]
-        cats = pd.Categorical(barcodes[0])
-        self.obs_arrays = {"barcode": cats.codes.astype(np.int32)}
+        duplicated = barcodes[0][barcodes[0].duplicated()]
+        if len(duplicated):
+            raise InputError(_find(path, "barcodes.tsv"), f"{len(duplicated)} barcode(s) appear more than once "
+                             f"(first: {duplicated.iloc[0]!r}): cells would be indistinguishable",
+                             "re-export the folder from Cell Ranger, or combine samples with distinct barcode suffixes")
+        self.obs_arrays = {}
         super().__init__(path, GeneSpace.from_lists(genes[0], names), n_cells, None,
-                         {"barcode": [str(c) for c in cats.categories]})
+                         cell_names=barcodes[0].to_numpy(dtype=object))
 
     def _header(self) -> tuple[int, int, int, str]:
         try:
