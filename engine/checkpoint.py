@@ -127,9 +127,10 @@ def latest_tag(folder: Path) -> str | None:
 
 # --- exported models ---------------------------------------------------------------------------------------------
 def export_model(objective: torch.nn.Module, config_json: str, gene_ids: list[str], path: Path,
-                 gene_names: list[str] | None = None) -> None:
-    """The weights as safetensors, the config and the genes (ids, and symbols: data without ids is matched by them)
-    as metadata; written under a temporary name and renamed."""
+                 gene_names: list[str] | None = None, trained: dict | None = None) -> None:
+    """The weights as safetensors, the config, the genes (ids, and symbols: data without ids is matched by them)
+    and the training budget behind the weights (`trained`: steps, epochs, cells seen) as metadata; written under a
+    temporary name and renamed."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in objective.state_dict().items()}
@@ -137,6 +138,8 @@ def export_model(objective: torch.nn.Module, config_json: str, gene_ids: list[st
             "gene_ids": json.dumps(list(gene_ids))}
     if gene_names is not None:
         meta["gene_names"] = json.dumps([str(n) for n in gene_names])
+    if trained is not None:
+        meta["trained"] = json.dumps(trained)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
@@ -162,8 +165,8 @@ def _is_pickle(path: Path) -> bool:
 
 
 def load_model(path: str | Path) -> dict:
-    """{"config": JSON text, "gene_ids": [...], "gene_names": [...] or None (older models), "state_dict": {name:
-    tensor}} of an exported model."""
+    """{"config": JSON text, "gene_ids": [...], "gene_names": [...], "trained": {steps, epochs, cells_seen} (None for
+    models of older cellssl), "state_dict": {name: tensor}} of an exported model."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -185,8 +188,9 @@ def load_model(path: str | Path) -> dict:
                          f"{MODEL_FORMAT_VERSION}", "use the cellssl version that wrote it")
     try:
         names = json.loads(meta["gene_names"]) if "gene_names" in meta else None
+        trained = json.loads(meta["trained"]) if "trained" in meta else None
         return {"config": meta["config"], "gene_ids": json.loads(meta["gene_ids"]), "gene_names": names,
-                "state_dict": load_file(str(path))}
+                "trained": trained, "state_dict": load_file(str(path))}
     except (SafetensorError, OSError, KeyError, ValueError) as exc:
         raise InputError(path, f"not a readable model file ({str(exc)[:200]})", unreadable) from None
 

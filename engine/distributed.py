@@ -23,14 +23,33 @@ def free_port() -> int:
 
 
 def announce_op_build(rank: int) -> None:
-    """DeepSpeed compiles its CPU communication op the first time it runs on a machine (1–3 minutes, silently):
-    say so before it starts."""
+    """DeepSpeed compiles its CPU communication op the first time it runs on a machine, and again when DeepSpeed's
+    sources are newer than the build (an upgrade): 1–3 minutes, silently. Say so before it starts."""
     if torch.cuda.is_available() or rank != 0:
         return
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    if not any(root.rglob("deepspeed_shm_comm*.so")):
-        print(f"cellssl: building DeepSpeed's CPU communication op once (1–3 minutes; cached in {root})",
-              file=sys.stderr, flush=True)
+    import importlib.util
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    spec = importlib.util.find_spec("deepspeed")
+    if spec is None or spec.origin is None:
+        return
+    sources = [p for p in (Path(spec.origin).parent / "ops" / "csrc" / "cpu" / "comm").rglob("*") if p.is_file()]
+    built = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "deepspeed_shm_comm.so"
+    if not built.exists():
+        what = "building DeepSpeed's CPU communication op once"
+    elif sources and max(p.stat().st_mtime for p in sources) > built.stat().st_mtime:
+        what = "rebuilding DeepSpeed's CPU communication op (DeepSpeed changed since it was built)"
+    else:
+        return
+    print(f"cellssl: {what} (1–3 minutes; cached in {built.parent})", file=sys.stderr, flush=True)
+
+
+def quiet_deepspeed() -> None:
+    """Before DeepSpeed is imported: on a machine without CUDA, name its CPU accelerator, so that it does not warn
+    that it found no GPU."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -40,8 +59,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", "29500")):
         os.environ.setdefault(key, value)
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    quiet_deepspeed()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if not torch.distributed.is_initialized():
         announce_op_build(rank)
@@ -53,10 +71,14 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 
 def _init_group() -> None:
+    import contextlib
+    import io
+
     import deepspeed
 
     try:
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        with contextlib.redirect_stdout(io.StringIO()):  # "… shm_comm_op built successfully" on every start
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     except Exception as exc:  # torch raises several types; the message says which port
         if "EADDRINUSE" in str(exc) or "address already in use" in str(exc).lower():
             raise InputError(f"MASTER_PORT={os.environ['MASTER_PORT']}", "port already in use (another run?)",

@@ -37,10 +37,10 @@ def check_genes(store: CellStore, gene_ids: list[str], model_path: str | Path) -
                          "convert the data with `cellssl convert … --genes PRETRAINING_STORE` first")
 
 
-def load_autoencoder(model_path: str | Path) -> tuple[AutoEncoder, list[str], TrainConfig]:
-    """The exported model's autoencoder; its decoder only where the objective trained one (BYOL, Barlow Twins and
-    classifiers have none worth reconstructing with)."""
-    saved = load_model(model_path)
+def load_autoencoder(model: str | Path | dict) -> tuple[AutoEncoder, list[str], TrainConfig]:
+    """The exported model's autoencoder (`model`: its path, or what load_model read from it); its decoder only where
+    the objective trained one (BYOL, Barlow Twins and classifiers have none worth reconstructing with)."""
+    saved = model if isinstance(model, dict) else load_model(model)
     cfg = TrainConfig.from_dict(json.loads(saved["config"]))
     autoencoder = AutoEncoder(len(saved["gene_ids"]), cfg.model)
     autoencoder.encoder.load_state_dict(encoder_state(saved))

@@ -131,10 +131,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, objective: torch.nn.Module | None = None):
         """Set up on this rank: the process group, the store, the loader and validation, the objective (built from
         the config unless one is given) and its DeepSpeed engine."""
-        import deepspeed
-
         self.cfg = cfg
         self.rank, self.world, self.device = init_distributed()
+        import deepspeed  # after init_distributed, which prepares its environment
+
         self.store = CellStore(cfg.data or default_store(progress=self.rank == 0))
         torch.manual_seed(cfg.seed)
         self.feed = Feed(cfg.input, self.device, self.store, cfg.objective.label, kept=cfg.gradient_accumulation)
@@ -263,9 +263,16 @@ class Trainer:
         if self.rank == 0:
             log.validation(step, epoch, scores, improved)
 
+    def cells_seen(self) -> int:
+        """Training cells the optimiser has stepped on, over all ranks (repeats across epochs counted)."""
+        return self.progress.step * self.cfg.batch_size * self.cfg.gradient_accumulation * self.world
+
     def _export(self, path: Path) -> None:
-        genes = self.store.genes
-        checkpoint.export_model(self.objective, self.cfg.to_json(), list(genes.gene_id), path, list(genes.gene_name))
+        genes, (start, stop) = self.store.genes, self.store.split("train")
+        trained = {"steps": self.progress.step, "epochs": round(self.cells_seen() / (stop - start), 3),
+                   "cells_seen": self.cells_seen()}
+        checkpoint.export_model(self.objective, self.cfg.to_json(), list(genes.gene_id), path, list(genes.gene_name),
+                                trained)
 
     def _weight_sum(self) -> float:
         return float(next(self.objective.encoder.parameters()).detach().double().abs().sum())

@@ -82,8 +82,9 @@ def classify(model_path: Path, store: CellStore, split: str) -> np.ndarray:
 
 
 def finetuned_scores(model_path: Path, store: CellStore, label: str, split: str = "test") -> dict:
+    """F1 of the fine-tuned classifier's predictions, and the fine-tuning budget behind the kept model."""
     y = labels(store, label, split)
     with torch.no_grad():
         predicted = classify(model_path, store, split)
     keep = y >= 0
-    return f1_scores(y[keep], predicted[keep], store.categories[label])
+    return {**f1_scores(y[keep], predicted[keep], store.categories[label]), "trained": load_model(model_path)["trained"]}

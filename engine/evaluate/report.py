@@ -1,24 +1,36 @@
-"""results.json → a markdown table (one row per model or baseline, one column per headline number) and PNG
-plots: a UMAP of each embedding coloured by cell type and by batch, and per-class F1 bars."""
+"""results.json → results.md (the training budget behind each model, then frozen-embedding scores and fine-tuned
+scores in separate tables, each column explained, then per-class F1) and PNG plots: a UMAP of each embedding
+coloured by cell type and by batch, and per-class F1 bars."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-COLUMNS = [  # (header, task, path into that task's entry)
-    ("macro F1 linear probe", "cell_type", ("linear_probe", "macro_f1")),
-    ("macro F1 kNN", "cell_type", ("knn", "macro_f1")),
-    ("macro F1 fine-tuned", "cell_type", ("finetune", "macro_f1")),
-    ("micro F1 fine-tuned", "cell_type", ("finetune", "micro_f1")),
-    ("expl. var. (weighted)", "reconstruction", ("all", "variance_weighted")),
-    ("expl. var. masked", "reconstruction", ("masked", "variance_weighted")),
-    ("Pearson/feature frozen", "cross_modality", ("frozen", "pearson_per_feature")),
-    ("Pearson/feature fine-tuned", "cross_modality", ("finetuned", "pearson_per_feature")),
-    ("Pearson/cell fine-tuned", "cross_modality", ("finetuned", "pearson_per_cell")),
-    ("scIB batch", "integration", ("batch_correction",)),
-    ("scIB bio", "integration", ("bio_conservation",)),
-    ("scIB total", "integration", ("total",)),
+# (header, task, path into that task's entry, what it measures)
+FROZEN = [
+    ("probe F1", "cell_type", ("linear_probe", "macro_f1"),
+     "macro F1 of a logistic regression on the frozen embedding, fitted on the train split"),
+    ("kNN F1", "cell_type", ("knn", "macro_f1"),
+     "macro F1 of the majority label of each test cell's k nearest train cells (zero-shot: no fitting at all)"),
+    ("expl. var.", "reconstruction", ("all", "variance_weighted"),
+     "variance-weighted explained variance of the reconstructed log1p expression (models with a trained decoder)"),
+    ("expl. var. masked", "reconstruction", ("masked", "variance_weighted"),
+     "the same on the positions of a random mask, reconstructed from the rest"),
+    ("protein r", "cross_modality", ("frozen", "pearson_per_feature"),
+     "Pearson r per paired feature (e.g. protein) of an MLP head on the frozen embedding"),
+    ("scIB batch", "integration", ("batch_correction",), "scIB batch-correction score (higher: batches mixed)"),
+    ("scIB bio", "integration", ("bio_conservation",), "scIB bio-conservation score (higher: cell types kept apart)"),
+    ("scIB total", "integration", ("total",), "0.4 · batch + 0.6 · bio"),
+]
+FINETUNED = [
+    ("macro F1", "cell_type", ("finetune", "macro_f1"),
+     "macro F1 (each cell type counts once) of the whole network fine-tuned as a classifier on the train split"),
+    ("micro F1", "cell_type", ("finetune", "micro_f1"), "micro F1 (each cell counts once) of the same"),
+    ("protein r per feature", "cross_modality", ("finetuned", "pearson_per_feature"),
+     "Pearson r per paired feature, encoder and head trained together"),
+    ("protein r per cell", "cross_modality", ("finetuned", "pearson_per_cell"), "the same per cell, across features"),
 ]
 
 
@@ -29,68 +41,99 @@ def lookup(results: dict, task: str, name: str, path: tuple[str, ...]):
     return value
 
 
-def markdown(results: dict) -> str:
+def _budget(trained: dict | None) -> str:
+    if not trained:
+        return "–"
+    return f"{trained['steps']:,} steps, {trained['epochs']:.3g} epochs, {trained['cells_seen']:,} cells"
+
+
+def budget_table(results: dict) -> list[str]:
+    lines = ["What each representation was trained with (cells seen count repeats over epochs):", "",
+             "| representation | objective | pretraining | fine-tuning (cell type) |", "|---|---|---|---|"]
+    for name, r in results["representations"].items():
+        pre = {"pca": "fitted on the train split", "supervised": "none: trained from scratch on the target"}.get(
+            r.get("objective"), _budget(r.get("trained"))) if r["kind"] == "baseline" else _budget(r.get("trained"))
+        fine = _budget(lookup(results, "cell_type", name, ("finetune", "trained")))
+        lines.append(f"| {name} | {r.get('objective', '?')} | {pre} | {fine} |")
+    return lines
+
+
+def score_table(results: dict, title: str, columns: list) -> list[str]:
     names = list(results["representations"])
-    columns = [c for c in COLUMNS if any(lookup(results, c[1], n, c[2]) is not None for n in names)]
-    lines = [f"Evaluation of `{results['store']}` (label `{results['label']}`; fitted on train, scored on test)", "",
-             "| representation | " + " | ".join(c[0] for c in columns) + " |",
+    columns = [c for c in columns if any(lookup(results, c[1], n, c[2]) is not None for n in names)]
+    if not columns:
+        return []
+    lines = ["", title, "", "| representation | " + " | ".join(c[0] for c in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for name in names:
-        cells = [lookup(results, task, name, path) for _, task, path in columns]
-        kind = results["representations"][name]["kind"]
-        label = f"{name} *(baseline)*" if kind == "baseline" else name
-        lines.append(f"| {label} | " + " | ".join("–" if v is None else f"{v:.4f}" for v in cells) + " |")
+        label = f"{name} *(baseline)*" if results["representations"][name]["kind"] == "baseline" else name
+        values = [lookup(results, task, name, path) for _, task, path, _ in columns]
+        lines.append(f"| {label} | " + " | ".join("–" if v is None else f"{v:.4f}" for v in values) + " |")
+    return lines + [""] + [f"- **{header}**: {what}" for header, _, _, what in columns]
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Evaluation of `{results['store']}` (label `{results['label']}`; heads and probes fitted on the train "
+             "split, every score on the test split)", "", *budget_table(results),
+             *score_table(results, "Frozen embeddings (the pretrained encoder as it is):", FROZEN),
+             *score_table(results, "Fine-tuned (the encoder trained further on the target's train split):", FINETUNED)]
     for task, why in results.get("skipped", {}).items():
         lines.append(f"\n{task} skipped: {why}")
     lines += per_class_table(results)
     return "\n".join(lines) + "\n"
 
 
-def per_class_scores(results: dict) -> tuple[str, dict[str, dict[str, float]]]:
-    """F1 per class of each representation: fine-tuned where it was, else the linear probe."""
-    chosen = {}
-    for name, r in results.get("cell_type", {}).items():
-        chosen[name] = (r.get("finetune") or r["linear_probe"])["per_class_f1"]
-    fine = all("finetune" in r for r in results.get("cell_type", {}).values())
-    return ("fine-tuned" if fine else "fine-tuned where available, else linear probe"), chosen
+def per_class_scores(results: dict) -> dict[str, tuple[str, dict[str, float]]]:
+    """F1 per class of each representation: fine-tuned where it was, else the linear probe (said beside it)."""
+    return {name: ("fine-tuned", r["finetune"]["per_class_f1"]) if "finetune" in r else
+            ("linear probe", r["linear_probe"]["per_class_f1"]) for name, r in results.get("cell_type", {}).items()}
 
 
 def per_class_table(results: dict) -> list[str]:
     if not results.get("cell_type"):
         return []
-    how, scores = per_class_scores(results)
+    scores = per_class_scores(results)
     names = list(scores)
     support = next(iter(results["cell_type"].values()))["linear_probe"]["support"]
-    classes = sorted({c for s in scores.values() for c in s}, key=lambda c: -support.get(c, 0))
-    lines = ["", f"Per-class F1 on the test split ({how}), classes by test support:", "",
-             "| cell type | test cells | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+    classes = sorted({c for _, s in scores.values() for c in s}, key=lambda c: -support.get(c, 0))
+    lines = ["", "Per-class F1 on the test split, classes by test support:", "",
+             "| cell type | test cells | " + " | ".join(f"{n} ({how})" for n, (how, _) in scores.items()) + " |",
+             "|---|---:|" + "---:|" * len(names)]
     for c in classes:
         lines.append(f"| {c} | {support.get(c, 0)} | " + " | ".join(
-            "–" if c not in scores[n] else f"{scores[n][c]:.3f}" for n in names) + " |")
+            "–" if c not in scores[n][1] else f"{scores[n][1][c]:.3f}" for n in names) + " |")
     return lines
 
 
-TOP_CATEGORIES = 12  # distinct colours with a legend; the rest are grey "other"
+def palette() -> list:
+    """60 distinguishable colours: tab20's pairs, then tab20b and tab20c, in an order that puts unlike hues next."""
+    import matplotlib.pyplot as plt
+
+    colours = []
+    for name in ("tab20", "tab20b", "tab20c"):
+        shades = plt.get_cmap(name).colors
+        colours += [shades[i] for i in range(0, 20, 2)] + [shades[i] for i in range(1, 20, 2)]
+    return colours
 
 
 def _scatter(ax, xy: np.ndarray, codes: np.ndarray, names: list[str], size: float) -> None:
-    """Cells coloured by their TOP_CATEGORIES most frequent categories (tab20, named in a legend beside the axes);
-    rarer ones and unlabelled cells grey, drawn first so that they stay in the background."""
-    import matplotlib.pyplot as plt
-
+    """Cells coloured by category, every category its own colour, named in a legend beside the axes (by size). With
+    more categories than the palette's 60 colours the rarest share grey ("other"), drawn first with unlabelled cells
+    so that they stay in the background."""
+    colours = palette()
     present, counts = np.unique(codes[codes >= 0], return_counts=True)
-    top = present[np.argsort(-counts, kind="stable")][:TOP_CATEGORIES]
-    rest = ~np.isin(codes, top)
+    shown = present[np.argsort(-counts, kind="stable")]
+    shown = shown if len(shown) <= len(colours) else shown[:len(colours) - 1]
+    rest = ~np.isin(codes, shown)
     if rest.any():
-        label = f"other ({len(present) - len(top)} more)" if len(present) > len(top) else "unlabelled"
+        label = f"other ({len(present) - len(shown)} rarer)" if len(present) > len(shown) else "unlabelled"
         ax.scatter(*xy[rest].T, color="lightgrey", s=size, linewidths=0, rasterized=True, label=label)
-    colours = plt.get_cmap("tab20").colors
-    for i, code in enumerate(top):
+    for i, code in enumerate(shown):
         chosen = codes == code
-        ax.scatter(*xy[chosen].T, color=colours[(2 * i) % 20 if i < 10 else (2 * i - 19) % 20], s=size,
-                   linewidths=0, rasterized=True, label=f"{names[code]} ({chosen.sum():,})")
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, markerscale=max(1.0, 12 / size),
-              frameon=False)
+        ax.scatter(*xy[chosen].T, color=colours[i], s=size, linewidths=0, rasterized=True,
+                   label=f"{names[code]} ({chosen.sum():,})")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=6 if len(shown) > 20 else 7,
+              markerscale=max(1.0, 12 / size), frameon=False, ncol=1 + len(shown) // 30)
 
 
 def plots(results: dict, embeddings: dict[str, np.ndarray], labels: np.ndarray, label_names: list[str],
@@ -112,17 +155,19 @@ def plots(results: dict, embeddings: dict[str, np.ndarray], labels: np.ndarray, 
         colourings.append(("batch", batch[keep], batch_names or [str(b) for b in range(int(batch.max()) + 1)]))
     size = float(np.clip(30_000 / len(keep), 2, 20))
     for name, z in embeddings.items():
-        xy = umap.UMAP(random_state=seed, n_jobs=1).fit_transform(z[keep])
-        fig, axes = plt.subplots(1, len(colourings), figsize=(8.5 * len(colourings), 5.5), squeeze=False)
+        with warnings.catch_warnings():  # pynndescent warns about neighbour search on small or degenerate sets
+            warnings.simplefilter("ignore", UserWarning)
+            xy = umap.UMAP(random_state=seed, n_jobs=1).fit_transform(z[keep])
+        fig, axes = plt.subplots(1, len(colourings), figsize=(10 * len(colourings), 6), squeeze=False)
         for ax, (title, codes, names) in zip(axes[0], colourings):
             _scatter(ax, xy, codes, names, size)
             ax.set(title=f"{name}: coloured by {title}", xticks=[], yticks=[])
         path = folder / f"umap_{_slug(name)}.png"
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")  # the legends beside the axes included
         plt.close(fig)
         written.append(str(path))
-    how, per_class = per_class_scores(results)
+    per_class = {f"{name} ({how})": values for name, (how, values) in per_class_scores(results).items()}
     if per_class:
         classes = sorted({c for scores in per_class.values() for c in scores}, key=label_names.index)
         fig, ax = plt.subplots(figsize=(max(8, 0.3 * len(classes) * len(per_class) ** 0.5), 5.5))
@@ -130,7 +175,7 @@ def plots(results: dict, embeddings: dict[str, np.ndarray], labels: np.ndarray, 
         for i, (name, scores) in enumerate(per_class.items()):
             ax.bar(np.arange(len(classes)) + i * width, [scores.get(c, 0.0) for c in classes], width, label=name)
         ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=60, ha="right", fontsize=8)
-        ax.set(ylabel="F1 (test)", ylim=(0, 1.05), title=f"per-class F1 ({how})")
+        ax.set(ylabel="F1 (test)", ylim=(0, 1.05), title="per-class F1 on the test split")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         fig.tight_layout()

@@ -10,6 +10,7 @@ import torch
 
 from cellssl.loaders import CellStore
 
+from ..checkpoint import load_model
 from ..embed import check_genes, device, load_autoencoder, map_split
 from .inputs import expression
 
@@ -22,7 +23,9 @@ class ModelRepresentation:
     def __init__(self, path: str | Path, name: str | None = None):
         self.path = Path(path)
         self.name = name or self.path.parent.name or self.path.stem
-        self.autoencoder, self.gene_ids, self.config = load_autoencoder(self.path)
+        saved = load_model(self.path)
+        self.autoencoder, self.gene_ids, self.config = load_autoencoder(saved)
+        self.trained = saved["trained"]  # steps, epochs, cells seen (None: a model of an older cellssl)
         self.autoencoder.to(device())
 
     def check(self, store: CellStore) -> None:
@@ -44,6 +47,7 @@ class PCARepresentation:
 
     kind = "baseline"
     path = None  # fitted here, not read from a file
+    config = trained = None
 
     def __init__(self, store: CellStore, n_components: int = 50, seed: int = 0, fit_split: str = "train"):
         from sklearn.decomposition import PCA

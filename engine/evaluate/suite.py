@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,6 +32,48 @@ def _check(cfg: EvalConfig, store: CellStore) -> None:
             raise InputError("scib-metrics", "the integration task needs it", 'pip install "cellssl[eval]"')
 
 
+class Clock:
+    """Stage lines with the time since the start and an estimate of what is left. The estimate divides the time so
+    far by the work done so far, work being cells through a network: three passes a cell for training (forward and
+    backward), one for embedding; scIB metrics and UMAP plots, as measured on a 2-core CPU, a fixed cost (JIT
+    compilation) plus a few units a cell. A guide, not a promise: on a GPU training shrinks and they do not."""
+
+    def __init__(self, total: float):
+        self.started, self.total, self.done, self.pending = time.perf_counter(), max(total, 1.0), 0.0, 0.0
+
+    def stage(self, message: str, work: float = 0.0) -> None:
+        self.done += self.pending
+        self.pending = work
+        elapsed = time.perf_counter() - self.started
+        left = f", about {_clock(elapsed / self.done * max(self.total - self.done, 0))} left" if self.done else ""
+        print(f"cellssl eval: {message} ({_clock(elapsed)} elapsed{left})", file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}" if minutes >= 60 else f"{minutes}:{s:02d}"
+
+
+def _sizes(store: CellStore) -> tuple[int, int]:
+    return tuple(b - a for a, b in (store.split(s) for s in ("train", "test")))
+
+
+def workload(cfg: EvalConfig, store: CellStore, models: int) -> dict[str, float]:
+    """The work of each kind of stage, and the total, for `models` models (Clock's units)."""
+    n_train, n_test = _sizes(store)
+    reps = models + 2 * cfg.baselines
+    work = {"finetune": cfg.finetune_steps * min(cfg.batch_size, n_train) * 3 + n_test,
+            "embed": n_train + n_test, "crossmodal": cfg.crossmodal_steps * min(cfg.batch_size, n_train) * 3 + n_test,
+            "reconstruction": 4 * n_test, "integration": 100_000 + 10 * min(cfg.integration_cells, n_test) * reps,
+            "plots": (10_000 + 6 * min(n_test, 10_000)) * reps}
+    tasks = set(cfg.tasks)
+    work["total"] = (work["finetune"] * (models + cfg.baselines) * ("cell_type" in tasks) + work["embed"] * reps
+                     + work["crossmodal"] * (models + cfg.baselines) * ("cross_modality" in tasks)
+                     + work["reconstruction"] * reps * ("reconstruction" in tasks)
+                     + work["integration"] * ("integration" in tasks) + work["plots"] * cfg.plots)
+    return work
+
+
 class _Run:
     """What every task of one evaluation shares: the store, the representations and their test/train embeddings."""
 
@@ -39,23 +82,23 @@ class _Run:
         self.reps = [ModelRepresentation(path, name) for name, path in cfg.models.items()]
         for rep in self.reps:
             rep.check(store)
+        self.work = workload(cfg, store, len(self.reps))
+        self.clock = Clock(self.work["total"])
         self.pca = PCARepresentation(store, seed=cfg.seed)
         self.finetuned: dict[str, Path] = {}
         if cfg.baselines:
-            _stage("baseline: the supervised model from scratch (fine-tuning protocol)")
+            self.clock.stage("baseline: the supervised model from scratch (fine-tuning protocol)",
+                             self.work["finetune"])
             self.finetuned[NO_PRETRAINING] = celltype.finetune(store, cfg.label, out / "no_pretraining", None,
                                                                cfg.finetune_steps, cfg.batch_size, cfg.seed,
                                                                cfg.precision)
             scratch = ModelRepresentation(self.finetuned[NO_PRETRAINING], NO_PRETRAINING)
             scratch.kind = "baseline"
             self.reps += [self.pca, scratch]
-        _stage(f"embedding the train and test cells with {len(self.reps)} representation(s)")
+        self.clock.stage(f"embedding the train and test cells with {len(self.reps)} representation(s)",
+                         self.work["embed"] * len(self.reps))
         self.z = {rep.name: {s: rep.embed(store, s) for s in ("train", "test")} for rep in self.reps}
         self.y = {s: labels(store, cfg.label, s) for s in ("train", "test")}
-
-
-def _stage(message: str) -> None:
-    print(f"cellssl eval: {message}", file=sys.stderr, flush=True)
 
 
 def cell_type(run: _Run, results: dict) -> None:
@@ -67,7 +110,7 @@ def cell_type(run: _Run, results: dict) -> None:
             "linear_probe": celltype.linear_probe(zr["train"], y["train"], zr["test"], y["test"], names, cfg.seed),
             "knn": celltype.knn(zr["train"], y["train"], zr["test"], y["test"], names, cfg.knn)}
         if rep.kind == "model":
-            _stage(f"fine-tuning {rep.name}")
+            run.clock.stage(f"fine-tuning {rep.name}", run.work["finetune"])
             run.finetuned[rep.name] = celltype.finetune(run.store, cfg.label, run.out / "finetune" / rep.name,
                                                         rep.path, cfg.finetune_steps, cfg.batch_size, cfg.seed,
                                                         cfg.precision)
@@ -123,6 +166,13 @@ def integration_task(run: _Run, results: dict) -> None:
                                                      unintegrated, run.cfg.integration_cells, run.cfg.seed)
 
 
+def _task_work(run: _Run, task: str) -> float:
+    """A task's own work (its fine-tunings announce theirs)."""
+    trained = sum(r.kind == "model" for r in run.reps) + run.cfg.baselines
+    return {"reconstruction": run.work["reconstruction"] * len(run.reps), "integration": run.work["integration"],
+            "cross_modality": run.work["crossmodal"] * trained}.get(task, 0.0)
+
+
 TASK_RUNNERS = {"cell_type": cell_type, "reconstruction": reconstruction, "cross_modality": cross_modality,
                 "integration": integration_task}
 
@@ -137,16 +187,17 @@ def evaluate(cfg: EvalConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     run = _Run(cfg, store, out)
     results: dict = {"store": str(store.path), "label": cfg.label, "config": asdict(cfg), "skipped": {},
-                     "representations": {r.name: {"kind": r.kind, "path": str(r.path or "")}
+                     "representations": {r.name: {"kind": r.kind, "path": str(r.path or ""), "trained": r.trained,
+                                                  "objective": r.config.objective.name if r.config else "pca"}
                                          for r in run.reps}}
     tasks = [t for t in TASKS if t in cfg.tasks]
     for i, task in enumerate(tasks, 1):
-        _stage(f"[{i}/{len(tasks)}] {task.replace('_', ' ')}")
+        run.clock.stage(f"[{i}/{len(tasks)}] {task.replace('_', ' ')}", _task_work(run, task))
         TASK_RUNNERS[task](run, results)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(report.markdown(results))
     if cfg.plots:
-        _stage("plots")
+        run.clock.stage("plots", run.work["plots"])
         names = store.categories[cfg.label]
         batches = labels(store, cfg.batch, "test") if cfg.batch in store.categories else None
         results["plots"] = report.plots(results, {r: v["test"] for r, v in run.z.items()}, run.y["test"], names,
