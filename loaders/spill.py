@@ -38,15 +38,25 @@ class Spill:
             lo, hi = elem_offsets[a], elem_offsets[b]
             self.append(int(buckets[a]), rows[a:b], {k: v[lo:hi] for k, v in elems.items()})
 
+    def rows(self, bucket: int) -> np.ndarray:
+        """A bucket's row records."""
+        path = self._file(bucket, "rows")
+        return np.fromfile(path, dtype=self.row_dtype) if path.exists() else np.zeros(0, self.row_dtype)
+
+    def read(self, bucket: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """A bucket whole: its row records and element arrays (the files stay: several readers may need them)."""
+        elems = {}
+        for field, dtype in self.elem_dtypes.items():
+            path = self._file(bucket, field)
+            elems[field] = np.fromfile(path, dtype=dtype) if path.exists() else np.zeros(0, dtype)
+        return self.rows(bucket), elems
+
     def pop(self, bucket: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Read a bucket back whole and delete its files (scratch space shrinks as the output grows)."""
-        out = {}
-        for field, dtype in (("rows", self.row_dtype), *self.elem_dtypes.items()):
-            path = self._file(bucket, field)
-            out[field] = np.fromfile(path, dtype=dtype) if path.exists() else np.zeros(0, dtype)
-            path.unlink(missing_ok=True)
-        rows = out.pop("rows")
-        return rows, out
+        rows, elems = self.read(bucket)
+        for field in ("rows", *self.elem_dtypes):
+            self._file(bucket, field).unlink(missing_ok=True)
+        return rows, elems
 
 
 def disk_error(path: Path, exc: OSError) -> InputError:

@@ -27,7 +27,11 @@ FORMAT_VERSION = 2  # 2: obs.parquet checksum in the attributes
 VALUE_KINDS = ("counts", "log1p_10k")
 TARGET_SUM = 10_000  # "log1p_10k": log1p of each cell's counts normalised to this total (scTab's values)
 SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
 CATEGORIES_KEY = b"cellssl.categories"
+MAX_METADATA_BYTES = 1 << 20  # a zarr.json cellssl writes is a few kB
+MAX_INDPTR_RATIO = 8           # decoded ÷ stored bytes of X/indptr: real offsets compress about 3×
 _DATA_DTYPES = {"float32", "uint16", "uint32"}
 _INDEX_DTYPES = {"uint16", "int32"}
 
@@ -65,75 +69,44 @@ def index_fill_value(dtype: np.dtype) -> int:
     return 65535 if np.dtype(dtype) == np.uint16 else -1
 
 
-class _Appender:
-    """Buffers a growing 1-D zarr array and writes it in whole `unit`s, so no shard is ever rewritten."""
-
-    def __init__(self, array: zarr.Array, unit: int):
-        self.array, self.unit = array, unit
-        self.parts: list[np.ndarray] = []
-        self.buffered = 0
-        self.written = 0
-
-    def append(self, values: np.ndarray) -> None:
-        if len(values):
-            self.parts.append(np.ascontiguousarray(values, dtype=self.array.dtype))
-            self.buffered += len(values)
-        if self.buffered >= self.unit:
-            self._write(self.buffered // self.unit * self.unit)
-
-    def close(self) -> None:
-        self._write(self.buffered)
-
-    def _write(self, n: int) -> None:
-        if n == 0:
-            return
-        flat = np.concatenate(self.parts) if len(self.parts) > 1 else self.parts[0]
-        self.array.resize((self.written + n,))
-        self.array[self.written:self.written + n] = flat[:n]
-        self.written += n
-        rest = flat[n:]
-        self.parts, self.buffered = ([rest] if len(rest) else []), len(rest)
-
-
 class CellStoreWriter:
-    """Writes a store at `path` (normally a temporary name; the caller renames it once verified)."""
+    """Writes a store of `n_cells` rows and `nnz` values at `path` (normally a temporary name; the caller renames it
+    once verified). The arrays are created at their final sizes, so values can be written shard by shard by several
+    processes (`write_values`), each shard by exactly one: the bytes do not depend on how many wrote them."""
 
     def __init__(self, path: str | Path, genes: GeneSpace, value_kind: str, data_dtype, obs_schema: pa.Schema,
-                 categories: dict[str, list[str]], layout: Layout = Layout()):
+                 categories: dict[str, list[str]], n_cells: int, nnz: int, layout: Layout = Layout()):
         if value_kind not in VALUE_KINDS:
             raise ValueError(f"value_kind must be one of {VALUE_KINDS}, not {value_kind!r}")
         self.path, self.genes, self.value_kind, self.layout = Path(path), genes, value_kind, layout
+        self.n_cells, self.nnz = n_cells, nnz
         self.group = zarr.open_group(str(self.path), mode="w-", zarr_format=3)
         x = self.group.create_group("X")
         idx_dtype, data_dtype = index_dtype(len(genes)), np.dtype(data_dtype)
 
-        def array(name, dtype, chunk, shard, fill):
-            return x.create_array(name, shape=(0,), dtype=dtype, chunks=(chunk,), shards=shard and (shard,),
+        def array(name, size, dtype, chunk, shard, fill):
+            return x.create_array(name, shape=(size,), dtype=dtype, chunks=(chunk,), shards=shard and (shard,),
                                   compressors=layout.compressors(dtype), fill_value=fill)
 
-        self.indptr = _Appender(array("indptr", np.int64, layout.indptr_chunk, None, -1), layout.indptr_chunk)
-        self.indices = _Appender(array("indices", idx_dtype, layout.chunk, layout.shard, index_fill_value(idx_dtype)),
-                                 layout.shard)
-        self.data = _Appender(array("data", data_dtype, layout.chunk, layout.shard, 0), layout.shard)
-        self.indptr.append(np.zeros(1, np.int64))
-        self.n_cells, self.nnz = 0, 0
+        self.indptr = array("indptr", n_cells + 1, np.int64, layout.indptr_chunk, None, -1)
+        array("indices", nnz, idx_dtype, layout.chunk, layout.shard, index_fill_value(idx_dtype))
+        array("data", nnz, data_dtype, layout.chunk, layout.shard, 0)
         meta = {CATEGORIES_KEY: json.dumps(categories).encode()}
         self.obs_schema = obs_schema.with_metadata(meta)
         self.obs_writer = pq.ParquetWriter(self.path / "obs.parquet", self.obs_schema, compression="zstd")
         genes.to_frame().to_parquet(self.path / "var.parquet", index=False)
 
-    def append(self, row_nnz: np.ndarray, indices: np.ndarray, data: np.ndarray, obs: pa.Table) -> None:
-        """Append rows in store order: per-row nonzero counts, their gene indices and values, and obs rows."""
-        self.indptr.append(self.nnz + np.cumsum(row_nnz, dtype=np.int64))
-        self.indices.append(indices)
-        self.data.append(data)
+    def write_obs(self, obs: pa.Table) -> None:
+        """The next obs rows, in store order."""
         self.obs_writer.write_table(obs.cast(self.obs_schema))
-        self.n_cells += len(row_nnz)
-        self.nnz += len(indices)
+
+    def write_offsets(self, indptr: np.ndarray) -> None:
+        if indptr.shape != (self.n_cells + 1,) or indptr[-1] != self.nnz:
+            raise ValueError(f"offsets of {len(indptr) - 1} rows ending at {indptr[-1]}; the store has {self.n_cells} "
+                             f"rows and {self.nnz} values (internal error)")
+        self.indptr[:] = indptr
 
     def finish(self, splits: dict[str, tuple[int, int]], shuffle_seed: int, source: str, extra: dict | None = None):
-        for appender in (self.indptr, self.indices, self.data):
-            appender.close()
         self.obs_writer.close()
         self.group.attrs.update({
             "format": FORMAT,
@@ -150,6 +123,14 @@ class CellStoreWriter:
             "layout": {"chunk": self.layout.chunk, "shard": self.layout.shard, "codec": self.layout.codec},
             **(extra or {}),
         })
+
+
+def write_values(path: Path, start: int, indices: np.ndarray, data: np.ndarray) -> None:
+    """Values [start, start + len(indices)) of the store being written at `path`, from any process. Whole shards only
+    (`start` a multiple of the shard size, the end one too or the array's end), so that no shard has two writers."""
+    for name, values in (("indices", indices), ("data", data)):
+        array = zarr.open_array(str(Path(path) / "X" / name), mode="r+")
+        array[start:start + len(values)] = values
 
 
 def file_checksum(path: Path) -> str:
@@ -173,6 +154,7 @@ class CellStore:
         if not (self.path / "zarr.json").is_file():
             _fail(self.path, "not a cell store (no zarr.json)" if self.path.exists() else "no such store",
                   "pass the path of a directory written by `cellssl convert` or `cellssl synth`")
+        self._check_metadata_sizes()
         try:
             self.group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
             attrs = dict(self.group.attrs)
@@ -228,6 +210,7 @@ class CellStore:
             if arr.shape != (self.nnz,):
                 _fail(self.path / "X" / arr.basename, f"length {arr.shape[0]}, expected nnz = {self.nnz}")
         self._check_chunk_files(indptr)  # before decoding: sizes the header claims must exist on disk
+        self._check_indptr_size(indptr)
         self.indptr = self._decode(indptr, 0, self.n_cells + 1)
         if self.indptr[0] != 0 or self.indptr[-1] != self.nnz:
             _fail(self.path / "X/indptr", f"starts at {self.indptr[0]} and ends at {self.indptr[-1]}; expected 0 "
@@ -240,6 +223,23 @@ class CellStore:
                 bounds[i][1] != bounds[i + 1][0] for i in range(len(bounds) - 1)):
             _fail(self.path / "zarr.json", f"splits {self.splits} do not tile [0, {self.n_cells})")
 
+    def _check_metadata_sizes(self) -> None:
+        """Metadata is read whole: a zarr.json of more than MAX_METADATA_BYTES is a crafted one, not ours."""
+        for meta in [self.path / "zarr.json", *(self.path / "X").glob("**/zarr.json")]:
+            if meta.is_file() and meta.stat().st_size > MAX_METADATA_BYTES:
+                _fail(meta, f"{meta.stat().st_size:,} bytes of metadata; cellssl writes a few kB")
+
+    def _check_indptr_size(self, indptr: zarr.Array) -> None:
+        """Before indptr is decoded whole: its claimed size must be what its chunk files can hold. Real offsets
+        compress about threefold; a header claiming hundreds of millions of cells over files of zeros (which
+        compress a thousandfold) would otherwise make opening allocate gigabytes."""
+        folder = self.path / "X" / "indptr" / "c"
+        on_disk = sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) if folder.is_dir() else 0
+        claimed = 8 * (self.n_cells + 1)
+        if claimed > MAX_INDPTR_RATIO * on_disk + (1 << 20):
+            _fail(self.path / "X/indptr", f"claims {self.n_cells:,} cells ({claimed:,} bytes of offsets) in "
+                  f"{on_disk:,} bytes of chunks: no real store compresses that far")
+
     def _check_chunk_files(self, indptr: zarr.Array) -> None:
         # zarr reads a missing chunk as fill_value; a deleted shard must be an error, not a run of zeros. Checked
         # before anything is decoded, so a header claiming more than the files hold allocates nothing.
@@ -251,13 +251,19 @@ class CellStore:
                     _fail(folder / str(i), "chunk file missing")
 
     def _validate_tables(self) -> None:
-        for name, rows in (("obs.parquet", self.n_cells), ("var.parquet", self.n_genes)):
+        for name, rows, per_row in (("obs.parquet", self.n_cells, 4096), ("var.parquet", self.n_genes, 1024)):
             try:
-                n = pq.ParquetFile(self.path / name).metadata.num_rows
+                meta = pq.ParquetFile(self.path / name).metadata
             except Exception as exc:
                 _fail(self.path / name, f"missing or unreadable ({exc})")
-            if n != rows:
-                _fail(self.path / name, f"{n} rows, expected {rows}")
+            if meta.num_rows != rows:
+                _fail(self.path / name, f"{meta.num_rows} rows, expected {rows}")
+            # what reading it will allocate, as its metadata says (column data, then the schema's own metadata)
+            unpacked = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+            limit = MAX_METADATA_BYTES * 64 + per_row * rows
+            if unpacked > limit or meta.serialized_size > limit:
+                _fail(self.path / name, f"unpacks to {max(unpacked, meta.serialized_size):,} bytes for {rows:,} rows "
+                      f"(at most {limit:,} is believable)")
         if self.genes.checksum() != self.attrs.get("var_checksum"):
             _fail(self.path / "var.parquet", "gene ids do not match var_checksum in zarr.json")
         if file_checksum(self.path / "obs.parquet") != self.attrs.get("obs_checksum"):
@@ -315,9 +321,27 @@ class CellStore:
     FINGERPRINT = ("n_cells", "n_genes", "nnz", "value_kind", "splits", "shuffle_seed", "var_checksum",
                    "obs_checksum")
 
-    def fingerprint(self) -> dict:
-        """The attributes that make two stores the same data, whatever path each is opened from."""
-        return {k: self.attrs.get(k) for k in self.FINGERPRINT}
+    def fingerprint(self, values: bool = False) -> dict:
+        """The attributes that make two stores the same data, whatever path each is opened from; with `values`, also
+        `values_checksum`, which reads every chunk's checksum (what a resume compares: a store whose values changed
+        since is not the data the run trained on)."""
+        found = {k: self.attrs.get(k) for k in self.FINGERPRINT}
+        return {**found, "values_checksum": self.values_checksum()} if values else found
+
+    def values_checksum(self) -> str:
+        """sha256 over the crc32c of every chunk of X/indices and X/data (4 bytes read per chunk)."""
+        import hashlib
+
+        from .chunks import ShardedArray
+
+        digest = hashlib.sha256()
+        for name in ("indices", "data"):
+            array = ShardedArray(self.path / "X" / name)
+            try:
+                digest.update(array.chunk_checksums())
+            finally:
+                array.close()
+        return digest.hexdigest()
 
     @cached_property
     def checksum(self) -> str:
@@ -327,11 +351,20 @@ class CellStore:
         return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()
 
     def read_rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """CSR triple of rows [start, stop): indptr rebased to 0, gene indices, values (store dtypes)."""
+        """CSR triple of rows [start, stop): indptr rebased to 0, gene indices, values (store dtypes). Decoded by the
+        loader's own chunk reader (loaders/chunks.py), so reading and full validation check what streaming checks."""
+        from .chunks import ShardedArray
+
         if not 0 <= start <= stop <= self.n_cells:
             raise IndexError(f"rows [{start}, {stop}) outside [0, {self.n_cells})")
         lo, hi = int(self.indptr[start]), int(self.indptr[stop])
-        indices, data = self._decode(self._indices, lo, hi), self._decode(self._data, lo, hi)
+        ranges = np.array([[lo, hi]], np.int64)
+        arrays = [ShardedArray(self.path / "X" / name) for name in ("indices", "data")]
+        try:
+            indices, data = (a.read(ranges) for a in arrays)
+        finally:
+            for a in arrays:
+                a.close()
         if len(indices) and (indices.max() >= self.n_genes or (indices.dtype.kind == "i" and indices.min() < 0)):
             _fail(self.path / "X/indices", f"gene index out of range [0, {self.n_genes}) in rows [{start}, {stop})")
         return self.indptr[start:stop + 1] - lo, indices, data

@@ -32,22 +32,34 @@ def synth(dst: str | Path, n_cells: int, fmt: str = "cellstore", seed: int = 0, 
     """Write a synthetic atlas of `n_cells` as a cell store, an .h5ad or an scTab-layout directory. `datasets` and
     `draw` carve stores with a shift out of one atlas (e.g. an auxiliary store from datasets 0–9 and a target from
     10–11); `split_options` (val_frac, test_frac) go to the conversion."""
-    from .convert import convert, resolve_genes
+    from .convert import convert, destination_lock, resolve_genes
+
+    dst = Path(dst)
+    if not dst.parent.is_dir():
+        from .errors import InputError
+
+        raise InputError(dst, "its parent folder does not exist", "create it first")
+    space = resolve_genes(genes, GeneSpace.default())
+    config = SyntheticConfig(seed=seed, datasets=tuple(datasets) if datasets is not None else None, draw=draw)
+    with destination_lock(dst):  # one writer: the conversion, and the truth written into the store after it
+        if fmt == "cellstore":
+            source = SyntheticSource(n_cells, config, space)
+            convert(source, dst, overwrite=overwrite, seed=seed, progress=progress, lock=False, **split_options)
+            source.atlas.write_truth(dst / "synthetic_truth")
+            return dst
+        if fmt not in ("h5ad", "sctab-parquet"):
+            raise ValueError(f"unknown format {fmt!r}: choose cellstore, h5ad or sctab-parquet")
+        _check_replaceable(dst, fmt, overwrite)
+        _write_peer_format(SyntheticAtlas(config, space), n_cells, dst, fmt, progress, split_options)
+    return dst
+
+
+def _write_peer_format(atlas: SyntheticAtlas, n_cells: int, dst: Path, fmt: str, progress: bool,
+                       split_options: dict) -> None:
+    """An .h5ad or scTab-layout folder written under a temporary name, then renamed into place."""
     from .store import remove_tree
     from .writers import write_h5ad, write_sctab
 
-    dst = Path(dst)
-    space = resolve_genes(genes, GeneSpace.default())
-    config = SyntheticConfig(seed=seed, datasets=tuple(datasets) if datasets is not None else None, draw=draw)
-    if fmt == "cellstore":
-        source = SyntheticSource(n_cells, config, space)
-        convert(source, dst, overwrite=overwrite, seed=seed, progress=progress, **split_options)
-        source.atlas.write_truth(dst / "synthetic_truth")
-        return dst
-    if fmt not in ("h5ad", "sctab-parquet"):
-        raise ValueError(f"unknown format {fmt!r}: choose cellstore, h5ad or sctab-parquet")
-    _check_replaceable(dst, fmt, overwrite)
-    atlas = SyntheticAtlas(config, space)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     try:
         (write_h5ad if fmt == "h5ad" else write_sctab)(atlas, n_cells, tmp, progress=progress, **split_options)
@@ -61,4 +73,3 @@ def synth(dst: str | Path, n_cells: int, fmt: str = "cellstore", seed: int = 0, 
             remove_tree(tmp)
         elif tmp.exists():
             tmp.unlink()
-    return dst

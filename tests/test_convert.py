@@ -1,6 +1,8 @@
 """Round trips: every value and label read back from the store equals the source (after gene alignment)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -157,7 +159,7 @@ def make_anndata_split(path) -> np.ndarray:
 
 def test_bounded_buckets_still_exact(tmp_path, counts, monkeypatch):
     """Many tiny scratch buckets (as a huge atlas would have) give the same store as one bucket."""
-    import cellssl.loaders.convert as conv
+    import cellssl.loaders.passes as conv
 
     make_anndata(counts).write_h5ad(tmp_path / "in.h5ad")
     one = convert(open_source("h5ad", tmp_path / "in.h5ad"), tmp_path / "one", genes="keep", progress=False)
@@ -215,16 +217,38 @@ def test_log1p_per_another_total_is_rescaled_to_10k(tmp_path, counts):
     np.testing.assert_allclose(got, np.log1p(expected), rtol=1e-5, atol=1e-5)
 
 
+def same_bytes(a: Path, b: Path) -> bool:
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    return files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()) and all(
+        (a / f).read_bytes() == (b / f).read_bytes() for f in files)
+
+
 def test_sctab_conversion_in_parallel_is_byte_identical(tmp_path):
-    """`--workers 2` splits the first pass over runs of part files; the store is the same bytes as with one."""
+    """Every pass split over worker processes (reading runs of part files; writing and verifying many small shards):
+    the store is the same bytes as with one."""
+    from cellssl.loaders.store import Layout
     from cellssl.loaders.synth import synth
 
     src = synth(tmp_path / "merlin", 700, "sctab-parquet", progress=False)
     source = open_source("sctab", src)
     assert len(source.partitions(2)) == 2 and source.partitions(2)[-1][1] == source.n_cells
-    one = convert(source, tmp_path / "one.cellstore", progress=False, workers=1)
-    two = convert(open_source("sctab", src), tmp_path / "two.cellstore", progress=False, workers=2)
-    files = sorted(p.relative_to(one.path) for p in one.path.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(two.path) for p in two.path.rglob("*") if p.is_file())
-    assert all((one.path / f).read_bytes() == (two.path / f).read_bytes() for f in files)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merlin", "one.cellstore", "two.cellstore"]
+    small = Layout(chunk=1024, shard=8192, indptr_chunk=128)  # ~170 shards: tasks of several shards each
+    one = convert(source, tmp_path / "one.cellstore", progress=False, workers=1, layout=small)
+    three = convert(open_source("sctab", src), tmp_path / "three.cellstore", progress=False, workers=3, layout=small)
+    assert len(list((one.path / "X" / "data" / "c").iterdir())) > 100
+    assert same_bytes(one.path, three.path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merlin", "one.cellstore", "three.cellstore"]
+
+
+def test_h5ad_conversion_in_parallel_is_byte_identical(tmp_path, counts):
+    """A CSR h5ad is read in row ranges by several workers; a CSC one is read whole: both as with one worker."""
+    from cellssl.loaders.store import Layout
+
+    small = Layout(chunk=64, shard=512, indptr_chunk=32)
+    make_anndata(counts).write_h5ad(tmp_path / "csr.h5ad")
+    stores = [convert(open_source("h5ad", tmp_path / "csr.h5ad"), tmp_path / f"csr-{w}", genes="keep",
+                      progress=False, workers=w, layout=small) for w in (1, 2)]
+    assert same_bytes(stores[0].path, stores[1].path)
+    assert len(open_source("h5ad", tmp_path / "csr.h5ad").partitions(2)) == 2
+    make_anndata(counts.tocsc()).write_h5ad(tmp_path / "csc.h5ad")
+    assert len(open_source("h5ad", tmp_path / "csc.h5ad").partitions(2)) == 1

@@ -47,6 +47,14 @@ class Source:
         """Rows in source order; `scratch` is a private folder for formats that must transpose."""
         raise NotImplementedError
 
+    def spec(self) -> tuple[type, tuple, dict]:
+        """(class, args, kwargs) that open this source again in another process."""
+        return type(self), (self.path,), {}
+
+    def columns(self) -> list[str]:
+        """The obs columns `column` can read (what --split-by may name)."""
+        return []
+
     def column(self, name: str) -> np.ndarray:
         """One obs column for the whole source, as labels (used by --split-by)."""
         raise InputError(self.path, f"this format has no obs column {name!r} to split by",

@@ -43,7 +43,7 @@ def _choose_matrix(f: h5py.File, layer: str, path: Path) -> tuple[str, str]:
 class H5adSource(Source):
     def __init__(self, path: str | Path, layer: str = "auto", value_kind: str | None = None):
         path = Path(path)
-        self.file = open_h5(path)
+        self.file, self.layer = open_h5(path), layer
         self.element, var_element = _choose_matrix(self.file, layer, path)
         try:
             var = read_elem(self.file[var_element])
@@ -70,6 +70,7 @@ class H5adSource(Source):
         """obsm matrices of paired measurements (e.g. obsm["protein"]), as float32 columns KEY_NAME; embeddings
         (X_pca, X_umap, …) are not measurements and stay behind. Names come from a DataFrame's columns, else
         uns["KEY_names"], else KEY_0, KEY_1, …"""
+        self.notes: list[str] = []  # what was left out or is incomplete, for the conversion's report
         if "obsm" not in self.file:
             return {}
         kept = {}
@@ -83,7 +84,13 @@ class H5adSource(Source):
                                  "current anndata") from exc
             frame = value if isinstance(value, pd.DataFrame) else pd.DataFrame(np.asarray(value))
             if frame.ndim != 2 or len(frame) != n_cells or not all(map(pd.api.types.is_numeric_dtype, frame.dtypes)):
+                self.notes.append(f"left out obsm['{key}'] ({len(frame)} rows for {n_cells} cells)" if
+                                  len(frame) != n_cells else f"left out obsm['{key}'] (not numeric)")
                 continue
+            bad = int((~np.isfinite(frame.to_numpy(np.float64))).sum())
+            if bad:
+                self.notes.append(f"obsm['{key}'] holds {bad} NaN/infinite values, kept as they are (cross-modality "
+                                  "evaluation refuses cells with them)")
             names = list(map(str, frame.columns))
             if not isinstance(value, pd.DataFrame) and f"uns/{key}_names" in self.file:
                 listed = [v.decode() if isinstance(v, bytes) else str(v) for v in self.file[f"uns/{key}_names"][()]]
@@ -93,8 +100,8 @@ class H5adSource(Source):
         return kept
 
     def report(self) -> str:
-        return "; ".join(f"kept obsm['{k}'] ({f.shape[1]} columns) as obs columns {k}_*"
-                         for k, f in self.paired.items())
+        return "; ".join([f"kept obsm['{k}'] ({f.shape[1]} columns) as obs columns {k}_*"
+                          for k, f in self.paired.items()] + self.notes)
 
     def _encoding(self, path: Path) -> str:
         if isinstance(self.x, h5py.Dataset):
@@ -112,6 +119,9 @@ class H5adSource(Source):
             return tuple(int(s) for s in self.x.shape)
         return tuple(int(s) for s in self.x.attrs.get("shape", self.x.attrs.get("h5sparse_shape")))
 
+    def columns(self) -> list[str]:
+        return [str(c) for c in self._labels.columns]
+
     def column(self, name: str) -> np.ndarray:
         if name not in self._labels:
             raise InputError(f"{self.path}:obs", f"no column {name!r}", f"choose from {list(self._labels.columns)}")
@@ -120,22 +130,49 @@ class H5adSource(Source):
     def describe(self) -> str:
         return f"h5ad:{self.path.name}:{self.element}"
 
-    def chunks(self, scratch: Path) -> Iterator[RowChunk]:
+    def spec(self) -> tuple[type, tuple, dict]:
+        return type(self), (self.path,), {"layer": self.layer, "value_kind": self.value_kind}
+
+    def partitions(self, n: int) -> list[tuple[int, int]]:
+        """Row ranges with about the same number of values each (CSR) or rows (dense), read independently; a CSC
+        matrix is read whole (its rows are scattered over the file: one transposition)."""
+        if self.encoding == "csc" or n <= 1 or self.n_cells < 2:
+            return [(0, self.n_cells)]
         if self.encoding == "dense":
-            step = max(1, ELEMENTS_PER_CHUNK // max(len(self.genes), 1))
-            for start in range(0, self.n_cells, step):
-                block = self.x[start:start + step]
-                yield RowChunk(start, *dense_to_csr(block), slice_obs(self.obs_arrays, start, start + step))
-        elif self.encoding == "csr":
-            indptr = self.x["indptr"][:].astype(np.int64)
-            for start, stop in _blocks(indptr, ELEMENTS_PER_CHUNK):
-                lo, hi = indptr[start], indptr[stop]
-                yield RowChunk(start, indptr[start:stop + 1] - lo, self.x["indices"][lo:hi], self.x["data"][lo:hi],
-                               slice_obs(self.obs_arrays, start, stop))
+            cuts = np.linspace(0, self.n_cells, n + 1).round().astype(int)
         else:
+            indptr = self.x["indptr"][:].astype(np.int64)
+            cuts = np.searchsorted(indptr, np.linspace(0, indptr[-1], n + 1), side="left").clip(0, self.n_cells)
+        bounds = sorted({0, self.n_cells, *map(int, cuts)})
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def chunks_in(self, scratch: Path, start: int, stop: int) -> Iterator[RowChunk]:
+        if self.encoding == "csc":
+            yield from super().chunks_in(scratch, start, stop)
+        else:
+            yield from self._rows(start, stop)
+
+    def chunks(self, scratch: Path) -> Iterator[RowChunk]:
+        if self.encoding == "csc":
             yield from rows_from_triplets(self._csc_triplets(), self.n_cells, scratch,
                                           rows_per_block=max(1024, self.n_cells // 64), obs=self.obs_arrays,
                                           data_dtype=self.x["data"].dtype)
+        else:
+            yield from self._rows(0, self.n_cells)
+
+    def _rows(self, first: int, last: int) -> Iterator[RowChunk]:
+        """Rows [first, last) of a dense or CSR matrix, in blocks of about ELEMENTS_PER_CHUNK stored values."""
+        if self.encoding == "dense":
+            step = max(1, ELEMENTS_PER_CHUNK // max(len(self.genes), 1))
+            for start in range(first, last, step):
+                stop = min(start + step, last)
+                yield RowChunk(start, *dense_to_csr(self.x[start:stop]), slice_obs(self.obs_arrays, start, stop))
+            return
+        indptr = self.x["indptr"][first:last + 1].astype(np.int64)
+        for a, b in _blocks(indptr, ELEMENTS_PER_CHUNK):
+            lo, hi = indptr[a], indptr[b]
+            yield RowChunk(first + a, indptr[a:b + 1] - lo, self.x["indices"][lo:hi], self.x["data"][lo:hi],
+                           slice_obs(self.obs_arrays, first + a, first + b))
 
     def _csc_triplets(self):
         indptr = self.x["indptr"][:].astype(np.int64)
