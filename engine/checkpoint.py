@@ -72,8 +72,10 @@ class Checkpointer:
     checks of config and store); its state travels in DeepSpeed's client state under its name, and parts are
     restored in the order they were registered."""
 
-    def __init__(self, engine, folder: Path):
-        self.engine, self.folder, self.parts = engine, Path(folder), {}
+    def __init__(self, engine, folder: Path, records: dict[str, str] | None = None):
+        """`records`: text files rank 0 writes into every checkpoint's folder beside DeepSpeed's (file name → text),
+        for readers that must not unpickle the checkpoint to learn what it holds."""
+        self.engine, self.folder, self.parts, self.records = engine, Path(folder), {}, records or {}
 
     def register(self, name: str, part) -> None:
         if name in self.parts:
@@ -82,7 +84,11 @@ class Checkpointer:
 
     def save(self, step: int) -> None:
         client = {name: part.state_dict() for name, part in self.parts.items()}
-        self.engine.save_checkpoint(str(self.folder), tag=f"step{step:08d}", client_state=client)
+        tag = f"step{step:08d}"
+        self.engine.save_checkpoint(str(self.folder), tag=tag, client_state=client)
+        if self.engine.global_rank == 0:
+            for name, text in self.records.items():
+                (self.folder / tag / name).write_text(text)
 
     def load(self) -> None:
         """Restore the engine and every part from the newest complete checkpoint."""
@@ -189,13 +195,19 @@ def load_model(path: str | Path) -> dict:
     try:
         names = json.loads(meta["gene_names"]) if "gene_names" in meta else None
         trained = json.loads(meta["trained"]) if "trained" in meta else None
-        return {"config": meta["config"], "gene_ids": json.loads(meta["gene_ids"]), "gene_names": names,
+        return {"path": path, "config": meta["config"], "gene_ids": json.loads(meta["gene_ids"]), "gene_names": names,
                 "trained": trained, "state_dict": load_file(str(path))}
     except (SafetensorError, OSError, KeyError, ValueError) as exc:
         raise InputError(path, f"not a readable model file ({str(exc)[:200]})", unreadable) from None
 
 
-def upgrade_model(old: str | Path, new: str | Path | None = None) -> Path:
+def architecture(model_config: dict) -> str:
+    """A model config's widths, as a person reads them: 512-512-256-256 → 64."""
+    hidden = model_config.get("hidden", ())
+    return f"{'-'.join(map(str, hidden))} → {model_config.get('latent')}"
+
+
+def upgrade_model(old: str | Path, new: str | Path | None = None, overwrite: bool = False) -> Path:
     """Convert a cellssl < 0.2 `model.pt` (config, gene ids and weights pickled by torch) to model.safetensors;
     it is read with the restricted unpickler, so even this step runs no code from the file."""
     old = Path(old)
@@ -206,11 +218,18 @@ def upgrade_model(old: str | Path, new: str | Path | None = None) -> Path:
         raise InputError(old, "not a cellssl model (it lacks config, gene_ids or state_dict)",
                          "pass a model.pt written by cellssl < 0.2")
     new = Path(new) if new else old.with_name(MODEL_FILE)
+    if (new.exists() or new.is_symlink()) and not overwrite:
+        raise InputError(new, "already exists", "pass --overwrite to replace it, or name another output")
     from safetensors.torch import save_file
 
     meta = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "config": saved["config"],
             "gene_ids": json.dumps([str(g) for g in saved["gene_ids"]])}
-    save_file({k: v.contiguous() for k, v in saved["state_dict"].items()}, str(new), metadata=meta)
+    tmp = new.with_name(f".{new.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.contiguous() for k, v in saved["state_dict"].items()}, str(tmp), metadata=meta)
+        os.replace(tmp, new)
+    finally:
+        tmp.unlink(missing_ok=True)
     return new
 
 

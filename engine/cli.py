@@ -62,8 +62,9 @@ def _add_convert(sub) -> None:
                    help="target gene space: 'default' (19,350 reference genes), 'keep' (the source's own), a cell "
                         "store or a gene-list file (default: 'keep' for sctab, 'default' otherwise)")
     p.add_argument("--split-by", help="obs column holding train/val/test (h5ad)")
-    p.add_argument("--val-frac", type=_fraction, default=0.1)
-    p.add_argument("--test-frac", type=_fraction, default=0.1)
+    p.add_argument("--val-frac", type=_fraction, default=None,
+                   help="share of cells drawn for validation (default 0.1, when the source has no split of its own)")
+    p.add_argument("--test-frac", type=_fraction, default=None, help="share drawn for testing (default 0.1)")
     p.add_argument("--layer", default="auto", help="h5ad matrix: auto, X, counts, raw or a layer name")
     p.add_argument("--value-kind", choices=["auto", "counts", "log1p_10k"], default="auto")
     p.add_argument("--seed", type=_at_least(0), default=0, help="seed of the split assignment and the in-split shuffle")
@@ -99,8 +100,8 @@ def _add_embed(sub) -> None:
     p = _command(sub, "embed", "write embeddings of every cell of a store, in its source's cell order and "
                  "under its cell names (parquet, or obsm of an .h5ad)")
     p.add_argument("model", help="a model written by a recipe (model.safetensors), or its run folder")
-    p.add_argument("store")
-    p.add_argument("out", help="OUT.parquet (obs columns + z0…) or OUT.h5ad (obsm['X_cellssl'])")
+    p.add_argument("store", help="a cell store ('default': the embedded synthetic store)")
+    p.add_argument("out", help="OUT.parquet (cell_id, obs columns, z0…) or OUT.h5ad (obsm['X_cellssl'])")
     p.add_argument("--batch-size", type=_at_least(1), default=8192)
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
@@ -116,6 +117,7 @@ def _add_upgrade(sub) -> None:
                        "torch's restricted unpickler: no code in the file runs)")
     p.add_argument("model", help="the old model.pt")
     p.add_argument("out", nargs="?", help="where to write (default: model.safetensors beside it)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
 
 
 def _add_eval(sub) -> None:
@@ -179,14 +181,14 @@ def run_plot(args) -> None:
 def run_upgrade(args) -> None:
     from .checkpoint import upgrade_model
 
-    print(f"wrote {upgrade_model(args.model, args.out)}", file=sys.stderr)
+    print(f"wrote {upgrade_model(args.model, args.out, args.overwrite)}", file=sys.stderr)
 
 
 def run_embed(args) -> None:
     from .embed import check_output, embed, write_embeddings
 
     check_output(args.out, args.overwrite)
-    embeddings, obs = embed(args.model, args.store, args.batch_size)
+    embeddings, obs = embed(args.model, default_store() if args.store == "default" else args.store, args.batch_size)
     write_embeddings(embeddings, obs, args.out)
     print(f"wrote {args.out}: {embeddings.shape[0]:,} cells x {embeddings.shape[1]} dimensions", file=sys.stderr)
 

@@ -52,35 +52,79 @@ def quiet_deepspeed() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+RENDEZVOUS_SECONDS = int(os.environ.get("CELLSSL_RENDEZVOUS_TIMEOUT", "600"))
+
+
+def _integer(key: str) -> int | None:
+    text = os.environ.get(key)
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError(f"{key}={text!r}", "is not an integer", "unset it, or launch with the deepspeed "
+                         "launcher, which sets it") from None
+
+
+def check_environment() -> tuple[int, int]:
+    """(rank, world size) from the environment, refused up front when they cannot describe a job that will ever
+    start: a rank outside the world, one of RANK/WORLD_SIZE without the other, several ranks but no address to meet
+    at. A one-process run has neither (leftover values from another job's shell are the usual cause)."""
+    rank, world, local = _integer("RANK"), _integer("WORLD_SIZE"), _integer("LOCAL_RANK")
+    fix = ("for one process unset RANK, WORLD_SIZE and LOCAL_RANK; for several, start them with the deepspeed "
+           "launcher (deepspeed --num_gpus N …)")
+    if (rank is None) != (world is None):
+        raise InputError("RANK/WORLD_SIZE", f"only {'RANK' if world is None else 'WORLD_SIZE'} is set", fix)
+    rank, world = (0, 1) if rank is None else (rank, world)
+    if world < 1 or not 0 <= rank < world or (local is not None and local < 0):
+        raise InputError("RANK/WORLD_SIZE/LOCAL_RANK", f"rank {rank} of world size {world} (local rank {local}) "
+                         "cannot exist", fix)
+    if world > 1 and "MASTER_ADDR" not in os.environ:
+        raise InputError("MASTER_ADDR", f"unset, but WORLD_SIZE is {world}: the ranks have nowhere to meet", fix)
+    return rank, world
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """(global rank, world size, this rank's device), the process group initialised (once per process)."""
+    rank, world = check_environment()
     if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", "29500")):
+    for key, value in (("RANK", str(rank)), ("WORLD_SIZE", str(world)), ("LOCAL_RANK", "0"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
         os.environ.setdefault(key, value)
     quiet_deepspeed()
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if not torch.distributed.is_initialized():
         announce_op_build(rank)
-        _init_group()
+        if world > 1 and rank == 0:
+            print(f"cellssl: waiting for {world} ranks at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+                  f"(up to {RENDEZVOUS_SECONDS} s)", file=sys.stderr, flush=True)
+        _init_group(world)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         return rank, world, torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return rank, world, torch.device("cpu")
 
 
-def _init_group() -> None:
+def _init_group(world: int) -> None:
+    """DeepSpeed's process group; the rendezvous waits at most RENDEZVOUS_SECONDS (CELLSSL_RENDEZVOUS_TIMEOUT)."""
     import contextlib
+    import datetime
     import io
 
     import deepspeed
 
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # "… shm_comm_op built successfully" on every start
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    except Exception as exc:  # torch raises several types; the message says which port
-        if "EADDRINUSE" in str(exc) or "address already in use" in str(exc).lower():
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                       timeout=datetime.timedelta(seconds=RENDEZVOUS_SECONDS))
+    except Exception as exc:  # torch raises several types; the message says which
+        text = str(exc).lower()
+        if "eaddrinuse" in text or "address already in use" in text:
             raise InputError(f"MASTER_PORT={os.environ['MASTER_PORT']}", "port already in use (another run?)",
                              "set MASTER_PORT (or the launcher's --master_port) to a free port") from None
+        if "timed out" in text or "timeout" in text:
+            raise InputError(f"rendezvous at {where}", f"not all {world} ranks arrived within {RENDEZVOUS_SECONDS} s",
+                             "start every rank with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE (the deepspeed "
+                             "launcher does), or raise CELLSSL_RENDEZVOUS_TIMEOUT") from None
         raise

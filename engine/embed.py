@@ -41,15 +41,20 @@ def load_autoencoder(model: str | Path | dict) -> tuple[AutoEncoder, list[str], 
     """The exported model's autoencoder (`model`: its path, or what load_model read from it); its decoder only where
     the objective trained one (BYOL, Barlow Twins and classifiers have none worth reconstructing with)."""
     saved = model if isinstance(model, dict) else load_model(model)
-    cfg = TrainConfig.from_dict(json.loads(saved["config"]))
-    autoencoder = AutoEncoder(len(saved["gene_ids"]), cfg.model)
-    autoencoder.encoder.load_state_dict(encoder_state(saved))
-    prefix = "autoencoder.decoder."
-    decoder = {k[len(prefix):]: v for k, v in saved["state_dict"].items() if k.startswith(prefix)}
-    if decoder and cfg.objective.name in TRAINED_DECODER:
-        autoencoder.decoder.load_state_dict(decoder)
-    else:
-        autoencoder.decoder = None
+    try:
+        cfg = TrainConfig.from_dict(json.loads(saved["config"]))
+        autoencoder = AutoEncoder(len(saved["gene_ids"]), cfg.model)
+        autoencoder.encoder.load_state_dict(encoder_state(saved))
+        prefix = "autoencoder.decoder."
+        decoder = {k[len(prefix):]: v for k, v in saved["state_dict"].items() if k.startswith(prefix)}
+        if decoder and cfg.objective.name in TRAINED_DECODER:
+            autoencoder.decoder.load_state_dict(decoder)
+        else:
+            autoencoder.decoder = None
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:  # crafted or damaged metadata
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise InputError(saved["path"], f"its weights and its config disagree ({first})", "use a model.safetensors "
+                         "a cellssl run exported, unmodified") from None
     return autoencoder.eval(), list(saved["gene_ids"]), cfg
 
 

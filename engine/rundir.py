@@ -10,8 +10,10 @@ from pathlib import Path
 
 from cellssl.loaders import CellStore, InputError
 
+from .checkpoint import latest_tag
 from .config import TrainConfig
 
+LOCK_FILE = ".lock"  # held by the run writing the folder (loaders/lock.py)
 # what a run writes into its folder (--overwrite removes these and nothing else)
 RUN_FILES = ("config.json", "log.jsonl", "checkpoints", "model.safetensors", "model.pt", "tensorboard", "csv_monitor")
 RUN_GLOBS = ("trace-rank*.jsonl", ".model.safetensors.tmp-*")
@@ -43,6 +45,15 @@ def check_start(cfg: TrainConfig) -> None:
                          "choose another --out")
 
 
+def check_no_links(out: Path) -> None:
+    """A run writes its own files only: a symbolic link where one of them goes (a log pointing at someone's file, a
+    checkpoints folder pointing elsewhere) is refused, not written through."""
+    for path in [out / name for name in RUN_FILES] + [p for g in RUN_GLOBS for p in out.glob(g)]:
+        if path.is_symlink():
+            raise InputError(path, "is a symbolic link: a run writes only its own files, never through a link",
+                             "remove the link (or choose another --out)")
+
+
 def clear(out: Path) -> None:
     """--overwrite: remove the previous run's files (only those a run writes; anything else stays)."""
     for name in RUN_FILES:
@@ -66,27 +77,61 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+RECORD = "config.json"  # also written into every checkpoint's folder: the config the run trained with
+
+
+def _differences(a: dict, b: dict) -> list[str]:
+    """Keys whose values differ, but for what a resume may change and what is compared otherwise (the data by
+    fingerprint; the folder is where the run is, wherever it has been moved)."""
+    return [k for k in sorted(set(a) | set(b))
+            if k.split(".")[0] not in RESUMABLE_FIELDS and k not in ("data", "out") and a.get(k) != b.get(k)]
+
+
+def _parsed(path: Path, text: str) -> dict:
+    try:
+        return _flatten(json.loads(text))
+    except (ValueError, AttributeError) as exc:
+        raise InputError(path, f"is not a readable run config ({exc})", "restore it from the checkpoint's copy "
+                         "(checkpoints/<latest>/config.json), or start a new run in another --out") from None
+
+
+def trained_config(out: Path) -> str:
+    """The config the run in `out` trained with: the latest checkpoint's record of it, which the folder's config.json
+    (a copy for people to read) must still match."""
+    mine, tag = out / "config.json", latest_tag(out / "checkpoints")
+    record = out / "checkpoints" / tag / RECORD if tag else None
+    if record is None or not record.is_file():  # a checkpoint of an older cellssl: config.json is all there is
+        if not mine.is_file():
+            raise InputError(mine, "missing, and the checkpoint records no config", "start the run again with "
+                             "--overwrite, or in another --out")
+        return mine.read_text()
+    if mine.is_file() and (diff := _differences(_parsed(mine, mine.read_text()), _parsed(record, record.read_text()))):
+        raise InputError(mine, f"was edited after the run started ({diff[0]} differs from the checkpoint's record "
+                         f"{record})", f"restore it (cp {record} {mine}) and resume with the run's own settings: only "
+                         "--max-steps, the logging, validation and checkpoint cadence and --input may change")
+    return record.read_text()
+
+
 def check_config(cfg: TrainConfig, saved_json: str, out: Path) -> None:
-    """A resume continues the same experiment: the config it was started with, but for RESUMABLE_FIELDS. Checked
-    before DeepSpeed loads anything, so another architecture is one line, not a shape error."""
-    saved = _flatten(json.loads(saved_json))
-    now = _flatten(json.loads(cfg.to_json()))
-    for key in sorted(set(saved) | set(now)):
-        if key.split(".")[0] in RESUMABLE_FIELDS or key == "data":  # data: compared by fingerprint (check_store)
-            continue
-        if saved.get(key) != now.get(key):
-            raise InputError(f"{out}: {key}", f"the run was started with {saved.get(key)!r}, this resume asks for "
-                             f"{now.get(key)!r}", "resume with the run's own settings (only --max-steps and the "
-                             "logging and checkpoint cadence may change), or start a new run in another --out")
+    """A resume continues the same experiment: the config it was started with, but for RESUMABLE_FIELDS (and the
+    folder, which may have moved). Checked before DeepSpeed loads anything, so another architecture is one line,
+    not a shape error."""
+    saved, now = _parsed(out / "checkpoints", saved_json), _flatten(json.loads(cfg.to_json()))
+    for key in _differences(saved, now)[:1]:
+        raise InputError(f"{out}: {key}", f"the run was started with {saved.get(key)!r}, this resume asks for "
+                         f"{now.get(key)!r}", "resume with the run's own settings (only --max-steps, the logging, "
+                         "validation and checkpoint cadence and --input may change), or start a new run in another "
+                         "--out")
 
 
-def check_store(store: CellStore, saved: dict | None, out: Path) -> None:
-    """A resume continues on the same data: the checkpoint's store fingerprint is this store's."""
-    if saved is None:
-        raise InputError(out / "checkpoints", "the checkpoint records no store fingerprint (written by an older "
+def check_store(store: CellStore, saved: dict | None, out: Path, now: dict | None = None) -> None:
+    """A resume continues on the same data: the checkpoint's store fingerprint (values included) is this store's."""
+    if saved is None or "values_checksum" not in saved:
+        raise InputError(out / "checkpoints", "the checkpoint records no full store fingerprint (written by an older "
                          "cellssl)", "start the run again with --overwrite")
-    for key in CellStore.FINGERPRINT:
-        if saved.get(key) != store.attrs.get(key):
+    now = now or store.fingerprint(values=True)
+    for key in now:
+        if saved.get(key) != now.get(key):
             raise InputError(store.path, f"is not the data this run trained on: {key} was {saved.get(key)!r}, is "
-                             f"{store.attrs.get(key)!r}", "resume with the run's own --data, or start a new run in "
-                             "another --out")
+                             f"{now.get(key)!r}", "resume with the run's own --data, or start a new run in another "
+                             "--out")

@@ -66,6 +66,30 @@ def class_weights(store: CellStore, label: str, n_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def load_pretrained_encoder(objective: Objective, saved: dict, cfg: TrainConfig) -> None:
+    """The pretrained encoder's weights into this run's encoder, which must have its architecture."""
+    import json
+    from dataclasses import asdict
+
+    from .checkpoint import architecture, encoder_state
+
+    try:
+        theirs = json.loads(saved["config"])["model"]
+    except (ValueError, KeyError, TypeError):
+        theirs = {}
+    mine = asdict(cfg.model)
+    if [theirs.get("hidden") and list(theirs["hidden"]), theirs.get("latent")] != [list(mine["hidden"]),
+                                                                                     mine["latent"]]:
+        raise InputError(f"--init-encoder {cfg.init_encoder}", f"the pretrained encoder is {architecture(theirs)}, "
+                         f"this run's {architecture(mine)}", "fine-tune with the pretrained model's widths (--hidden "
+                         "and --latent as it was trained), or pretrain the architecture you want")
+    try:
+        objective.encoder.load_state_dict(encoder_state(saved))
+    except RuntimeError as exc:
+        raise InputError(saved["path"], f"its encoder weights do not fit its config ({str(exc).splitlines()[0][:200]})",
+                         "use a model.safetensors a cellssl run exported, unmodified") from None
+
+
 def build_objective(cfg: TrainConfig, store: CellStore) -> Objective:
     o, g = cfg.objective, store.n_genes
     if o.name not in OBJECTIVES:
@@ -100,12 +124,12 @@ def build_objective(cfg: TrainConfig, store: CellStore) -> Objective:
         raise ValueError(f"precision must be 'fp32' or 'bf16', not {cfg.precision!r}")
     objective.compute_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
     if cfg.init_encoder:
-        from .checkpoint import encoder_state, load_model
+        from .checkpoint import load_model
 
         saved = load_model(cfg.init_encoder)
         if list(saved["gene_ids"]) != list(store.genes.gene_id):
             raise InputError(cfg.init_encoder, "the pretrained model's genes differ from the store's",
                              "convert the store with --genes PRETRAINING_STORE so both share one gene space")
-        objective.encoder.load_state_dict(encoder_state(saved))
+        load_pretrained_encoder(objective, saved, cfg)
     return objective
 

@@ -21,6 +21,7 @@ import torch
 from torch.profiler import record_function
 
 from cellssl.loaders import BatchStream, CellStore, InputError
+from cellssl.loaders.lock import FolderLock
 from cellssl.loaders.synthetic import default_store
 
 from . import checkpoint, optim, rundir
@@ -180,23 +181,43 @@ class Trainer:
                 loss, metrics = self.engine(fed.x, fed.labels, step * len(batch) + i)
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise NonFiniteLoss(f"loss is {value} at step {step}; stopping with the last good checkpoint "
+                raise NonFiniteLoss(f"loss is {value} at step {step + 1}; stopping with the last good checkpoint "
                                     f"in {Path(self.cfg.out) / 'checkpoints'} intact (lower the learning rate, or "
                                     "check the data)")
             with record_function("backward"):
                 self.engine.backward(loss)
             with record_function("optimizer step"):
-                self.engine.step()  # steps only at the last micro-batch (DeepSpeed counts them)
+                self._optimizer_step(step)
             for key, v in {**metrics, "loss": value}.items():
                 totals[key] = totals.get(key, 0.0) + float(v)
         with record_function("after step"):
             self.objective.after_step()
         return {key: v / len(batch) for key, v in totals.items()}
 
+    def _optimizer_step(self, step: int) -> None:
+        """DeepSpeed's step (only at the last micro-batch: it counts them); an absurd learning rate that overflows
+        the update's arithmetic is the user's setting, said in one line."""
+        try:
+            self.engine.step()
+        except RuntimeError as exc:
+            if "overflow" not in str(exc):
+                raise
+            raise NonFiniteLoss(f"the optimiser's update overflowed at step {step + 1} ({str(exc).splitlines()[0]}); "
+                                f"lower the learning rate (--lr {self.cfg.lr:g})") from None
+
     # --- the loop ------------------------------------------------------------------------------------------------
     def train(self) -> Path:
         """Train to `max_steps` (resuming or starting the run folder as the config says); returns the model path."""
-        cfg, out = self.cfg, Path(self.cfg.out)
+        out = Path(self.cfg.out)
+        lock = self._lock(out)
+        try:
+            return self._train(out)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self, out: Path) -> Path:
+        cfg = self.cfg
         saver = self._checkpointer(out)
         self._open_run(out, saver)
         log = self._log(out)
@@ -211,20 +232,44 @@ class Trainer:
                 if self.validator is not None and self.validator.due(step):
                     self._validate(log, step, last.epoch, out)
                 if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                    self._check_weights(step)  # a checkpoint is only ever a good one
                     saver.save(step)
                 if step >= cfg.max_steps:
                     break
         finally:
             log.close()
         if self.rank == 0 and (self.validator is None or self.validator.select == "last"):
+            self._check_weights(self.progress.step)
             self._export(out / checkpoint.MODEL_FILE)
         return out / checkpoint.MODEL_FILE
 
+    def _lock(self, out: Path) -> FolderLock | None:
+        """Rank 0 holds the run folder's lock for the whole run; every rank learns whether it got it, so a second
+        run into the folder ends at once, on all its ranks, before anything is read or written."""
+        lock, problem = None, None
+        if self.rank == 0:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                lock = FolderLock(out / rundir.LOCK_FILE, "a training run").acquire()
+                rundir.check_no_links(out)
+            except InputError as exc:
+                problem = exc
+        if self.world > 1:
+            shared = [None if problem is None else (problem.where, problem.problem, problem.fix)]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            problem = InputError(*shared[0]) if shared[0] is not None else None
+        if problem is not None:
+            if lock is not None:
+                lock.release()
+            raise problem
+        return lock
+
     def _checkpointer(self, out: Path) -> checkpoint.Checkpointer:
-        saver = checkpoint.Checkpointer(self.engine, out / "checkpoints")
+        saver = checkpoint.Checkpointer(self.engine, out / "checkpoints", {rundir.RECORD: self.cfg.to_json()})
         saver.register("config", _Check(self.cfg.to_json(), lambda saved: rundir.check_config(self.cfg, saved, out)))
-        saver.register("store", _Check(self.store.fingerprint(), lambda saved: rundir.check_store(self.store, saved,
-                                                                                                   out)))
+        fingerprint = self.store.fingerprint(values=True)
+        saver.register("store", _Check(fingerprint, lambda saved: rundir.check_store(self.store, saved, out,
+                                                                                      fingerprint)))
         saver.register("stream", self.position)
         saver.register("progress", self.progress)
         if self.validator is not None:
@@ -255,8 +300,20 @@ class Trainer:
                       self.engine.monitor if self.cfg.monitor != "none" else None, self.cfg.trace,
                       self.flops_per_cell, peak)
 
+    def _check_weights(self, step: int) -> None:
+        """Finite losses can still leave non-finite weights (an update that overflows): stop before they are saved."""
+        bad = [n for n, p in self.objective.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        if bad:
+            raise NonFiniteLoss(f"weights became non-finite at step {step} ({bad[0]}{' and others' * (len(bad) > 1)});"
+                                f" stopping with the last good checkpoint in {Path(self.cfg.out) / 'checkpoints'} "
+                                "intact (lower the learning rate)")
+
     def _validate(self, log: RunLog, step: int, epoch: int, out: Path) -> None:
         scores = self.validator(self.engine)
+        if not math.isfinite(scores["val_loss"]):
+            raise NonFiniteLoss(f"validation loss is {scores['val_loss']} at step {step}; stopping with the last good "
+                                f"checkpoint in {out / 'checkpoints'} intact and no model exported from it (lower the "
+                                "learning rate, or check the data)")
         improved = self.validator.improved(scores)
         if improved and self.rank == 0:
             self._export(out / checkpoint.MODEL_FILE)
@@ -282,5 +339,5 @@ def train(cfg: TrainConfig) -> Path:
     """Check the run folder (before any rank writes or anything heavy starts), then train; the model's path."""
     rundir.check_start(cfg)
     if cfg.resume:  # before DeepSpeed loads anything: another architecture is one line, not a shape error
-        rundir.check_config(cfg, (Path(cfg.out) / "config.json").read_text(), Path(cfg.out))
+        rundir.check_config(cfg, rundir.trained_config(Path(cfg.out)), Path(cfg.out))
     return Trainer(cfg).train()

@@ -85,6 +85,7 @@ class SourceRows:
             if chunk.start != seen or chunk.start + len(chunk) > stop:
                 raise InputError(self.source.describe(), f"rows out of order or beyond the declared "
                                  f"{self.source.n_cells} cells", "the source file is inconsistent; re-export it")
+            self._check_structure(chunk)
             self._check_values(chunk)
             if self.kind is None:
                 self.kind = decide_value_kind(self.requested, self.source, chunk)
@@ -105,6 +106,32 @@ class SourceRows:
         gene = self.source.genes.gene_id[int(chunk.indices[pos])]
         raise InputError(self.source.describe(), f"{problem} at cell {chunk.start + row} (source order), gene {gene}",
                          fix)
+
+    def _check_structure(self, chunk: RowChunk) -> None:
+        """The CSR as stated: offsets from 0 rising to the number of values, gene columns in range, no gene twice in
+        a row. A malformed matrix is refused, never repaired (dropping or summing entries would change the data)."""
+        indptr, indices, n_genes = chunk.indptr, np.asarray(chunk.indices), len(self.source.genes)
+        fix = "re-export the matrix with anndata (adata.X.check_format(), sum_duplicates()) or from its source"
+        if indptr[0] != 0 or indptr[-1] != len(indices) or len(np.asarray(chunk.data)) != len(indices) or \
+                np.any(np.diff(indptr) < 0):
+            raise InputError(self.source.describe(), f"malformed rows {chunk.start}–{chunk.start + len(chunk) - 1} "
+                             "(source order): row offsets (indptr) do not rise from 0 to the number of values", fix)
+        if not len(indices):
+            return
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= n_genes:
+            pos = int(np.argmax((indices < 0) | (indices >= n_genes)))
+            raise InputError(self.source.describe(), f"gene column {int(indices[pos])} outside [0, {n_genes}) at cell "
+                             f"{chunk.start + int(np.searchsorted(indptr, pos, side='right') - 1)} (source order)", fix)
+        rows = np.repeat(np.arange(len(chunk), dtype=np.int64), np.diff(indptr))
+        keys = rows * n_genes + indices
+        if not np.all(keys[1:] > keys[:-1]):  # unsorted rows are fine; a gene twice in one row is not
+            ordered = np.sort(keys)
+            twice = np.flatnonzero(ordered[1:] == ordered[:-1])
+            if len(twice):
+                row, gene = divmod(int(ordered[twice[0]]), n_genes)
+                raise InputError(self.source.describe(), f"cell {chunk.start + row} (source order) lists gene "
+                                 f"{self.source.genes.gene_id[gene]} more than once (duplicate entries)", fix)
 
     def _check_values(self, chunk: RowChunk) -> None:
         data = np.asarray(chunk.data)

@@ -115,12 +115,12 @@ def test_synth_overwrite_replaces_only_its_own_outputs(tmp_path):
 
 
 def test_disk_full_leaves_nothing(tmp_path, counts, monkeypatch):
-    from cellssl.loaders import store as store_module
+    from cellssl.loaders import passes
 
-    def full(self, n):
+    def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_module._Appender, "_write", full)
+    monkeypatch.setattr(passes, "write_values", full)  # the store's values, shard by shard
     with pytest.raises(InputError, match="disk full while converting; nothing was kept"):
         convert_h5ad(tmp_path, counts)
     assert leftovers(tmp_path) == []
@@ -145,7 +145,7 @@ def test_interrupted_conversion_leaves_no_store(tmp_path, counts, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(conv, "_write_pass", boom)
+    monkeypatch.setattr(conv, "write_and_verify", boom)
     with pytest.raises(KeyboardInterrupt):
         convert_h5ad(tmp_path, counts)
     assert leftovers(tmp_path) == []
@@ -262,7 +262,7 @@ def test_corrupted_chunk(store_path):
     raw = bytearray(shard.read_bytes())
     raw[len(raw) // 3] ^= 0xFF
     shard.write_bytes(bytes(raw))
-    with pytest.raises(CellStoreError, match="X/data: elements .* cannot be decoded .* damaged"):
+    with pytest.raises(CellStoreError, match="X/data/c/0: chunk 0 (checksum mismatch|cannot be decoded).* damaged"):
         CellStore(store_path, validate="full")
 
 
@@ -300,29 +300,43 @@ def test_unsorted_indices_within_a_row(store_path):
 
 # --- interrupted conversions -----------------------------------------------------------------------------
 
-def _start_conversion(dst, cells=40_000):
+def _default_signals():
+    """In the child: Ctrl-C handled as in a terminal, even when the suite runs as a background job (which ignores
+    SIGINT, and a process started with SIGINT ignored would never see it)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _start_conversion(dst, cells=40_000, args=None):
     import subprocess
     import sys
 
-    return subprocess.Popen([sys.executable, "-m", "cellssl.engine.cli", "synth", str(dst), "--cells", str(cells),
-                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = args or ["synth", str(dst), "--cells", str(cells), "--quiet"]
+    return subprocess.Popen([sys.executable, "-m", "cellssl.engine.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
 
 
-def _wait_for_scratch(folder, proc, name):
+def _wait_for(folder, proc, name, what="scratch"):
+    """Until the conversion into `name` is in its phase `what`: reading ("scratch") or writing the store ("tmp")."""
     import time
 
     deadline = time.monotonic() + 120
-    while not any(p.name.startswith(f".{name}.scratch-") for p in folder.iterdir()):
+    found = lambda: [p for p in folder.iterdir() if p.name.startswith(f".{name}.{what}-")]  # noqa: E731
+    while not (found() and (what != "tmp" or (found()[0] / "X" / "data").is_dir())):
         assert proc.poll() is None and time.monotonic() < deadline, "the conversion ended before it was interrupted"
-        time.sleep(0.05)
+        time.sleep(0.02)
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-def test_a_signalled_conversion_removes_its_temporary_files(tmp_path, sig):
+_wait_for_scratch = _wait_for
+
+
+@pytest.mark.parametrize("sig,phase", [("SIGTERM", "scratch"), ("SIGINT", "scratch"), ("SIGINT", "tmp")])
+def test_a_signalled_conversion_removes_its_temporary_files(tmp_path, sig, phase):
     import signal
 
     proc = _start_conversion(tmp_path / "a.cellstore")
-    _wait_for_scratch(tmp_path, proc, "a.cellstore")
+    _wait_for(tmp_path, proc, "a.cellstore", phase)
     proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted; nothing partial was kept" in err and "Traceback" not in err
@@ -347,6 +361,42 @@ def test_leftovers_of_a_killed_conversion_are_removed_by_the_next(tmp_path):
     with contextlib.redirect_stderr(err):
         assert main(["synth", str(tmp_path / "a.cellstore"), "--cells", "300", "--quiet"]) == 0
     assert all(f"removed {tmp_path / name}, left by an interrupted conversion (process {proc.pid})" in err.getvalue()
-               for name in left)
+               for name in left if not name.endswith(".lock"))  # a dead process's lock is simply taken over
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.cellstore"]
     assert CellStore(tmp_path / "a.cellstore").n_cells == 300
+
+
+def test_ctrl_c_stops_the_worker_processes_too(tmp_path):
+    """A conversion reading with worker processes, interrupted: the workers are stopped (not left running until
+    their part is done) and nothing stays behind."""
+    import signal
+
+    from cellssl.loaders.synth import synth
+
+    synth(tmp_path / "big.h5ad", 20_000, "h5ad", progress=False)
+    proc = _start_conversion(None, args=["convert", "h5ad", str(tmp_path / "big.h5ad"), str(tmp_path / "b"),
+                                         "--workers", "2", "--quiet"])
+    _wait_for(tmp_path, proc, "b", "scratch")
+    import time
+
+    time.sleep(3)  # the workers are reading
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.h5ad"]
+
+
+def test_a_second_writer_of_a_destination_is_refused(tmp_path, counts, capsys):
+    """One conversion (or synth) into a destination at a time: the lock names the holder; it dies with it."""
+    import os
+
+    from cellssl.engine.cli import main
+    from cellssl.loaders.convert import destination_lock
+
+    make_anndata(counts).write_h5ad(tmp_path / "in.h5ad")
+    with destination_lock(tmp_path / "out"):
+        assert main(["convert", "h5ad", str(tmp_path / "in.h5ad"), str(tmp_path / "out"), "--quiet"]) == 2
+        assert f"is being written by process {os.getpid()}" in capsys.readouterr().err
+        assert main(["synth", str(tmp_path / "out"), "--cells", "100", "--quiet"]) == 2
+    assert main(["convert", "h5ad", str(tmp_path / "in.h5ad"), str(tmp_path / "out"), "--quiet"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "out"]

@@ -128,7 +128,8 @@ def test_cellssl_eval_end_to_end(small_store, tmp_path):
         assert np.isfinite(value)
     table = (out / "results.md").read_text()
     assert "| mae |" in table and "PCA *(baseline)*" in table and "scIB total" in table
-    assert "Per-class F1 on the test split" in table and "| cell type | test cells | mae | PCA | no pretraining |" in table
+    assert "Per-class F1 on the test split" in table and ("| cell type | test cells | mae (fine-tuned) | PCA (linear "
+                                                          "probe) | no pretraining (fine-tuned) |") in table
     assert {p.name for p in (out / "plots").iterdir()} == {"umap_mae.png", "umap_PCA.png",
                                                          "umap_no_pretraining.png", "per_class_f1.png"}
 

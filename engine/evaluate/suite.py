@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from cellssl.loaders import CellStore, InputError
+from cellssl.loaders.lock import FolderLock
 
 from ..models import AutoEncoder, ModelConfig
 from . import celltype, crossmodal, integration, report
@@ -181,10 +182,15 @@ def evaluate(cfg: EvalConfig) -> dict:
     store = CellStore(cfg.data)
     _check(cfg, store)
     out = Path(cfg.out)
-    if (out / "results.json").exists() and not cfg.overwrite:
-        raise InputError(out, "already holds evaluation results", "pass --overwrite to replace them, or choose "
-                         "another --out")
     out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out / ".lock", "an evaluation"):
+        if (out / "results.json").exists() and not cfg.overwrite:
+            raise InputError(out, "already holds evaluation results", "pass --overwrite to replace them, or choose "
+                             "another --out")
+        return _evaluate(cfg, store, out)
+
+
+def _evaluate(cfg: EvalConfig, store: CellStore, out: Path) -> dict:
     run = _Run(cfg, store, out)
     results: dict = {"store": str(store.path), "label": cfg.label, "config": asdict(cfg), "skipped": {},
                      "representations": {r.name: {"kind": r.kind, "path": str(r.path or ""), "trained": r.trained,
