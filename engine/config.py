@@ -68,6 +68,9 @@ class TrainConfig:
                      choices=("csr", "dense"))
     precision: str = opt("fp32", "fp32, or bf16 matmuls under autocast (fp32 weights, optimiser and loss)",
                          choices=("fp32", "bf16"))
+    resident: str = opt("auto", "hold each rank's share of the data in memory after one read (on the GPU, or in "
+                        "RAM) and draw batches there in a uniform order; auto: where it fits, else stream from disk",
+                        choices=("auto", "off", "host", "device"))
     max_steps: int = opt(1000, "optimiser steps to train for", check=at_least(1))
     seed: int = opt(0, "seed of the weights, the data order and every mask and view", check=at_least(0))
     log_every: int = opt(10, "steps between log lines", check=at_least(1))

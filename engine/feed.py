@@ -6,6 +6,8 @@
   CUDA stream one batch ahead of the step (double-buffered), and densified on the device by
   `kernels.csr_to_dense`, log1p per 10k fused where the store holds counts: no host-side dense batch exists.
 - dense: the loader densifies on the host (into pinned memory with CUDA); the batch is copied as it is.
+- a shard resident on the device (`--resident`): the batch names rows of the shard, and `kernels.csr_rows_to_dense`
+  densifies them where they lie (log1p per 10k fused for counts): the step needs nothing from the host.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cellssl.kernels import SparseRows
+from cellssl.kernels import SparseRows, csr_rows_to_dense
 from cellssl.loaders import TARGET_SUM, Batch, BatchStream, CellStore
 
 INPUTS = ("csr", "dense")
@@ -42,28 +44,39 @@ class Feed:
         self.input, self.device, self.n_genes = input, torch.device(device), store.n_genes
         self.label = label if label in store.obs_columns else None
         self.on_device = self.input == "csr" and self.device.type == "cuda"
+        self.counts_total = TARGET_SUM if store.value_kind == "counts" else None  # what device densifying needs
         # a GPU step reads copies; the host only waits for the copy of the batch it has read ahead (two held)
         self.held = 2 if self.device.type == "cuda" else kept
         # counts are normalised while densifying on the device: the loader leaves them as stored
         self.target_sum = TARGET_SUM if self.on_device and store.value_kind == "counts" else None
 
     def stream(self, store: CellStore, split: str, batch_size: int, seed: int, rank: int, world: int,
-               **kw) -> BatchStream:
-        """The BatchStream this feed reads (CSR or dense; counts left raw where the GPU normalises them)."""
+               resident: str = "off", reserve: int = 0, **kw) -> BatchStream:
+        """The BatchStream this feed reads (CSR or dense; counts left raw where the GPU normalises them; resident
+        where `resident` says, on this feed's device when it is a GPU)."""
         return BatchStream(store, split, batch_size, seed, rank, world, output="csr" if self.input == "csr" else
                            "dense", normalize=self.target_sum is None, pin_memory=self.device.type == "cuda",
-                           held=self.held, columns=[self.label] if self.label else [], **kw)
+                           held=self.held, columns=[self.label] if self.label else [], resident=resident,
+                           device=self.device if self.device.type == "cuda" or resident == "device" else None,
+                           reserve=reserve, progress=rank == 0, **kw)
 
     def __call__(self, batches):
         """A `Fed` for each loader batch."""
         if self.on_device:
             yield from self._copied_ahead(batches)
-        elif self.input == "csr":
-            for batch in batches:
-                yield self._fed(batch, SparseRows(batch.indptr, batch.indices, batch.data, self.n_genes))
         else:
             for batch in batches:
-                yield self._fed(batch, batch.x.to(self.device, non_blocking=True))
+                yield self._fed(batch, self._input(batch))
+
+    def _input(self, batch: Batch):
+        """The model's input from a batch the host can hand over as it is (no asynchronous copy)."""
+        if batch.resident is not None:
+            shard = batch.resident
+            return csr_rows_to_dense(shard.indptr, shard.indices, shard.data, batch.rows, self.n_genes,
+                                     self.counts_total)
+        if self.input == "csr":
+            return SparseRows(batch.indptr, batch.indices, batch.data, self.n_genes)
+        return batch.x.to(self.device, non_blocking=True)
 
     def _fed(self, batch: Batch, x) -> Fed:
         labels = batch.obs.get(self.label) if self.label else None
@@ -73,6 +86,9 @@ class Feed:
         side = torch.cuda.Stream(self.device)
         pending = None
         for batch in batches:
+            if batch.resident is not None:  # already on the device: nothing to copy ahead
+                yield self._fed(batch, self._input(batch))
+                continue
             with torch.cuda.stream(side):
                 parts = [t.to(self.device, non_blocking=True) for t in (batch.indptr, batch.indices, batch.data)]
                 done = torch.cuda.Event()

@@ -20,7 +20,7 @@ RUN_GLOBS = ("trace-rank*.jsonl", ".model.safetensors.tmp-*")
 # what a user may change when continuing a run: how long it goes on, how often it reports, and how batches reach the
 # model (the same numbers either way)
 RESUMABLE_FIELDS = ("max_steps", "log_every", "val_every", "checkpoint_every", "resume", "overwrite", "trace",
-                    "monitor", "input")
+                    "monitor", "input", "resident")  # resident: the loader's position refuses a change of sampling
 
 
 def holds_run(out: Path) -> bool:

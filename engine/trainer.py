@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,8 +140,11 @@ class Trainer:
         self.store = CellStore(cfg.data or default_store(progress=self.rank == 0))
         torch.manual_seed(cfg.seed)
         self.feed = Feed(cfg.input, self.device, self.store, cfg.objective.label, kept=cfg.gradient_accumulation)
-        self.stream = self.feed.stream(self.store, "train", cfg.batch_size, cfg.seed, self.rank, self.world)
         self.objective = objective if objective is not None else build_objective(cfg, self.store)
+        self.stream = self.feed.stream(self.store, "train", cfg.batch_size, cfg.seed, self.rank, self.world,
+                                       cfg.resident, self._device_reserve())
+        if self.rank == 0:
+            print(f"cellssl: training data {self.stream.residence_reason}", file=sys.stderr, flush=True)
         self.flops_per_cell = flops_per_cell(self.objective, self.store.n_genes)
         params = [p for p in self.objective.parameters() if p.requires_grad]
         factor = optim.schedule(cfg, len(self.stream) / cfg.gradient_accumulation)
@@ -151,12 +155,19 @@ class Trainer:
         self.validator = self._validator()
         self.progress, self.position = Progress(), LoaderPosition(self.stream)
 
+    def _device_reserve(self) -> int:
+        """GPU bytes the step needs beside the data: weights, gradients and AdamW's two moments (4 × 4 bytes a
+        parameter) and a few dense batches' worth of activations and gradients."""
+        params = sum(p.numel() for p in self.objective.parameters())
+        return 16 * params + 6 * 4 * self.cfg.batch_size * self.store.n_genes
+
     def _validator(self) -> Validator | None:
         if "val" not in self.store.splits:
             return None
         start, stop = self.store.split("val")
         batch = max(1, min(self.cfg.batch_size, -(-(stop - start) // self.world)))
-        stream = self.feed.stream(self.store, "val", batch, self.cfg.seed, self.rank, self.world, drop_last=False)
+        stream = self.feed.stream(self.store, "val", batch, self.cfg.seed, self.rank, self.world, self.cfg.resident,
+                                  self._device_reserve(), drop_last=False)
         return Validator(stream, self.feed, self.cfg.val_every, self.cfg.val_batches, self.cfg.max_steps,
                          self.cfg.select)
 

@@ -12,7 +12,26 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .densify import gather_rows, scatter_rows
+from .densify import gather_rows, log1p_per_10k, scatter_rows
+
+
+class _Scratch:
+    """A reused CSR buffer for rows gathered raw, to be normalised before they go into a ring (a resident shard
+    holds counts as stored)."""
+
+    def __init__(self):
+        self.indptr, self.indices, self.values = (np.empty(0, d) for d in (np.int64, np.uint16, np.float32))
+
+    def normalised(self, positions, indptr, indices, values) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows `positions` as a CSR of their own, values log1p per 10,000 (loaders/densify.py, bit for bit)."""
+        nnz = int((indptr[positions + 1] - indptr[positions]).sum())
+        if len(self.indptr) < len(positions) + 1:
+            self.indptr = np.empty(len(positions) + 1, np.int64)
+        if len(self.indices) < nnz or self.indices.dtype != indices.dtype or self.values.dtype != values.dtype:
+            self.indices, self.values = np.empty(nnz + nnz // 4, indices.dtype), np.empty(nnz + nnz // 4, values.dtype)
+        parts = self.indptr[:len(positions) + 1], self.indices[:nnz], self.values[:nnz]
+        gather_rows(positions, indptr, indices, values, *parts)
+        return parts[0], parts[1], log1p_per_10k(parts[0], parts[2])
 
 
 def _empty(shape, dtype, pin: bool) -> torch.Tensor:
@@ -25,14 +44,19 @@ class DenseRing:
 
     def __init__(self, slots: int, batch_size: int, n_genes: int, pin: bool = False):
         self.blocks = _empty((slots, batch_size, n_genes), torch.float32, pin)
+        self.scratch = _Scratch()
 
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def fill(self, slot: int, positions: np.ndarray, indptr: np.ndarray, indices: np.ndarray,
-             values: np.ndarray) -> dict:
-        """Rows `positions` of the CSR (indptr, indices, values) as slot `slot`'s dense batch: {"x": tensor}."""
+    def fill(self, slot: int, positions: np.ndarray, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
+             normalize: bool = False) -> dict:
+        """Rows `positions` of the CSR (indptr, indices, values) as slot `slot`'s dense batch: {"x": tensor}; with
+        `normalize`, counts become log1p per 10,000 on the way."""
         x = self.blocks[slot, :len(positions)]
+        if normalize:
+            indptr, indices, values = self.scratch.normalised(positions, indptr, indices, values)
+            positions = np.arange(len(positions), dtype=np.int64)
         scatter_rows(x.numpy(), positions, indptr, indices, values)
         return {"x": x}
 
@@ -45,7 +69,7 @@ class CsrRing:
     def __init__(self, slots: int, batch_size: int, index_dtype: np.dtype, values_per_row: float, pin: bool = False):
         self.blocks: list[torch.Tensor | None] = [None] * slots
         self.batch_size, self.index_dtype, self.pin = batch_size, np.dtype(index_dtype), pin
-        self.values_per_row = values_per_row
+        self.values_per_row, self.scratch = values_per_row, _Scratch()
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -72,10 +96,13 @@ class CsrRing:
         return (raw[:8 * (rows + 1)].view(np.int64), raw[b:b + self.index_dtype.itemsize * nnz].view(self.index_dtype),
                 raw[a:a + 4 * nnz].view(np.float32))
 
-    def fill(self, slot: int, positions: np.ndarray, indptr: np.ndarray, indices: np.ndarray,
-             values: np.ndarray) -> dict:
+    def fill(self, slot: int, positions: np.ndarray, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
+             normalize: bool = False) -> dict:
         """Rows `positions` of the CSR (indptr, indices, values) gathered into slot `slot`: the batch's indptr,
-        indices and data tensors."""
+        indices and data tensors; with `normalize`, counts become log1p per 10,000 on the way."""
+        if normalize:
+            indptr, indices, values = self.scratch.normalised(positions, indptr, indices, values)
+            positions = np.arange(len(positions), dtype=np.int64)
         nnz = int((indptr[positions + 1] - indptr[positions]).sum())
         parts = self.views(slot, len(positions), nnz)
         gather_rows(positions, indptr, indices, values, *parts)

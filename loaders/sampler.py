@@ -114,3 +114,66 @@ class BlockShuffleSampler:
             group.append((step, rows))
         if group:
             yield group
+
+
+@dataclass(frozen=True)
+class ShardSampler:
+    """Rows [start, stop) of a split for a resident rank: the rank's share is a fixed contiguous part of the split
+    (the converter already shuffled the cells, and each rank reads only its own), and every epoch visits it in a
+    uniform random permutation, a pure function of (seed, epoch, rank). Unlike BlockShuffleSampler, whose blocks
+    keep disk reads contiguous and whose shares change every epoch, a rank here always sees the same cells, in a
+    fully random order; a resume refuses to switch between the two."""
+
+    start: int
+    stop: int
+    batch_size: int = 8192
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    drop_last: bool = True
+
+    kind = "uniform_shard"
+    RESUME_FIELDS = ("seed", "rank", "world_size", "batch_size")
+
+    def __post_init__(self):
+        BlockShuffleSampler(self.start, self.stop, self.batch_size, self.seed, self.rank, self.world_size,
+                            self.drop_last)  # the same checks of rank, batch size and range
+
+    @property
+    def n_cells(self) -> int:
+        return self.stop - self.start
+
+    def identity(self) -> dict:
+        return {"sampler": self.kind, **{k: getattr(self, k) for k in self.RESUME_FIELDS}, "n_cells": self.n_cells}
+
+    def share(self, rank: int | None = None) -> tuple[int, int]:
+        """Store rows [a, b) of `rank`'s (this rank's) share."""
+        rank = self.rank if rank is None else rank
+        n, w = self.n_cells, self.world_size
+        return self.start + rank * n // w, self.start + (rank + 1) * n // w
+
+    def steps(self) -> int:
+        sizes = [b - a for a, b in (self.share(r) for r in range(self.world_size))]
+        return min(sizes) // self.batch_size if self.drop_last else -(-max(sizes) // self.batch_size)
+
+    def __len__(self) -> int:
+        return self.steps()
+
+    def order(self, epoch: int) -> np.ndarray:
+        """This rank's store rows for `epoch`, in the order they are batched (int64)."""
+        a, b = self.share()
+        return a + np.random.default_rng([self.seed, epoch, 2, self.rank]).permutation(b - a).astype(np.int64)
+
+    def batches(self, epoch: int, start_step: int = 0):
+        rows = self.order(epoch)
+        for step in range(start_step, self.steps()):
+            batch = rows[step * self.batch_size:(step + 1) * self.batch_size]
+            if len(batch) == 0:
+                return
+            yield step, batch
+
+    def windows(self, epoch: int, start_step: int = 0):
+        """One window: the whole share is in memory already."""
+        group = list(self.batches(epoch, start_step))
+        if group:
+            yield group

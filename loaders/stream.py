@@ -25,8 +25,9 @@ import torch
 from .chunks import ShardedArray
 from .densify import log1p_per_10k
 from .errors import InputError
+from .resident import ResidentShard, choose
 from .rings import CsrRing, DenseRing
-from .sampler import BlockShuffleSampler
+from .sampler import BlockShuffleSampler, ShardSampler
 from .store import CellStore, open_store
 
 OUTPUTS = ("dense", "csr")
@@ -36,7 +37,8 @@ OUTPUTS = ("dense", "csr")
 class Batch:
     """One batch: `x` dense float32 [n, genes] (output="dense") or the CSR triplet (output="csr": `indptr` int64,
     `indices` the store's index dtype (uint16 up to 65,535 genes), `data` float32), `obs` int64 codes by column,
-    `index` the store rows. `epoch`/`step` say where it sits in the stream."""
+    `index` the store rows. `epoch`/`step` say where it sits in the stream. A device-resident stream's batches carry
+    `rows` and `resident` instead of values (kernels.csr_rows_to_dense densifies them where they are)."""
 
     index: torch.Tensor
     obs: dict[str, torch.Tensor]
@@ -46,6 +48,8 @@ class Batch:
     indptr: torch.Tensor | None = None
     indices: torch.Tensor | None = None
     data: torch.Tensor | None = None
+    rows: torch.Tensor | None = None             # a device-resident batch: its rows of the shard
+    resident: "ResidentShard | None" = field(default=None, repr=False)
     slot: int = field(default=-1, repr=False)
 
     def __len__(self) -> int:
@@ -56,19 +60,22 @@ class _Stop(Exception):
     pass
 
 
-def _sampler(store: CellStore, split: str, sampler, batch_size, seed, rank, world_size, drop_last):
+def _sampler(store: CellStore, split: str, sampler, batch_size, seed, rank, world_size, drop_last, resident: bool):
     """The given sampler, checked against the split, or the default one for the given parameters (exclusive with a
-    sampler, as in torch's DataLoader)."""
+    sampler, as in torch's DataLoader): ShardSampler for a resident stream, BlockShuffleSampler else."""
     start, stop = store.split(split)
     given = {k: v for k, v in dict(batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
                                    drop_last=drop_last).items() if v is not None}
     if sampler is None:
-        return BlockShuffleSampler(start, stop, **{"drop_last": split == "train", **given})
+        return (ShardSampler if resident else BlockShuffleSampler)(start, stop, **{"drop_last": split == "train",
+                                                                                    **given})
     if given:
         raise ValueError(f"pass either a sampler or {sorted(given)}, not both: the sampler holds them")
     if (sampler.start, sampler.stop) != (start, stop):
         raise ValueError(f"the sampler covers rows [{sampler.start}, {sampler.stop}), the {split!r} split "
                          f"[{start}, {stop})")
+    if resident != isinstance(sampler, ShardSampler):
+        raise ValueError("a resident stream samples with ShardSampler, a streaming one with BlockShuffleSampler")
     return sampler
 
 
@@ -77,14 +84,19 @@ class BatchStream:
                  seed: int | None = None, rank: int | None = None, world_size: int | None = None,
                  drop_last: bool | None = None, *, sampler=None, output: str = "dense", columns=None,
                  normalize: bool = True, pin_memory: bool = False, held: int | None = None, prefetch: int = 2,
-                 threads: int = 2):
+                 threads: int = 2, resident: str = "off", device=None, reserve: int = 0, progress: bool = False):
         """`batch_size` (8,192), `seed` (0), `rank` (0) of `world_size` (1) and `drop_last` (for the train split)
         configure the default sampler; or pass `sampler`. `pin_memory`: batches in pinned memory (only where CUDA
-        exists) for an asynchronous copy to the GPU. `held`: how many yielded batches stay valid (see above)."""
+        exists) for an asynchronous copy to the GPU. `held`: how many yielded batches stay valid (see above).
+        `resident`: "off" (stream from disk), "host", "device" (`device`; `reserve`: its bytes the model needs) or
+        "auto" (loaders/resident.py decides; `residence` and `residence_reason` say what it chose)."""
         self.store = open_store(store)
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, not {output!r}")
-        self.sampler = _sampler(self.store, split, sampler, batch_size, seed, rank, world_size, drop_last)
+        self.residence, self.residence_reason = self._residence(split, sampler, resident, batch_size, seed, rank,
+                                                                world_size, drop_last, device, reserve)
+        self.sampler = _sampler(self.store, split, sampler, batch_size, seed, rank, world_size, drop_last,
+                                self.residence != "off")
         self.split, self.output, self.threads, self.prefetch = split, output, max(1, threads), max(1, prefetch)
         self.normalize = normalize and self.store.value_kind == "counts"
         self.pin_memory = pin_memory
@@ -102,6 +114,20 @@ class BatchStream:
         self.epoch, self.step = 0, 0
         self._ring: DenseRing | CsrRing | None = None
         self._held: deque = deque()  # slots of yielded batches the consumer may still read: across passes too
+        self.shard = None
+        if self.residence != "off":
+            target = device if self.residence == "device" else None
+            self.shard = ResidentShard.load(self.store, *self.sampler.share(), target, self.threads, progress)
+            if target is not None:  # the labels on the device too: a batch needs nothing from the host
+                self.obs = {c: torch.from_numpy(v).to(target) for c, v in self.obs.items()}
+
+    def _residence(self, split, sampler, want, batch_size, seed, rank, world_size, drop_last, device,
+                   reserve) -> tuple[str, str]:
+        if want == "off":
+            return "off", "streaming from disk"
+        probe = sampler if isinstance(sampler, ShardSampler) else _sampler(
+            self.store, split, None, batch_size, seed, rank, world_size, drop_last, True)
+        return choose(want, self.store, *probe.share(), device, reserve)
 
     # --- the contract ----------------------------------------------------------------------------------
     @property
@@ -160,6 +186,9 @@ class BatchStream:
         return self._ring
 
     def __iter__(self):
+        if self.residence == "device":
+            yield from self._device_batches()
+            return
         epoch, start = self.epoch, self.step
         ring = self._make_ring()
         stop = threading.Event()
@@ -170,8 +199,9 @@ class BatchStream:
         for slot in range(len(ring)):
             if slot not in self._held:  # the last batches of a previous pass (an epoch's end) stay untouched
                 free.put(slot)
-        workers = [threading.Thread(target=self._guard, args=(self._read_windows, stop, windows, epoch, start,
-                                                              windows, turn), daemon=True),
+        reader = self._resident_windows if self.shard is not None else self._read_windows
+        workers = [threading.Thread(target=self._guard, args=(reader, stop, windows, epoch, start, windows, turn),
+                                    daemon=True),
                    threading.Thread(target=self._guard, args=(self._assemble, stop, batches, ring, windows, batches,
                                                               free, epoch, turn), daemon=True)]
         for w in workers:
@@ -266,9 +296,36 @@ class BatchStream:
             for a in arrays:
                 a.close()
 
+    def _resident_windows(self, stop, epoch: int, start: int, out: queue.Queue, turn: threading.Semaphore) -> None:
+        """The resident shard as one window: nothing to decode; its values are normalised batch by batch."""
+        shard = self.shard
+        rows = np.arange(shard.start, shard.stop, dtype=np.int64)
+        for group in self.sampler.windows(epoch, start):
+            self._acquire(turn, stop)
+            self._put(out, (group, rows, shard.indptr, shard.indices, shard.data), stop)
+
+    def _device_batches(self):
+        """Batches of a shard on the device: a uniform permutation per epoch copied there once, each batch a slice
+        of it. Nothing is assembled here: `rows` and `resident` tell the consumer what to densify
+        (kernels.csr_rows_to_dense)."""
+        epoch, start, shard = self.epoch, self.step, self.shard
+        device = shard.data.device
+        order = torch.from_numpy(self.sampler.order(epoch) - shard.start).to(device)
+        for step in range(start, len(self)):
+            rows = order[step * self.sampler.batch_size:(step + 1) * self.sampler.batch_size]
+            if len(rows) == 0:
+                break
+            index = rows + shard.start
+            yield Batch(index, {c: v[index] for c, v in self.obs.items()}, epoch, step, rows=rows, resident=shard)
+            self.step = step + 1
+        if self.step >= len(self):
+            self.step = 0
+
     def _assemble(self, stop, ring, windows: queue.Queue, out: queue.Queue, free: queue.Queue, epoch: int,
                   turn: threading.Semaphore) -> None:
-        """Each batch of each decoded window into a free ring slot."""
+        """Each batch of each decoded window into a free ring slot (normalised there for a resident shard, whose
+        values are kept as stored)."""
+        normalize = self.normalize and self.shard is not None
         while True:
             item = self._get(windows, stop)
             if item is None:
@@ -281,5 +338,5 @@ class BatchStream:
                 positions = np.searchsorted(rows, batch_rows)
                 obs = {c: torch.from_numpy(v[batch_rows]) for c, v in self.obs.items()}
                 slot = self._get(free, stop)
-                fields = ring.fill(slot, positions, local, indices, values)
+                fields = ring.fill(slot, positions, local, indices, values, normalize)
                 self._put(out, Batch(torch.from_numpy(batch_rows), obs, epoch, step, slot=slot, **fields), stop)

@@ -30,6 +30,21 @@ def test_matches_scipy(backend, index_dtype, value_dtype, normalize):
     np.testing.assert_allclose(out.numpy(), dense, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_rows_of_a_larger_csr(backend, normalize):
+    """csr_rows_to_dense: the rows a resident shard's batch names, in that order, repeats and empty rows included."""
+    from cellssl.kernels import csr_rows_to_dense
+
+    m = batch(n=40)
+    rows = torch.tensor([39, 3, 4, 0, 17, 3, 25], dtype=torch.int64)
+    out = csr_rows_to_dense(torch.from_numpy(m.indptr.astype(np.int64)), torch.from_numpy(m.indices.astype(np.uint16)),
+                            torch.from_numpy(m.data.astype(np.uint16)), rows, m.shape[1], 1e4 if normalize else None)
+    dense = m.toarray().astype(np.float32)[rows.numpy()]
+    if normalize:
+        dense = np.log1p(dense / np.maximum(dense.sum(1, keepdims=True), 1) * np.float32(1e4))
+    np.testing.assert_allclose(out.numpy(), dense, rtol=1e-6, atol=1e-6)
+
+
 def test_no_rows(backend):
     out = csr_to_dense(torch.zeros(1, dtype=torch.int64), torch.zeros(0, dtype=torch.int32), torch.zeros(0), 10)
     assert out.shape == (0, 10)

@@ -222,3 +222,100 @@ def test_sampler_windows_cover_steps():
     assert steps == list(range(len(s))) and all(len(g) <= 3 for g in groups)
     order = s.order(0)
     assert len(set(order)) == len(order) == 500 and order.min() >= 10 and order.max() < 1010
+
+
+# --- resident shards ---------------------------------------------------------------------------------------------
+def _cells(stream, output="dense"):
+    """{store row: its values as a dense float32 row} over one epoch."""
+    from cellssl.kernels import csr_rows_to_dense, csr_to_dense
+
+    got = {}
+    for batch in stream:
+        if batch.resident is not None:  # device-resident: densified where it lies (here: CPU tensors)
+            shard = batch.resident
+            dense = csr_rows_to_dense(shard.indptr, shard.indices, shard.data, batch.rows, stream.store.n_genes,
+                                      1e4 if stream.store.value_kind == "counts" else None).numpy()
+        elif output == "csr":
+            dense = csr_to_dense(batch.indptr, batch.indices, batch.data, stream.store.n_genes).numpy()
+        else:
+            dense = batch.x.numpy()
+        got.update({int(i): row.copy() for i, row in zip(batch.index, dense)})
+    return got
+
+
+@pytest.fixture(scope="module")
+def log1p_store(tmp_path_factory):
+    from cellssl.loaders.convert import convert, open_source
+    from cellssl.loaders.synth import synth
+
+    root = tmp_path_factory.mktemp("log1p")
+    return convert(open_source("sctab", synth(root / "sctab", 600, "sctab-parquet", progress=False)),
+                   root / "s.cellstore", progress=False)
+
+
+@pytest.mark.parametrize("kind", ["counts", "log1p"])
+@pytest.mark.parametrize("output", ["dense", "csr"])
+def test_resident_and_streaming_give_the_same_cells_and_values(synthetic_store, log1p_store, kind, output):
+    store = CellStore(synthetic_store) if kind == "counts" else log1p_store
+    streamed = _cells(BatchStream(store, "train", 64, seed=1, drop_last=False, output=output), output)
+    for resident in ("host", "device"):
+        held = BatchStream(store, "train", 64, seed=1, drop_last=False, output=output, resident=resident,
+                           device="cpu" if resident == "device" else None)
+        assert held.residence == resident and held.sampler.kind == "uniform_shard"
+        got = _cells(held, output)
+        assert got.keys() == streamed.keys()
+        for row, values in got.items():  # the same numbers: bit for bit on the host, to float rounding on a device
+            tolerance = 0 if resident == "host" else 1e-6
+            np.testing.assert_allclose(values, streamed[row], rtol=tolerance, atol=tolerance)
+
+
+def test_resident_epochs_are_uniform_permutations_and_resume_exactly(synthetic_store):
+    stream = BatchStream(synthetic_store, "train", 100, seed=4, resident="host")
+    first = [b.index.numpy().copy() for b in stream]
+    stream.set_epoch(1)
+    second = [b.index.numpy().copy() for b in stream]
+    assert not np.array_equal(first[0], second[0])
+    start, stop = CellStore(synthetic_store).split("train")
+    assert set(np.concatenate(first)) <= set(range(start, stop)) and len(np.concatenate(first)) == 12 * 100
+    stream.set_epoch(3)
+    it = iter(stream)
+    for _ in range(5):
+        next(it)
+    state = stream.state_dict()
+    rest = [b.index.numpy().copy() for b in it]
+    again = BatchStream(synthetic_store, "train", 100, seed=4, resident="host")
+    again.load_state_dict(state)
+    assert all(np.array_equal(a, b.index.numpy()) for a, b in zip(rest, again))
+    with pytest.raises(InputError, match="sampler"):  # a resident position is not a streaming one
+        BatchStream(synthetic_store, "train", 100, seed=4).load_state_dict(state)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_resident_ranks_cover_the_split_disjointly(synthetic_store, world):
+    seen = []
+    for rank in range(world):
+        stream = BatchStream(synthetic_store, "train", 50, seed=2, rank=rank, world_size=world, drop_last=False,
+                             resident="host")
+        seen.append(np.concatenate([b.index.numpy() for b in stream]))
+    start, stop = CellStore(synthetic_store).split("train")
+    everything = np.concatenate(seen)
+    assert len(everything) == stop - start and set(everything) == set(range(start, stop))
+
+
+def test_auto_streams_when_memory_is_short_and_explicit_requests_are_refused(synthetic_store, monkeypatch):
+    import psutil
+
+    from cellssl.loaders import resident
+
+    class Short:
+        available = 1000
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Short())
+    stream = BatchStream(synthetic_store, "train", 64, resident="auto")
+    assert stream.residence == "off" and "does not fit" in stream.residence_reason
+    assert stream.sampler.kind == "block_shuffle"
+    with pytest.raises(InputError, match="--resident host: this rank's share is .* GB; 0.0 GB of RAM"):
+        BatchStream(synthetic_store, "train", 64, resident="host")
+    with pytest.raises(InputError, match="no device to hold the share"):
+        BatchStream(synthetic_store, "train", 64, resident="device")
+    del resident

@@ -130,7 +130,7 @@ def test_embed_writes_every_cell(synthetic_store, tmp_path):
     frame = pd.read_parquet(tmp_path / "e.parquet")
     store = CellStore(synthetic_store)
     assert len(frame) == store.n_cells and [f"z{j}" for j in range(64)] == list(frame.columns[-64:])
-    assert list(frame["cell_type"]) == list(store.obs()["cell_type"])
+    assert list(frame["cell_type"]) == list(store.obs()["cell_type"].iloc[store.source_order()])  # source order
     adata = ad.read_h5ad(tmp_path / "e.h5ad")
     np.testing.assert_allclose(adata.obsm["X_cellssl"], frame[[f"z{j}" for j in range(64)]].to_numpy(), rtol=1e-5)
     other = tmp_path / "other.cellstore"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from cellssl.loaders import BatchStream, CellStore
 
@@ -69,7 +70,7 @@ def end_to_end(encoder: torch.nn.Module, latent: int, store: CellStore, columns:
     model = torch.nn.Sequential(encoder, head_for(latent, len(columns))).to(device())
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr)
     stream = BatchStream(store, "train", min(batch_size, len(y_train)), seed=seed, rank=0, world_size=1, columns=[])
-    for step, batch in enumerate(stream.endless()):
+    for step, batch in enumerate(tqdm(stream.endless(), total=steps, desc="encoder + head", unit="step")):
         if step == steps:
             break
         loss = F.mse_loss(model(batch.x.to(device())), targets[batch.index - start].to(device()))
