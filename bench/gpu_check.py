@@ -6,6 +6,8 @@
    through DeepSpeed, exactly what a run does) from a cell store through the CSR path (CSR batches copied to the
    device on their own stream, densified there by `csr_to_dense`): cells/s, bytes moved per batch (CSR vs the
    dense batch), and the model FLOPs utilisation against the device's measured bf16 matmul peak;
+4. times batch assembly from a shard resident on the device (`BatchStream(resident="device")`, each batch densified
+   where it lies by `kernels.csr_rows_to_dense` with log1p fused): cells/s, and its share of each objective's step;
 
 and writes everything as one JSON (`--out`, default $OUT/gpu_check.json when $OUT is set, else
 bench/gpu_check.json). `--smoke` runs the same code on CPU at toy sizes (Triton through its interpreter): the test
@@ -127,9 +129,37 @@ def objective_checks(device, store_path: str, steps: int, batch: int, peak: floa
                      "bytes_per_batch_csr": sum(t.numel() * t.element_size() for t in (source.indptr, source.indices,
                                                                                         source.data)),
                      "bytes_per_batch_dense": batch * trainer.store.n_genes * 4,
-                     "share_of_matmul_peak": cells_per_s * trainer.flops_per_cell / peak})
+                     "share_of_matmul_peak": cells_per_s * trainer.flops_per_cell / peak,
+                     "residence": trainer.stream.residence})
         del trainer, batches
     return rows
+
+
+def resident_assembly(device, store_path: str, batch: int, batches: int) -> dict:
+    """Cells/s of batches drawn from a device-resident shard and densified there (what a resident run's feed does
+    before each step), checked once against the torch reference."""
+    from cellssl.kernels.csr_to_dense import csr_rows_to_dense_reference
+    from cellssl.loaders import BatchStream
+
+    stream = BatchStream(store_path, "train", batch, seed=0, columns=[], normalize=False, resident="device",
+                         device=device)
+    shard, n_genes = stream.load_share(), stream.store.n_genes
+    it = stream.endless()
+
+    def assemble():
+        b = next(it)
+        return kernels.csr_rows_to_dense(shard.indptr, shard.indices, shard.data, b.rows, n_genes, TARGET_SUM), b
+
+    x, b = assemble()
+    reference = csr_rows_to_dense_reference(shard.indptr, shard.indices, shard.data, b.rows, n_genes, TARGET_SUM)
+    error = float((x - reference).abs().max())
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(batches):
+        assemble()
+    sync(device)
+    return {"cells_per_s": batches * batch / (time.perf_counter() - started), "max_abs_error": error,
+            "shard_gb": (shard.indptr.nbytes + shard.indices.nbytes + shard.data.nbytes) / 1e9}
 
 
 def sync(device) -> None:
@@ -172,6 +202,9 @@ def main() -> None:
                                genes=genes if args.smoke else "default", progress=False)
         batch = 64 if args.smoke else args.cells
         report["objectives"] = objective_checks(device, store_path, args.steps, batch, peak)
+        report["resident_assembly"] = assembly = resident_assembly(device, store_path, batch, 4 * args.steps)
+        for row in report["objectives"]:  # the step's time that goes to assembling its batch
+            row["assembly_share_of_step"] = row["cells_per_s"] / assembly["cells_per_s"]
     report["seconds"] = time.perf_counter() - t0
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

@@ -30,8 +30,10 @@ import numpy as np
 
 BATCH = 8192
 BOUNDS = ("decode-bound", "crc-bound", "copy-bound")
+RESIDENT = ("resident-csr-raw", "resident-csr-log1p", "resident-dense-raw", "resident-dense-log1p", "scipy-rows",
+            "scipy-rows-dense", "annbatch-memory", "annbatch-memory-sparse")
 PEERS = ("ours-csr-log1p", "ours-csr-raw", "annbatch-sparse", "ours-raw", "ours-log1p", "annbatch", "ceiling", *BOUNDS,
-         "scdataset", "bionemo-scdl", "anndata-annloader")
+         *RESIDENT, "scdataset", "bionemo-scdl", "anndata-annloader")
 
 
 # --- data in each format -----------------------------------------------------------------------------------
@@ -82,11 +84,32 @@ def export_h5ad(store, path: Path, step: int = 50_000) -> None:
 
 
 # --- one process per loader ----------------------------------------------------------------------------------
-def run_ours(paths, batches, normalize, output="dense"):
+def run_ours(paths, batches, normalize, output="dense", resident="off"):
+    """Our stream from disk, or (`resident="host"`) from the train split held in RAM after one read."""
     from cellssl.loaders import BatchStream
 
-    stream = BatchStream(paths["store"], "train", batch_size=BATCH, seed=0, normalize=normalize, output=output)
+    stream = BatchStream(paths["store"], "train", batch_size=BATCH, seed=0, normalize=normalize, output=output,
+                         resident=resident)
+    if resident != "off":
+        stream.load_share()  # read at the first use otherwise: here it falls inside load_s
     return (b.x if output == "dense" else b for b in stream.endless())
+
+
+def run_scipy(paths, batches, dense=False):
+    """What users with the data in memory do today: the train split as one scipy CSR, `X[rows]` with a uniform
+    permutation per epoch (and `.toarray()`)."""
+    from cellssl.loaders import CellStore
+
+    store = CellStore(paths["store"])
+    x = store.to_scipy(*store.split("train"))
+
+    def gen():
+        for epoch in itertools.count():
+            order = np.random.default_rng(epoch).permutation(x.shape[0])
+            for s in range(0, len(order) - BATCH + 1, BATCH):
+                sub = x[order[s:s + BATCH]]
+                yield sub.toarray() if dense else sub
+    return gen()
 
 
 def chunk_bytes(store_path: Path):
@@ -205,9 +228,21 @@ collection = DatasetCollection(path)
 if mode == "build":
     collection.add_adatas(adata_paths=[h5ad], shuffle=True)
     sys.exit(0)
+def in_memory(g):  # annbatch's in-memory mode: the collection's arrays copied into a zarr MemoryStore first
+    mem = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    x = mem.create_group("X")
+    x.attrs.update(dict(g["X"].attrs))
+    for name in ("indptr", "indices", "data"):
+        src = g["X"][name]
+        x.create_array(name, data=src[:], chunks=src.chunks, shards=src.shards, compressors=src.compressors)
+    return ad.AnnData(X=ad.io.sparse_dataset(mem["X"]))
+memory = mode.startswith("memory")
+mode = mode.removeprefix("memory-") if memory else mode
+t_load = time.perf_counter()
 with ad.settings.override(remove_unused_categories=False):
     loader = Loader(batch_size=%d, chunk_size=32, preload_nchunks=256).use_collection(
-        collection, load_adata=lambda g: ad.AnnData(X=ad.io.sparse_dataset(g["X"])))
+        collection, load_adata=in_memory if memory else lambda g: ad.AnnData(X=ad.io.sparse_dataset(g["X"])))
+t_load = time.perf_counter() - t_load
 import threading, psutil
 peak = [0]; me = psutil.Process(); done = threading.Event()
 def sample():
@@ -229,7 +264,7 @@ for _ in range(2):  # the first epoch from a cold start, then steady state
     rates.append(n / (time.perf_counter() - t0))
 done.set()
 print(json.dumps({"cells_per_s": rates[1], "first_epoch_cells_per_s": rates[0], "batches": batches,
-                  "peak_rss_mb": peak[0] / 2 ** 20}))
+                  "peak_rss_mb": peak[0] / 2 ** 20, "load_s": t_load}))
 ''' % BATCH
 
 
@@ -303,15 +338,23 @@ def child(name: str, paths: dict[str, Path], batches: int) -> dict:
     runners = {"ours-raw": lambda p, b: run_ours(p, b, False), "ours-log1p": lambda p, b: run_ours(p, b, True),
                "ours-csr-raw": lambda p, b: run_ours(p, b, False, "csr"),
                "ours-csr-log1p": lambda p, b: run_ours(p, b, True, "csr"),
+               **{f"resident-{o}-{k}": (lambda p, b, o=o, k=k: run_ours(p, b, k == "log1p", o, "host"))
+                  for o in ("csr", "dense") for k in ("raw", "log1p")},
+               "scipy-rows": run_scipy, "scipy-rows-dense": lambda p, b: run_scipy(p, b, True),
                "ceiling": run_ceiling, "scdataset": run_scdataset, "bionemo-scdl": run_bionemo,
                "anndata-annloader": run_annloader}
+    import cellssl.loaders  # noqa: F401 -- imports are not load time
     rss = TreeRSS()
-    return measure(runners[name](paths, batches), batches, rss)
+    t0 = time.perf_counter()
+    gen = runners[name](paths, batches)  # a resident stream reads its share here: its load time
+    load = time.perf_counter() - t0
+    return {**measure(gen, batches, rss), "load_s": load}
 
 
 FILES = {"ours-raw": "store", "ours-log1p": "store", "ours-csr-raw": "store", "ours-csr-log1p": "store",
-         "ceiling": "store", **{b: "store" for b in BOUNDS}, "scdataset": "h5ad", "bionemo-scdl": "scdl",
-         "anndata-annloader": "h5ad", "annbatch": "annbatch", "annbatch-sparse": "annbatch"}
+         "ceiling": "store", **{b: "store" for b in BOUNDS}, **{r: "store" for r in RESIDENT[:6]},
+         "scdataset": "h5ad", "bionemo-scdl": "scdl", "anndata-annloader": "h5ad", "annbatch": "annbatch",
+         "annbatch-sparse": "annbatch", "annbatch-memory": "annbatch", "annbatch-memory-sparse": "annbatch"}
 
 
 def warm_page_cache(path: Path) -> None:
@@ -338,8 +381,8 @@ def run_loader(name: str, paths: dict[str, Path], workdir: Path, batches: int, e
         if not (paths["annbatch"] / "zarr.json").exists():
             subprocess.run([str(python), "-c", ANNBATCH_SCRIPT, str(paths["h5ad"]), str(paths["annbatch"]), "0",
                             "build"], check=True)
-        cmd = [str(python), "-c", ANNBATCH_SCRIPT, str(paths["h5ad"]), str(paths["annbatch"]), str(batches),
-               "sparse" if name == "annbatch-sparse" else "dense"]
+        mode = ("memory-" if "memory" in name else "") + ("sparse" if name.endswith("sparse") else "dense")
+        cmd = [str(python), "-c", ANNBATCH_SCRIPT, str(paths["h5ad"]), str(paths["annbatch"]), str(batches), mode]
     else:
         cmd = [sys.executable, __file__, "--_child", name, "--batches", str(batches)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -349,19 +392,22 @@ def run_loader(name: str, paths: dict[str, Path], workdir: Path, batches: int, e
 
 
 def report(results: dict[str, dict]) -> None:
-    print("| loader | output | steady cells/s | first epoch cells/s | peak RSS MB |")
-    print("|---|---|---|---|---|")
+    print("| loader | output | steady cells/s | first epoch cells/s | load s | peak RSS MB |")
+    print("|---|---|---|---|---|---|")
     for name, r in results.items():
-        output = "bound" if name in BOUNDS else "CSR" if "csr" in name or name.endswith("sparse") else "dense"
+        output = "bound" if name in BOUNDS else "CSR" if "csr" in name or name.endswith(("sparse", "rows")) else \
+            "dense"
         if "error" in r:
-            print(f"| {name} | {output} | failed: {r['error']} | | |")
+            print(f"| {name} | {output} | failed: {r['error']} | | | |")
         elif name in BOUNDS:
-            print(f"| {name} | {output} | {r['cells_per_s']:,.0f} | | ({r['bytes_per_cell']:,.0f} B/cell on disk) |")
+            print(f"| {name} | {output} | {r['cells_per_s']:,.0f} | | | ({r['bytes_per_cell']:,.0f} B/cell on disk) |")
         else:
             print(f"| {name} | {output} | {r['cells_per_s']:,.0f} | {r['first_epoch_cells_per_s']:,.0f} | "
-                  f"{r['peak_rss_mb']:,.0f} |")
+                  f"{r.get('load_s', 0):.1f} | {r['peak_rss_mb']:,.0f} |")
     for ours, peer in (("ours-csr-log1p", "annbatch-sparse"), ("ours-csr-raw", "annbatch-sparse"),
-                       ("ours-log1p", "annbatch"), ("ours-raw", "annbatch")):
+                       ("ours-log1p", "annbatch"), ("ours-raw", "annbatch"), ("resident-csr-raw", "scipy-rows"),
+                       ("resident-dense-raw", "scipy-rows-dense"), ("resident-csr-raw", "annbatch-memory-sparse"),
+                       ("resident-dense-raw", "annbatch-memory")):
         a, b = results.get(ours, {}), results.get(peer, {})
         if "cells_per_s" in a and "cells_per_s" in b:
             print(f"- {ours} / {peer}: steady {a['cells_per_s'] / b['cells_per_s']:.2f}x, first epoch "

@@ -2,8 +2,8 @@
 
 Each row: what ran, its role (ours, baseline, peer, ceiling), cells/s (the cells of one round ÷ its median time,
 or the cells/s a subprocess peer measured itself), and the ratio to the group's reference row (the eager or
-paper-style baseline, annbatch among loaders, one worker for conversion). Training rows of ours add the matmul
-ceiling and the share of it reached.
+paper-style baseline, annbatch among loaders, scipy for resident shards, one worker for conversion). Training
+rows of ours add the matmul ceiling and the share of it reached; resident rows the time to read the data in.
 Usage: python bench/render.py bench/results.json
 """
 from __future__ import annotations
@@ -30,9 +30,11 @@ def render(report: dict) -> str:
         reference = next((b for b in benches if b["extra_info"].get("reference")), None)
         ref = cells_per_s(reference) if reference else None
         training = any("ceiling_cells_per_s" in b["extra_info"] for b in benches)
+        loads = any("load_s" in b["extra_info"] for b in benches)
         lines += [f"**{group}**", "", "| run | role | cells/s | ÷ reference |" + (" ceiling cells/s | of ceiling |"
-                                                                           if training else ""),
-                  "|---|---|---:|---:|" + ("---:|---:|" if training else "")]
+                                                                           if training else "")
+                  + (" load s |" if loads else ""),
+                  "|---|---|---:|---:|" + ("---:|---:|" if training else "") + ("---:|" if loads else "")]
         for b in benches:
             speed = cells_per_s(b)
             label = codecs.decode(b["extra_info"].get("label", b["name"]), "unicode_escape")  # pytest escapes ids
@@ -40,6 +42,8 @@ def render(report: dict) -> str:
             if training:
                 ceiling = b["extra_info"].get("ceiling_cells_per_s")
                 row += f" {ceiling:,.0f} | {speed / ceiling:.0%} |" if ceiling else " | |"
+            if loads:
+                row += f" {b['extra_info'].get('load_s', 0):.1f} |"
             lines.append(row)
         lines.append("")
     return "\n".join(lines)

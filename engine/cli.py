@@ -40,7 +40,9 @@ def _at_least(low: int):
 
 
 def _workers(text: str) -> int:
-    return os.cpu_count() or 1 if text == "auto" else _at_least(1)(text)
+    from cellssl.loaders.workers import cores
+
+    return cores() if text == "auto" else _at_least(1)(text)
 
 
 def _fraction(text: str) -> float:

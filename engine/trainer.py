@@ -143,8 +143,6 @@ class Trainer:
         self.objective = objective if objective is not None else build_objective(cfg, self.store)
         self.stream = self.feed.stream(self.store, "train", cfg.batch_size, cfg.seed, self.rank, self.world,
                                        cfg.resident, self._device_reserve())
-        if self.rank == 0:
-            print(f"cellssl: training data {self.stream.residence_reason}", file=sys.stderr, flush=True)
         self.flops_per_cell = flops_per_cell(self.objective, self.store.n_genes)
         params = [p for p in self.objective.parameters() if p.requires_grad]
         factor = optim.schedule(cfg, len(self.stream) / cfg.gradient_accumulation)
@@ -229,6 +227,8 @@ class Trainer:
 
     def _train(self, out: Path) -> Path:
         cfg = self.cfg
+        if self.rank == 0:
+            print(f"cellssl: training data {self.stream.residence_reason}", file=sys.stderr, flush=True)
         saver = self._checkpointer(out)
         self._open_run(out, saver)
         log = self._log(out)

@@ -113,14 +113,18 @@ class ShardedArray:
             crcs.append(b"\0\0\0\0" if offset == _EMPTY else os.pread(fd, 4, int(offset + nbytes - 4)))
         return b"".join(crcs)
 
-    def decode_chunk(self, j: int) -> np.ndarray:
-        """Inner chunk j (global numbering), decoded and checked."""
+    def decode_chunk(self, j: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Inner chunk j (global numbering), decoded and checked; into `out` (a whole chunk's length) where the
+        codec guarantees to fill it exactly (none, Blosc), else into a buffer of its own."""
         k, i = divmod(j, self.per_shard)
         fd, index = self._shard(k)
         offset, nbytes = index[i]
         n = min(self.chunk, self.size - j * self.chunk)
         if offset == _EMPTY:
-            return np.full(n, self.fill, self.dtype)
+            if out is None:
+                return np.full(n, self.fill, self.dtype)
+            out[:n] = self.fill
+            return out[:n]
         if offset + nbytes > os.fstat(fd).st_size:  # a crafted index must not make us allocate what is not there
             self._fail(f"c/{k}", f"chunk {i} claims bytes [{offset}, {offset + nbytes}) beyond the end of the file")
         raw = os.pread(fd, int(nbytes), int(offset))
@@ -128,9 +132,12 @@ class ShardedArray:
             if len(raw) < 4 or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
                 self._fail(f"c/{k}", f"chunk {i} checksum mismatch")
             raw = raw[:-4]
-        # decoded into a zeroed buffer of the size the layout implies (zarr writes whole inner chunks): a chunk whose
-        # header claims more is an error, not an allocation of whatever it claims
-        out = np.zeros(self.chunk, self.dtype)
+        # decoded into a buffer of the size the layout implies (zarr writes whole inner chunks), zeroed unless the
+        # decode is checked to fill it: a chunk whose header claims more is an error, not an allocation of whatever
+        # it claims
+        exact = self.codec is None or isinstance(self.codec, numcodecs.Blosc)
+        if out is None or len(out) != self.chunk or not exact:
+            out = np.zeros(self.chunk, self.dtype)
         try:
             if self.codec is None:
                 if len(raw) != out.nbytes:
@@ -145,21 +152,33 @@ class ShardedArray:
             self._fail(f"c/{k}", f"chunk {i} cannot be decoded ({exc})")
         return out[:n]
 
-    def read(self, ranges: np.ndarray, pool: Executor | None = None) -> np.ndarray:
-        """Concatenation of the element ranges [lo, hi) (int64 [R, 2]), each needed chunk decoded once."""
-        total = int((ranges[:, 1] - ranges[:, 0]).sum())
-        out = np.empty(total, self.dtype)
-        nonempty = ranges[ranges[:, 1] > ranges[:, 0]]
-        first, last = nonempty[:, 0] // self.chunk, (nonempty[:, 1] - 1) // self.chunk
-        needed = np.unique(np.concatenate([np.arange(a, b + 1) for a, b in zip(first, last)])) if len(
-            nonempty) else np.zeros(0, np.int64)
-        decoded = dict(zip(needed.tolist(), (pool.map if pool else map)(self.decode_chunk, needed.tolist())))
+    def read(self, ranges: np.ndarray, pool: Executor | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """Concatenation of the element ranges [lo, hi) (int64 [R, 2]), into `out` where given, each needed chunk
+        decoded once, by one task that copies its pieces out and lets it go (a chunk a range covers whole is decoded
+        in place): the read holds its output and one chunk per thread, not every chunk it needs."""
+        lengths = ranges[:, 1] - ranges[:, 0]
+        out = np.empty(int(lengths.sum()), self.dtype) if out is None else out
+        pieces: dict[int, list[tuple[int, int, int]]] = {}  # chunk → (first element in it, length, position in out)
         pos = 0
-        for lo, hi in nonempty.tolist():
+        for lo, hi in ranges[lengths > 0].tolist():
             while lo < hi:
                 j, start = divmod(lo, self.chunk)
                 take = min(hi - lo, self.chunk - start)
-                out[pos:pos + take] = decoded[j][start:start + take]
+                pieces.setdefault(j, []).append((start, take, pos))
                 pos += take
                 lo += take
+
+        def one(item) -> None:
+            j, parts = item
+            if len(parts) == 1 and parts[0][:2] == (0, self.chunk):
+                at = parts[0][2]
+                decoded = self.decode_chunk(j, out[at:at + self.chunk])
+                if not np.shares_memory(decoded, out):  # a codec that decodes into its own buffer
+                    out[at:at + self.chunk] = decoded
+                return
+            decoded = self.decode_chunk(j)
+            for start, take, at in parts:
+                out[at:at + take] = decoded[start:start + take]
+
+        list((pool.map if pool else map)(one, pieces.items()))
         return out

@@ -65,11 +65,13 @@ def _take(table, slot_of, out):
         out[j] = table[slot_of[j]]
 
 
-def log1p_per_10k(indptr: np.ndarray, values: np.ndarray, pool=None, parts: int = 2) -> np.ndarray:
+def log1p_per_10k(indptr: np.ndarray, values: np.ndarray, pool=None, parts: int = 2,
+                  out: np.ndarray | None = None) -> np.ndarray:
     """float32 log1p(value / cell total · 10,000) for every stored value, split over `pool` by rows. Integer counts
     take numpy's log1p once per distinct count of a cell (a cell's ~2,000 values hold a few dozen distinct counts;
-    log1p, not memory, was the loader's bound), then a gather: the same numbers, bit for bit, ~10x fewer log1p."""
-    out = np.empty(len(values), np.float32)
+    log1p, not memory, was the loader's bound), then a gather: the same numbers, bit for bit, ~10x fewer log1p.
+    Written into `out` (float32, as long as `values`) where given."""
+    out = np.empty(len(values), np.float32) if out is None else out
     n = len(indptr) - 1
     cuts = [n * i // parts for i in range(parts + 1)]
     integral = values.dtype.kind in "ui"
@@ -93,24 +95,49 @@ def log1p_per_10k(indptr: np.ndarray, values: np.ndarray, pool=None, parts: int 
     return out
 
 
+def _split(rows: int, parts: int, pool, work) -> None:
+    """work(first, last) over `parts` contiguous row ranges, on `pool` when there is one (the kernels release the
+    GIL, so ranges run side by side)."""
+    cuts = [rows * i // parts for i in range(parts + 1)]
+    spans = [(cuts[i], cuts[i + 1]) for i in range(parts) if cuts[i] < cuts[i + 1]]
+    list((pool.map if pool and len(spans) > 1 else map)(lambda span: work(*span), spans))
+
+
 @numba.njit(nogil=True, cache=True)
-def gather_rows(positions, indptr, indices, values, out_indptr, out_indices, out_values):
-    """Rows `positions` of (indptr, indices, values) into the out_* buffers (values as float32): offsets first, then
-    one slice copy per row (no running counter, so each copy vectorises: ~2x the element-by-element loop)."""
+def _row_offsets(positions, indptr, out_indptr):
     out_indptr[0] = 0
     for r in range(positions.shape[0]):
         out_indptr[r + 1] = out_indptr[r] + indptr[positions[r] + 1] - indptr[positions[r]]
-    for r in range(positions.shape[0]):
+
+
+@numba.njit(nogil=True, cache=True)
+def _copy_rows(positions, indptr, indices, values, out_indptr, out_indices, out_values, first, last):
+    for r in range(first, last):
         a, b, o = indptr[positions[r]], indptr[positions[r] + 1], out_indptr[r]
         out_indices[o:o + b - a] = indices[a:b]
         out_values[o:o + b - a] = values[a:b]
 
 
+def gather_rows(positions, indptr, indices, values, out_indptr, out_indices, out_values, pool=None,
+                parts: int = 1) -> None:
+    """Rows `positions` of (indptr, indices, values) into the out_* buffers (values converted to out_values' dtype):
+    offsets first, then one slice copy per row (no running counter, so each copy vectorises: ~2x the
+    element-by-element loop), the rows split over `parts` threads of `pool`."""
+    _row_offsets(positions, indptr, out_indptr)
+    _split(len(positions), parts, pool, lambda a, b: _copy_rows(positions, indptr, indices, values, out_indptr,
+                                                                out_indices, out_values, a, b))
+
+
 @numba.njit(nogil=True, cache=True)
-def scatter_rows(out, positions, indptr, indices, values):
-    """out[r] = dense row `positions[r]` of the CSR (indptr, indices, values), for r < len(positions)."""
-    for r in range(positions.shape[0]):
+def _scatter(out, positions, indptr, indices, values, first, last):
+    for r in range(first, last):
         row = out[r]
         row[:] = 0.0
         for j in range(indptr[positions[r]], indptr[positions[r] + 1]):
             row[indices[j]] = values[j]
+
+
+def scatter_rows(out, positions, indptr, indices, values, pool=None, parts: int = 1) -> None:
+    """out[r] = dense row `positions[r]` of the CSR (indptr, indices, values), for r < len(positions), the rows split
+    over `parts` threads of `pool`."""
+    _split(len(positions), parts, pool, lambda a, b: _scatter(out, positions, indptr, indices, values, a, b))

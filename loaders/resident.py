@@ -98,7 +98,7 @@ class ResidentShard:
                 for a in range(lo, hi, BLOCK_VALUES):
                     b = min(a + BLOCK_VALUES, hi)
                     for array, target in zip(arrays, out):
-                        target[a - lo:b - lo] = array.read(np.array([[a, b]], np.int64), pool)
+                        array.read(np.array([[a, b]], np.int64), pool, target[a - lo:b - lo])
                     bar.update(b - a)
         finally:
             for array in arrays:

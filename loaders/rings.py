@@ -16,22 +16,30 @@ from .densify import gather_rows, log1p_per_10k, scatter_rows
 
 
 class _Scratch:
-    """A reused CSR buffer for rows gathered raw, to be normalised before they go into a ring (a resident shard
-    holds counts as stored)."""
+    """Reused buffers for rows gathered raw, to be normalised on their way into a ring (a resident shard holds
+    counts as stored)."""
 
     def __init__(self):
-        self.indptr, self.indices, self.values = (np.empty(0, d) for d in (np.int64, np.uint16, np.float32))
+        self.indptr, self.indices = np.empty(0, np.int64), np.empty(0, np.uint16)
+        self.raw, self.values = np.empty(0, np.uint16), np.empty(0, np.float32)
 
-    def normalised(self, positions, indptr, indices, values) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _room(self, name: str, n: int, dtype) -> np.ndarray:
+        buf = getattr(self, name)
+        if len(buf) < n or buf.dtype != dtype:
+            buf = np.empty(n + n // 4, dtype)
+            setattr(self, name, buf)
+        return buf[:n]
+
+    def raw_values(self, nnz: int, dtype) -> np.ndarray:
+        return self._room("raw", nnz, dtype)
+
+    def normalised(self, positions, indptr, indices, values, pool, parts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows `positions` as a CSR of their own, values log1p per 10,000 (loaders/densify.py, bit for bit)."""
         nnz = int((indptr[positions + 1] - indptr[positions]).sum())
-        if len(self.indptr) < len(positions) + 1:
-            self.indptr = np.empty(len(positions) + 1, np.int64)
-        if len(self.indices) < nnz or self.indices.dtype != indices.dtype or self.values.dtype != values.dtype:
-            self.indices, self.values = np.empty(nnz + nnz // 4, indices.dtype), np.empty(nnz + nnz // 4, values.dtype)
-        parts = self.indptr[:len(positions) + 1], self.indices[:nnz], self.values[:nnz]
-        gather_rows(positions, indptr, indices, values, *parts)
-        return parts[0], parts[1], log1p_per_10k(parts[0], parts[2])
+        own = (self._room("indptr", len(positions) + 1, np.int64), self._room("indices", nnz, indices.dtype),
+               self.raw_values(nnz, values.dtype))
+        gather_rows(positions, indptr, indices, values, *own, pool, parts)
+        return own[0], own[1], log1p_per_10k(own[0], own[2], pool, parts, self._room("values", nnz, np.float32))
 
 
 def _empty(shape, dtype, pin: bool) -> torch.Tensor:
@@ -50,21 +58,22 @@ class DenseRing:
         return len(self.blocks)
 
     def fill(self, slot: int, positions: np.ndarray, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
-             normalize: bool = False) -> dict:
+             normalize: bool = False, pool=None, parts: int = 1) -> dict:
         """Rows `positions` of the CSR (indptr, indices, values) as slot `slot`'s dense batch: {"x": tensor}; with
-        `normalize`, counts become log1p per 10,000 on the way."""
+        `normalize`, counts become log1p per 10,000 on the way. The rows are split over `parts` threads of `pool`."""
         x = self.blocks[slot, :len(positions)]
         if normalize:
-            indptr, indices, values = self.scratch.normalised(positions, indptr, indices, values)
+            indptr, indices, values = self.scratch.normalised(positions, indptr, indices, values, pool, parts)
             positions = np.arange(len(positions), dtype=np.int64)
-        scatter_rows(x.numpy(), positions, indptr, indices, values)
+        scatter_rows(x.numpy(), positions, indptr, indices, values, pool, parts)
         return {"x": x}
 
 
 class CsrRing:
     """One byte block per slot holding a batch's indptr (int64), values (float32) and indices (the store's dtype).
-    A slot is allocated at its first use, sized for `values_per_row` values a row with 25 % headroom, and grows (with
-    the same headroom) only when a batch holds more values than it has room for."""
+    A slot is allocated at its first use, sized for `values_per_row` values a row with 5 % headroom (batches of
+    thousands of cells vary by about 1 % in values), and grows (with 25 % headroom) only when a batch holds more
+    values than it has room for."""
 
     def __init__(self, slots: int, batch_size: int, index_dtype: np.dtype, values_per_row: float, pin: bool = False):
         self.blocks: list[torch.Tensor | None] = [None] * slots
@@ -87,7 +96,7 @@ class CsrRing:
         block = self.blocks[slot]
         capacity = self._capacity(block)
         if nnz > capacity:
-            capacity = max(nnz + nnz // 4, int(self.values_per_row * rows * 1.25))
+            capacity = max(nnz + nnz // 4 if block is not None else nnz, int(self.values_per_row * rows * 1.05))
             block = _empty(self._offsets_bytes() + (4 + self.index_dtype.itemsize) * capacity, torch.uint8, self.pin)
             self.blocks[slot] = block
         raw = block.numpy()
@@ -97,13 +106,16 @@ class CsrRing:
                 raw[a:a + 4 * nnz].view(np.float32))
 
     def fill(self, slot: int, positions: np.ndarray, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
-             normalize: bool = False) -> dict:
+             normalize: bool = False, pool=None, parts: int = 1) -> dict:
         """Rows `positions` of the CSR (indptr, indices, values) gathered into slot `slot`: the batch's indptr,
-        indices and data tensors; with `normalize`, counts become log1p per 10,000 on the way."""
-        if normalize:
-            indptr, indices, values = self.scratch.normalised(positions, indptr, indices, values)
-            positions = np.arange(len(positions), dtype=np.int64)
+        indices and data tensors; with `normalize`, counts become log1p per 10,000 on the way (gathered raw beside
+        the slot, normalised into it). The rows are split over `parts` threads of `pool`."""
         nnz = int((indptr[positions + 1] - indptr[positions]).sum())
-        parts = self.views(slot, len(positions), nnz)
-        gather_rows(positions, indptr, indices, values, *parts)
-        return dict(zip(("indptr", "indices", "data"), (torch.from_numpy(a) for a in parts)))
+        out = self.views(slot, len(positions), nnz)
+        if normalize:
+            raw = self.scratch.raw_values(nnz, values.dtype)
+            gather_rows(positions, indptr, indices, values, out[0], out[1], raw, pool, parts)
+            log1p_per_10k(out[0], raw, pool, parts, out[2])
+        else:
+            gather_rows(positions, indptr, indices, values, *out, pool, parts)
+        return dict(zip(("indptr", "indices", "data"), (torch.from_numpy(a) for a in out)))

@@ -8,8 +8,14 @@ removed by the caller's cleanup, whatever pass it was in. Never imports engine o
 """
 from __future__ import annotations
 
+import os
 import signal
 from typing import Callable, Iterable
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or a batch job's share, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _quiet_worker() -> None:

@@ -49,7 +49,12 @@ class ScTabSource(Source):
         if not files:
             raise InputError(path, "no train/, val/ or test/ part files", "point at the scTab directory itself")
         try:
-            self.counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
+            metadata = [pq.ParquetFile(f).metadata for f in files]
+            self.counts = [m.num_rows for m in metadata]
+            # the unit of parallel work: every row group of every part file, in order (a source of few large files
+            # still splits evenly over the workers)
+            self.groups = [(f, g, m.row_group(g).num_rows) for f, m in zip(files, metadata)
+                           for g in range(m.num_row_groups)]
             schema = pq.read_schema(files[0])
         except Exception as exc:
             raise InputError(files[0], f"not a readable parquet file ({exc})", "re-download the file") from exc
@@ -78,8 +83,8 @@ class ScTabSource(Source):
         yield from self.chunks_in(scratch, 0, self.n_cells)
 
     def partitions(self, n: int) -> list[tuple[int, int]]:
-        """Runs of whole part files with about the same number of rows each."""
-        ends = np.cumsum(self.counts)
+        """Runs of whole row groups with about the same number of rows each."""
+        ends = np.cumsum([rows for _, _, rows in self.groups])
         cuts = sorted({int(ends[np.searchsorted(ends, self.n_cells * k / n, side="left")]) for k in range(1, n)})
         bounds = [0] + [c for c in cuts if 0 < c < self.n_cells] + [self.n_cells]
         return list(zip(bounds[:-1], bounds[1:]))
@@ -93,14 +98,19 @@ class ScTabSource(Source):
         finally:
             pa.set_memory_pool(previous)
 
-    def _chunks(self, first: int, stop: int) -> Iterator[RowChunk]:
-        files = [f for s in SPLITS for f in self.parts[s]]
-        offsets = np.concatenate(([0], np.cumsum(self.counts)))
+    def _row_groups(self, first: int, stop: int) -> Iterator[tuple[Path, list[int]]]:
+        """(file, its row groups) covering rows [first, stop), which must start and end at row-group boundaries."""
+        offsets = np.concatenate(([0], np.cumsum([rows for _, _, rows in self.groups])))
         if first not in offsets or stop not in offsets:
-            raise ValueError(f"rows [{first}, {stop}) do not start and end at part-file boundaries")
+            raise ValueError(f"rows [{first}, {stop}) do not start and end at row-group boundaries")
+        chosen = self.groups[int(np.searchsorted(offsets, first)):int(np.searchsorted(offsets, stop))]
+        for f in dict.fromkeys(f for f, _, _ in chosen):
+            yield f, [g for file, g, _ in chosen if file == f]
+
+    def _chunks(self, first: int, stop: int) -> Iterator[RowChunk]:
         start = first
-        for f in files[int(np.searchsorted(offsets, first)):int(np.searchsorted(offsets, stop))]:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BATCH):
+        for f, groups in self._row_groups(first, stop):
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BATCH, row_groups=groups):
                 block = self._dense(batch, f)
                 indptr, indices, data = dense_to_csr(block)
                 obs = {}
