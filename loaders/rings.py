@@ -71,9 +71,9 @@ class DenseRing:
 
 class CsrRing:
     """One byte block per slot holding a batch's indptr (int64), values (float32) and indices (the store's dtype).
-    A slot is allocated at its first use, sized for `values_per_row` values a row with 5 % headroom (batches of
-    thousands of cells vary by about 1 % in values), and grows (with 25 % headroom) only when a batch holds more
-    values than it has room for."""
+    A slot is allocated at its first use, sized for `values_per_row` values a row with 5 % + 2/√rows headroom (the
+    values of a batch of n cells vary by about 1/√n of their mean: 5 % covers thousands of cells, the second term a
+    few dozen), and grows (with 25 % headroom) only when a batch holds more values than it has room for."""
 
     def __init__(self, slots: int, batch_size: int, index_dtype: np.dtype, values_per_row: float, pin: bool = False):
         self.blocks: list[torch.Tensor | None] = [None] * slots
@@ -96,7 +96,7 @@ class CsrRing:
         block = self.blocks[slot]
         capacity = self._capacity(block)
         if nnz > capacity:
-            capacity = max(nnz + nnz // 4 if block is not None else nnz, int(self.values_per_row * rows * 1.05))
+            capacity = max(nnz + nnz // 4 if block is not None else nnz, int(self.values_per_row * rows * (1.05 + 2 / rows ** 0.5)))
             block = _empty(self._offsets_bytes() + (4 + self.index_dtype.itemsize) * capacity, torch.uint8, self.pin)
             self.blocks[slot] = block
         raw = block.numpy()
