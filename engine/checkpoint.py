@@ -23,6 +23,7 @@ import torch
 from cellssl.loaders import InputError
 
 MODEL_FILE = "model.safetensors"
+LAST_MODEL_FILE = "model-last.safetensors"  # beside a model kept by validation: the last step's
 MODEL_FORMAT = "cellssl-model"
 MODEL_FORMAT_VERSION = "1"
 UNPICKLE_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError, TypeError)

@@ -39,6 +39,9 @@ class ObjectiveConfig:
     dropout_intensity: float = opt(0.1, "fraction of genes dropped in the augmented views", CONTRASTIVE,
                                    check=dropout)
     ema: float = opt(0.99, "EMA decay of the target network", BYOL, check=probability)
+    byol_target: str = opt("ema", "the target network: moved by EMA after every step (the paper's intent) or frozen "
+                           "at initialisation (the reference's code, which never calls its EMA update)", BYOL,
+                           ("ema", "frozen"))
     lambd: float = opt(0.0051, "weight of the off-diagonal terms", BT, check=non_negative)
 
 
@@ -57,11 +60,13 @@ class TrainConfig:
     lr_biases: float = opt(0.0, "LARS: learning rate of biases and norms (0: the same as --lr)", check=non_negative)
     weight_decay: float = opt(0.01, "weight decay", check=non_negative)
     scheduler: str = opt("step", "learning-rate schedule: StepLR (×gamma every lr-step-epochs), linear warm-up then "
-                         "cosine decay to 1/1000, or constant", choices=("step", "warmup_cosine", "none"))
+                         "cosine decay to 1/1000 (both in epochs of the training split), or constant",
+                         choices=("step", "warmup_cosine", "none"))
     lr_step_epochs: int = opt(2, "StepLR period in epochs of the training split", check=at_least(1))
     lr_gamma: float = opt(0.9, "StepLR factor", check=positive)
-    warmup_fraction: float = opt(0.01, "warmup_cosine: fraction of max-steps spent warming up (the reference: 10 of "
-                                 "1,000 epochs)", check=probability)
+    warmup_epochs: float = opt(10.0, "warmup_cosine: epochs of linear warm-up (the reference: 10)", check=non_negative)
+    schedule_epochs: float = opt(1000.0, "warmup_cosine: epoch at which the cosine reaches 1/1000 of the rate (the "
+                                 "reference: 1,000, whatever a run's length)", check=positive)
     gradient_clipping: float = opt(1.0, "max gradient norm; 0: off", check=non_negative)
     input: str = opt("csr", "how batches reach the model: CSR (on a GPU copied compactly and densified there; on CPU "
                      "read sparse by the first layer and the losses) or dense from the loader",

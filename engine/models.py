@@ -1,7 +1,10 @@
 """The paper's fully connected networks: MLP blocks, the autoencoder, projection and classifier heads.
 
 Linear → (optional norm) → SELU → Dropout blocks; the encoder maps n_genes → 512 → 512 → 256 → 256 → 64 and the
-decoder mirrors it back to the genes. Plain torch modules: they know nothing of DeepSpeed, objectives or data.
+decoder mirrors it back to the genes. The reference's classifier is the same encoder with ReLU and a block after the
+64-unit layer too (`activation="relu"`, `head_block=True`); its Linear layers sit at the same module indices, so a
+SELU-pretrained encoder loads into it as the reference's `update_weights` does. Plain torch modules: they know
+nothing of DeepSpeed, objectives or data.
 """
 from __future__ import annotations
 
@@ -20,6 +23,10 @@ class ModelConfig:
     latent: int = opt(64, "width of the embedding", check=at_least(1))
     dropout: float = opt(0.1, "dropout after each hidden layer of the encoder and decoder", check=dropout)
     norm: str | None = opt(None, "normalisation after each hidden Linear", choices=("batch", "layer"))
+    activation: str = opt("selu", "activation of the blocks (the reference's SSL networks: SELU; its classifier: ReLU)",
+                          choices=("selu", "relu"))
+    head_block: bool = opt(False, "a norm → activation → dropout block after the embedding layer too (the "
+                           "reference's classifier: its embedding is that block's output)")
 
 
 def _norm(kind: str | None, width: int) -> nn.Module:
@@ -32,17 +39,23 @@ def _norm(kind: str | None, width: int) -> nn.Module:
     raise ValueError(f"norm must be None, 'batch' or 'layer', not {kind!r}")
 
 
-class MLP(nn.Sequential):
-    """Blocks of Linear → norm → SELU → Dropout; the last layer is a bare Linear unless `last_block`."""
+ACTIVATIONS = {"selu": nn.SELU, "relu": nn.ReLU}
 
-    def __init__(self, widths: list[int], dropout: float = 0.1, norm: str | None = None, last_block: bool = False):
+
+class MLP(nn.Sequential):
+    """Blocks of Linear → norm → activation → Dropout; the last layer is a bare Linear unless `last_block`."""
+
+    def __init__(self, widths: list[int], dropout: float = 0.1, norm: str | None = None, last_block: bool = False,
+                 activation: str = "selu"):
         if len(widths) < 2:
             raise ValueError(f"an MLP needs at least an input and an output width, got {widths}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, not {activation!r}")
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
             layers.append(nn.Linear(a, b))
             if i < len(widths) - 2 or last_block:
-                layers += [_norm(norm, b), nn.SELU(), nn.Dropout(dropout)]
+                layers += [_norm(norm, b), ACTIVATIONS[activation](), nn.Dropout(dropout)]
         super().__init__(*layers)
 
 
@@ -53,8 +66,8 @@ class AutoEncoder(nn.Module):
         super().__init__()
         widths = [n_genes, *config.hidden, config.latent]
         self.config, self.n_genes = config, n_genes
-        self.encoder = MLP(widths, config.dropout, config.norm)
-        self.decoder = MLP(widths[::-1], config.dropout, config.norm)
+        self.encoder = MLP(widths, config.dropout, config.norm, config.head_block, config.activation)
+        self.decoder = MLP(widths[::-1], config.dropout, config.norm, activation=config.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))

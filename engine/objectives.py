@@ -128,35 +128,51 @@ def augmented_view(x, seed: int, step: int, view: int, intensity: float = 0.1, d
 
 
 class BYOL(Objective):
-    """Bootstrap-your-own-latent: online encoder → projector → predictor chases an EMA target of encoder →
-    projector (projector 256, hidden 4,096, Linear → BatchNorm → ReLU → Linear; EMA 0.99 after every step)."""
+    """Bootstrap-your-own-latent as the reference builds it: the projector reads the encoder's 256-unit block (its
+    `hidden_layer=-2`: the 64-unit layer gets no gradient here), both views pass the networks as one batch (the heads'
+    BatchNorm sees them together), online encoder → projector → predictor chases the target's encoder → projector
+    (projector 256 → 4,096 → 256, predictor the same, Linear → BatchNorm → ReLU → Linear). `target`: "ema" (the
+    paper's intent, decay `ema` after every step) or "frozen" (the reference's code, whose EMA update is never
+    called: the target stays at its initialisation)."""
 
     def __init__(self, n_genes: int, model: ModelConfig, projection: int = 256, hidden: int = 4096,
-                 ema: float = 0.99, seed: int = 0, p: float = 0.5, intensity: float = 0.1, dropout: float = 0.1):
+                 ema: float = 0.99, seed: int = 0, p: float = 0.5, intensity: float = 0.1, dropout: float = 0.1,
+                 target: str = "ema"):
         super().__init__(n_genes, model, seed)
+        if target not in ("ema", "frozen"):
+            raise ValueError(f"target must be 'ema' or 'frozen', not {target!r}")
         del self.autoencoder.decoder  # never trained: it must not be exported as if it reconstructed
-        self.projector = projection_head([model.latent, hidden, projection])
+        width = model.hidden[-1] if model.hidden else n_genes
+        self.projector = projection_head([width, hidden, projection])
         self.predictor = projection_head([projection, hidden, projection])
-        self.p, self.intensity, self.dropout = p, intensity, dropout
+        self.p, self.intensity, self.dropout, self.target = p, intensity, dropout, target
         self.target_encoder = copy.deepcopy(self.autoencoder.encoder)
         self.target_projector = copy.deepcopy(self.projector)
         for p in [*self.target_encoder.parameters(), *self.target_projector.parameters()]:
             p.requires_grad_(False)
         self.ema = ema
 
-    def _pair_loss(self, online_in, target_in):
-        prediction = self.net(lambda v: self.predictor(self.projector(v)), self.encode(self.encoder, *online_in))
-        with torch.no_grad():
-            target = self.net(self.target_projector, self.encode(self.target_encoder, *target_in))
-        return (2 - 2 * (F.normalize(prediction, dim=1) * F.normalize(target, dim=1)).sum(1)).mean()
+    def _block(self, encoder: nn.Module, views) -> torch.Tensor:
+        """The views' outputs of the block before the embedding layer, as one batch (view 1's cells, then view 2's):
+        each view's first layer on its own (a view is a batch and a mask), the rest together."""
+        h = torch.cat([self.first_layer(encoder, *view) for view in views])
+        last = max(i for i, m in enumerate(encoder) if isinstance(m, nn.Linear))  # the embedding layer
+        return self.net(nn.Sequential(*list(encoder)[1:last]), h)
 
     def forward(self, x, labels=None, step: int = 0):
-        v1, v2 = (augmented_view(x, self.seed, step, v, self.intensity, self.dropout, self.p) for v in (0, 1))
-        loss = self._pair_loss(v1, v2) + self._pair_loss(v2, v1)
+        views = [augmented_view(x, self.seed, step, v, self.intensity, self.dropout, self.p) for v in (0, 1)]
+        online = self.net(lambda v: self.predictor(self.projector(v)), self._block(self.encoder, views))
+        with torch.no_grad():
+            target = self.net(self.target_projector, self._block(self.target_encoder, views))
+        online, target = F.normalize(online, dim=1), F.normalize(target, dim=1)
+        (p1, p2), (t1, t2) = online.chunk(2), target.chunk(2)
+        loss = (2 - 2 * (p1 * t2).sum(1)).mean() + (2 - 2 * (p2 * t1).sum(1)).mean()
         return loss, {"loss": loss.detach()}
 
     @torch.no_grad()
     def after_step(self) -> None:
+        if self.target == "frozen":
+            return
         for online, target in ((self.encoder, self.target_encoder), (self.projector, self.target_projector)):
             for p, t in zip(online.parameters(), target.parameters()):
                 t.mul_(self.ema).add_(p.detach(), alpha=1 - self.ema)

@@ -60,9 +60,9 @@ def schedule(cfg: TrainConfig, steps_per_epoch: float):
     if cfg.scheduler == "step":
         every = max(1, round(cfg.lr_step_epochs * steps_per_epoch))
         return lambda step: cfg.lr_gamma ** (step // every)
-    if cfg.scheduler == "warmup_cosine":
-        warmup = max(1, round(cfg.warmup_fraction * cfg.max_steps))
-        decay = max(1, cfg.max_steps - warmup)
+    if cfg.scheduler == "warmup_cosine":  # in epochs, as the reference: a short run ends early in its schedule
+        warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch))
+        decay = max(1, round(cfg.schedule_epochs * steps_per_epoch) - warmup)
 
         def factor(step: int) -> float:
             if step < warmup:

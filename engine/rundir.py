@@ -15,8 +15,9 @@ from .config import TrainConfig
 
 LOCK_FILE = ".lock"  # held by the run writing the folder (loaders/lock.py)
 # what a run writes into its folder (--overwrite removes these and nothing else)
-RUN_FILES = ("config.json", "log.jsonl", "checkpoints", "model.safetensors", "model.pt", "tensorboard", "csv_monitor")
-RUN_GLOBS = ("trace-rank*.jsonl", ".model.safetensors.tmp-*")
+RUN_FILES = ("config.json", "log.jsonl", "checkpoints", "model.safetensors", "model-last.safetensors", "model.pt",
+             "tensorboard", "csv_monitor")
+RUN_GLOBS = ("trace-rank*.jsonl", ".model.safetensors.tmp-*", ".model-last.safetensors.tmp-*")
 # what a user may change when continuing a run: how long it goes on, how often it reports, and how batches reach the
 # model (the same numbers either way)
 RESUMABLE_FIELDS = ("max_steps", "log_every", "val_every", "checkpoint_every", "resume", "overwrite", "trace",

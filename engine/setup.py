@@ -114,7 +114,7 @@ def build_objective(cfg: TrainConfig, store: CellStore) -> Objective:
         objective = Supervised(g, cfg.model, len(categories), cfg.seed, weights)
     elif o.name == "byol":
         objective = BYOL(g, cfg.model, ema=o.ema, seed=cfg.seed, p=o.augment_p, intensity=o.noise_intensity,
-                         dropout=o.dropout_intensity)
+                         dropout=o.dropout_intensity, target=o.byol_target)
     elif o.name == "barlow_twins":
         objective = BarlowTwins(g, cfg.model, lambd=o.lambd, seed=cfg.seed, intensity=o.noise_intensity,
                                 dropout=o.dropout_intensity)

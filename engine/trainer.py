@@ -249,9 +249,10 @@ class Trainer:
                     break
         finally:
             log.close()
-        if self.rank == 0 and (self.validator is None or self.validator.select == "last"):
+        if self.rank == 0:  # a model kept by validation was exported when it was best; the last step beside it
+            last = self.validator is None or self.validator.select == "last"
             self._check_weights(self.progress.step)
-            self._export(out / checkpoint.MODEL_FILE)
+            self._export(out / (checkpoint.MODEL_FILE if last else checkpoint.LAST_MODEL_FILE))
         return out / checkpoint.MODEL_FILE
 
     def _lock(self, out: Path) -> FolderLock | None:

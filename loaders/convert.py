@@ -269,7 +269,7 @@ def _passes(source, alignment, dest, splits, seed, value_kind, layout, progress,
     nnz = sum(int(buckets.spill(r).rows(b)["nnz"].sum()) for r in buckets.roots
               for b in range(-(-source.n_cells // buckets.rows)))
     writer = CellStoreWriter(tmp, alignment.target, kind, value_dtype, _obs_schema(source), source.categories,
-                             source.n_cells, nnz, layout)
+                             source.n_cells, nnz, layout, source.hierarchy)
     indptr = index_pass(buckets, source.n_cells, source, writer)
     writer.write_offsets(indptr)
     extra = {"gene_alignment": alignment.report(), "source_scale": plan.kind.scale}

@@ -30,6 +30,7 @@ SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                  "test": "test", "testing": "test"}
 CATEGORIES_KEY = b"cellssl.categories"
+HIERARCHY_KEY = b"cellssl.hierarchy"  # per categorical column, the children of each code (scTab's cell types)
 MAX_METADATA_BYTES = 1 << 20  # a zarr.json cellssl writes is a few kB
 MAX_INDPTR_RATIO = 8           # decoded ÷ stored bytes of X/indptr: real offsets compress about 3×
 _DATA_DTYPES = {"float32", "uint16", "uint32"}
@@ -75,7 +76,8 @@ class CellStoreWriter:
     processes (`write_values`), each shard by exactly one: the bytes do not depend on how many wrote them."""
 
     def __init__(self, path: str | Path, genes: GeneSpace, value_kind: str, data_dtype, obs_schema: pa.Schema,
-                 categories: dict[str, list[str]], n_cells: int, nnz: int, layout: Layout = Layout()):
+                 categories: dict[str, list[str]], n_cells: int, nnz: int, layout: Layout = Layout(),
+                 hierarchy: dict[str, list[list[int]]] | None = None):
         if value_kind not in VALUE_KINDS:
             raise ValueError(f"value_kind must be one of {VALUE_KINDS}, not {value_kind!r}")
         self.path, self.genes, self.value_kind, self.layout = Path(path), genes, value_kind, layout
@@ -92,6 +94,8 @@ class CellStoreWriter:
         array("indices", nnz, idx_dtype, layout.chunk, layout.shard, index_fill_value(idx_dtype))
         array("data", nnz, data_dtype, layout.chunk, layout.shard, 0)
         meta = {CATEGORIES_KEY: json.dumps(categories).encode()}
+        if hierarchy:  # in the obs file's metadata: covered by its checksum like the categories
+            meta[HIERARCHY_KEY] = json.dumps(hierarchy).encode()
         self.obs_schema = obs_schema.with_metadata(meta)
         self.obs_writer = pq.ParquetWriter(self.path / "obs.parquet", self.obs_schema, compression="zstd")
         genes.to_frame().to_parquet(self.path / "var.parquet", index=False)
@@ -385,6 +389,18 @@ class CellStore:
         """Full label list of each categorical obs column (codes index into it)."""
         meta = pq.read_schema(self.path / "obs.parquet").metadata or {}
         return json.loads(meta.get(CATEGORIES_KEY, b"{}"))
+
+    def hierarchy(self, column: str) -> list[list[int]] | None:
+        """The children (direct and indirect) of each code of a categorical column, where the source carried a
+        hierarchy (scTab's cell types); None otherwise."""
+        meta = pq.read_schema(self.path / "obs.parquet").metadata or {}
+        children = json.loads(meta.get(HIERARCHY_KEY, b"{}")).get(column)
+        if children is None:
+            return None
+        n = len(self.categories.get(column, []))
+        if len(children) != n or not all(isinstance(c, int) and 0 <= c < n for kids in children for c in kids):
+            _fail(self.path / "obs.parquet", f"the hierarchy of {column!r} does not match its {n} categories")
+        return children
 
     def obs(self, columns: list[str] | None = None) -> pd.DataFrame:
         """obs in store order; categorical columns carry their full category list."""

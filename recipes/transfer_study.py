@@ -1,33 +1,26 @@
-"""Recipe: the paper's transfer-learning study on the synthetic atlas (see engine/transfer.py).
-`python recipes/transfer_study.py [--seeds 0,1,2,3,4] [--pretrain-steps 300] [--finetune-steps 150] [--out DIR]`;
-writes records.json (every run) and summary.md (mean ± sd over seeds, paired differences) in --out."""
-import argparse
+"""Recipe: the paper's question as a study (engine/transfer.py): SSL pretraining on an auxiliary atlas, fine-tuning on
+shares of a labelled target, against the supervised baseline, over seeds.
+`python recipes/transfer_study.py [--aux STORE --target STORE] [--label-shares 0.01,0.05,0.2,1] [--seeds 0,1,2,3,4]
+[--out DIR]`; `--help` lists every setting. Writes records.json (every run) and summary.md (scores per share,
+paired differences with t intervals) in --out; the synthetic atlas is the default data."""
+import sys
 from pathlib import Path
 
-from cellssl.engine.transfer import METHODS, StudyConfig, run_study, summary
+from cellssl.engine.options import OneLineParser, add_options, apply
+from cellssl.engine.study_stats import summary
+from cellssl.engine.transfer import StudyConfig, run_study
+from cellssl.loaders import InputError
 
 if __name__ == "__main__":
-    d = StudyConfig()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=d.out)
-    p.add_argument("--aux-cells", type=int, default=d.aux_cells)
-    p.add_argument("--target-cells", type=int, default=d.target_cells)
-    p.add_argument("--n-genes", type=int, default=d.n_genes, help="reference genes kept (0: all 19,350)")
-    p.add_argument("--methods", default=",".join(d.methods), help=f"SSL on auxiliary: subset of {','.join(METHODS)} (experiment names)")
-    p.add_argument("--target-methods", default=",".join(d.target_methods), help="SSL on the target itself")
-    p.add_argument("--seeds", default=",".join(map(str, d.seeds)))
-    p.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps)
-    p.add_argument("--finetune-steps", type=int, default=d.finetune_steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--finetune-batch-size", type=int, default=d.finetune_batch_size)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision)
-    a = p.parse_args()
-    split = lambda s: tuple(x for x in s.split(",") if x)  # noqa: E731
-    cfg = StudyConfig(out=a.out, aux_cells=a.aux_cells, target_cells=a.target_cells, n_genes=a.n_genes,
-                      methods=split(a.methods), target_methods=split(a.target_methods),
-                      seeds=tuple(int(s) for s in split(a.seeds)), pretrain_steps=a.pretrain_steps,
-                      finetune_steps=a.finetune_steps, batch_size=a.batch_size,
-                      finetune_batch_size=a.finetune_batch_size, precision=a.precision)
-    table = summary(run_study(cfg))
-    (Path(a.out) / "summary.md").write_text(table)
+    parser = OneLineParser(prog="transfer_study.py", description=__doc__.splitlines()[0], allow_abbrev=False)
+    paths = add_options(parser, StudyConfig())
+    try:
+        cfg = apply(StudyConfig(), parser.parse_args(), paths)
+        records = run_study(cfg)
+    except InputError as exc:  # the user's data or settings: one line, no traceback
+        sys.exit(f"cellssl: error: {exc}")
+    stores = f"auxiliary store: {cfg.aux or Path(cfg.out) / 'auxiliary.cellstore'}; target: " + (
+        cfg.target or f"a synthetic draw per seed ({Path(cfg.out)}/target-seed*.cellstore)")
+    table = f"{stores}\n\n" + summary(records, cfg.margin)
+    (Path(cfg.out) / "summary.md").write_text(table)
     print(table)

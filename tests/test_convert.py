@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import gene_table, make_anndata, write_10x
 
-from cellssl.loaders import CellStore
+from cellssl.loaders import CellStore, InputError
 from cellssl.loaders.convert import convert, open_source
 
 
@@ -130,6 +130,24 @@ def test_sctab_round_trip(tmp_path):
                                                                        for t in tables]))
     n_train = sum(len(pq.read_table(f)) for f in parts["train"])
     assert store.split("train") == (0, n_train)
+    # the synthetic types are all leaves: each is only its own "child" (the identity the writer stores)
+    assert store.hierarchy("cell_type") == [[i] for i in range(len(labels))]
+
+
+def test_sctab_cell_type_hierarchy_is_kept_and_checked(tmp_path):
+    from cellssl.loaders.synth import synth
+
+    src = synth(tmp_path / "merlin", 300, "sctab-parquet", progress=False)
+    matrix_file = src / "cell_type_hierarchy" / "child_matrix.npy"
+    n = np.load(matrix_file).shape[0]
+    matrix = np.zeros((n, n), np.int8)
+    matrix[0, [1, 2]] = 1  # type 0 is the parent of types 1 and 2
+    np.save(matrix_file, matrix)
+    store = convert(open_source("sctab", src), tmp_path / "out", progress=False)
+    assert store.hierarchy("cell_type")[:3] == [[1, 2], [], []] and store.hierarchy("dataset_id") is None
+    np.save(matrix_file, np.zeros((n, n + 1)))
+    with pytest.raises(InputError, match=r"child_matrix.npy: a \(\d+, \d+\) array.*Fix: use the child matrix"):
+        open_source("sctab", src)
 
 
 def test_splits_and_shuffle(tmp_path, h5ad_csr):

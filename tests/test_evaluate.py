@@ -41,6 +41,31 @@ def test_linear_probe_and_knn_on_separable_and_on_shuffled_labels():
     assert celltype.knn(z_train, shuffled, z_test, y_test)["macro_f1"] < 0.45
 
 
+def test_paper_knn_drops_the_nearest_validation_cell_and_votes_the_next_k():
+    # each test cell sits on a validation cell of the wrong type; its next 5 neighbours are of its own type
+    z_test = np.arange(6, dtype=float)[:, None] * 100
+    y_test = np.arange(6) % 2
+    z_val = np.concatenate([z_test + 0.01, *(z_test + 1 + i for i in range(5))])
+    y_val = np.concatenate([1 - y_test, *([y_test] * 5)])
+    assert celltype.paper_knn(z_val, y_val, z_test, y_test)["macro_f1"] == 1.0
+    assert celltype.knn(z_val, y_val, z_test, y_test, k=1)["macro_f1"] == 0.0  # the neighbour it drops
+    # a tie among the k votes goes to the lowest code, as numpy's bincount-argmax
+    votes = celltype.paper_knn(np.array([[0.0], [1], [2], [3], [4]]), np.array([9, 2, 1, 2, 1]),
+                               np.array([[0.0]]), np.array([1]), k=4)
+    assert votes["macro_f1"] == 1.0
+
+
+def test_hierarchy_correction_counts_a_predicted_child_as_the_true_type():
+    children = [[1, 2], [2], []]  # 0 → 1 → 2
+    y_true, y_pred = np.array([0, 0, 1, 2, 2]), np.array([1, 2, 2, 0, 1])
+    assert celltype.hierarchy_corrected(y_true, y_pred, children).tolist() == [0, 0, 1, 0, 1]  # parents stay wrong
+    assert celltype.hierarchy_corrected(y_true, y_pred, None).tolist() == y_pred.tolist()
+    z = np.array([[0.0], [0.1], [0.2], [10], [10.1], [10.2]])
+    scores = celltype.paper_knn(z, np.array([1, 1, 1, 2, 2, 2]), np.array([[0.05], [10.05]]), np.array([0, 1]), k=2,
+                                children=children)
+    assert scores["macro_f1"] == 1.0 and scores["hierarchy_corrected"]
+
+
 def test_unlabelled_cells_are_left_out_and_mismatches_refused():
     z, y = clusters(300, 3, 0)
     y_gaps = y.copy()
@@ -114,7 +139,9 @@ def test_cellssl_eval_end_to_end(small_store, tmp_path):
     names = {"mae", "PCA", "no pretraining"}
     assert set(results["representations"]) == names
     assert set(results["cell_type"]) == names
-    assert set(results["cell_type"]["mae"]) == {"linear_probe", "knn", "finetune"}
+    assert set(results["cell_type"]["mae"]) == {"linear_probe", "knn", "paper_knn", "finetune"}
+    assert np.isfinite(results["cell_type"]["mae"]["finetune"]["paper_knn"]["macro_f1"])
+    assert not results["cell_type"]["mae"]["paper_knn"]["hierarchy_corrected"]  # a synthetic store: no hierarchy
     assert "finetune" not in results["cell_type"]["PCA"]
     assert set(results["reconstruction"]) == {"mae", "PCA"}
     assert set(results["reconstruction"]["mae"]) == {"all", "masked"}
@@ -127,7 +154,7 @@ def test_cellssl_eval_end_to_end(small_store, tmp_path):
             "variance_weighted"], results["cross_modality"]["PCA"]["frozen"]["pearson_per_feature"]):
         assert np.isfinite(value)
     table = (out / "results.md").read_text()
-    assert "| mae |" in table and "PCA *(baseline)*" in table and "scIB total" in table
+    assert "| mae |" in table and "PCA *(baseline)*" in table and "scIB total" in table and "paper kNN F1" in table
     assert "Per-class F1 on the test split" in table and ("| cell type | test cells | mae (fine-tuned) | PCA (linear "
                                                           "probe) | no pretraining (fine-tuned) |") in table
     assert {p.name for p in (out / "plots").iterdir()} == {"umap_mae.png", "umap_PCA.png",
@@ -157,3 +184,19 @@ def test_integration_without_scib_metrics_is_refused_up_front_or_skipped(small_s
     monkeypatch.setattr(suite.celltype, "finetune", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("ran")))
     with pytest.raises(RuntimeError, match="ran"):  # default tasks: it goes on to the work (skipping integration)
         suite.evaluate(suite.EvalConfig(data=str(small_store), out=str(tmp_path)))
+
+
+def test_a_child_matrix_can_be_passed_and_is_checked(small_store, tmp_path):
+    from cellssl.engine.evaluate.suite import EvalConfig, hierarchy
+
+    store = CellStore(small_store)
+    n = len(store.categories["cell_type"])
+    assert hierarchy(EvalConfig(data=str(small_store)), store) is None  # the synthetic store carries none
+    matrix = np.zeros((n, n), np.int8)
+    matrix[0, 1] = 1
+    np.save(tmp_path / "children.npy", matrix)
+    got = hierarchy(EvalConfig(data=str(small_store), child_matrix=str(tmp_path / "children.npy")), store)
+    assert got[0] == [1] and got[1] == []
+    np.save(tmp_path / "bad.npy", np.zeros((n, 2)))
+    with pytest.raises(InputError, match=f"bad.npy: a \\({n}, 2\\) array.*Fix: pass a {n} × {n} child matrix"):
+        hierarchy(EvalConfig(data=str(small_store), child_matrix=str(tmp_path / "bad.npy")), store)

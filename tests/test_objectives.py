@@ -44,7 +44,8 @@ def test_loss_falls(synthetic_store, name, mask):
                                                             "programmes.gmt")) if mask != "random" else None
     per = "cell" if mask in ("gp_to_gp", "gp_to_tf") else "batch"  # one programme per batch is too noisy to see
     objective = build_objective(config(name, mask, programmes, per=per), store)
-    trace = losses(objective, store)
+    # BYOL's target moves only by EMA: its loss first rises while the target catches up (80 steps show the fall)
+    trace = losses(objective, store, steps=80 if name == "byol" else 40)
     assert all(map(lambda v: v == v, trace))  # no NaN
     first, last = sum(trace[:5]) / 5, sum(trace[-5:]) / 5
     assert last < 0.8 * first, (name, mask, first, last)

@@ -13,7 +13,7 @@ from test_trainer import recipe_args, run
 from cellssl.engine import optim
 from cellssl.engine.config import TrainConfig
 from cellssl.engine.experiments import EXPERIMENTS, PRETRAINING
-from cellssl.engine.models import ModelConfig
+from cellssl.engine.models import AutoEncoder, ModelConfig
 from cellssl.engine.setup import build_objective, class_weights
 from cellssl.engine.trainer import deepspeed_config
 from cellssl.loaders import BatchStream, CellStore
@@ -31,6 +31,21 @@ def test_registry_holds_the_reference_settings():
     assert (bt.optimizer, bt.lr, bt.lr_biases, bt.scheduler, bt.gradient_clipping, bt.model.dropout,
             bt.objective.lambd) == ("lars", 0.2, 0.0048, "warmup_cosine", 0.0, 0.0, 0.0051)
     assert (ft.lr, ft.weight_decay, ft.objective.class_weighted) == (9e-4, 0.05, True)
+    # the scripts' values (scripts/pretraining/contrastive/*/BYOL.sh, BT.sh; masking/gp_to_gp, gp_to_tf/MLP.sh)
+    assert (byol.objective.augment_p, byol.objective.noise_intensity, bt.objective.noise_intensity) == (0.3, 0.2, 0.2)
+    assert (bt.warmup_epochs, bt.schedule_epochs) == (10, 1000)
+    gp, tf = EXPERIMENTS["mae_gp_to_gp"], EXPERIMENTS["mae_gp_to_tf"]
+    assert (gp.model.dropout, gp.weight_decay, gp.batch_size, tf.model.dropout, tf.weight_decay, tf.batch_size) == (
+        0.05, 0.0, 32768, 0.05, 0.0, 16384)
+    # pretraining keeps the best validation loss (the reference's best_checkpoint_val, what fine-tuning starts from)
+    assert {EXPERIMENTS[k].select for k in PRETRAINING} == {"val_loss"}
+    # the reference's classifier: ReLU, a block after the embedding, batch 16,384, best validation loss; dropout 0
+    # from a pretrained encoder, 0.1 from scratch; our SELU variant one name away
+    sup, sup_selu = EXPERIMENTS["supervised"], EXPERIMENTS["supervised_selu"]
+    assert (ft.model.activation, ft.model.head_block, ft.batch_size, ft.select, ft.model.dropout) == (
+        "relu", True, 16384, "val_loss", 0.0)
+    assert (sup.model.activation, sup.model.dropout, sup_selu.model.activation, sup_selu.model.head_block,
+            sup_selu.select) == ("relu", 0.1, "selu", False, "val_macro_f1")
     assert set(PRETRAINING) < set(EXPERIMENTS)
     assert deepspeed_config(mae, 1)["gradient_clipping"] == 1.0 and "optimizer" not in deepspeed_config(bt, 1)
 
@@ -38,9 +53,12 @@ def test_registry_holds_the_reference_settings():
 def test_schedules():
     step = optim.schedule(EXPERIMENTS["mae_random"], steps_per_epoch=5)
     assert [step(s) for s in (0, 9, 10, 25)] == [1.0, 1.0, 0.9, pytest.approx(0.81)]
-    bt = optim.schedule(TrainConfig(scheduler="warmup_cosine", warmup_fraction=0.1, max_steps=100), 5)
+    bt = optim.schedule(TrainConfig(scheduler="warmup_cosine", warmup_epochs=2, schedule_epochs=20, max_steps=100), 5)
     assert bt(0) == pytest.approx(0.1) and bt(9) == pytest.approx(1.0) and bt(100) == pytest.approx(0.001)
     assert bt(10) > bt(50) > bt(90)
+    # in epochs, as the reference: a shorter run follows the same curve and stops early on it
+    short = optim.schedule(TrainConfig(scheduler="warmup_cosine", warmup_epochs=2, schedule_epochs=20, max_steps=30), 5)
+    assert [short(s) for s in range(30)] == [bt(s) for s in range(30)]
     assert optim.schedule(TrainConfig(scheduler="none"), 5)(1000) == 1.0
 
 
@@ -101,13 +119,68 @@ def test_finetuning_exports_the_best_validation_step(synthetic_store, tmp_path):
 
     out = tmp_path / "sup"
     run([sys.executable, "recipes/supervised.py", *recipe_args(synthetic_store, out, 8), "--val-every", "2",
-         "--val-batches", "100", "--lr", "0.05", "--hidden", "32", "--latent", "8"])
+         "--val-batches", "100", "--lr", "0.05", "--hidden", "32", "--latent", "8", "--select", "val_macro_f1"])
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     scores = [r for r in records if "val_macro_f1" in r]
     best = max(scores, key=lambda r: r["val_macro_f1"])
     assert best.get("best") and len(scores) == 4
+    assert (out / "model-last.safetensors").is_file()  # the last step kept beside the best
     store = CellStore(synthetic_store)
     start, stop = store.split("val")
     y = store.obs_codes("cell_type")[start:stop]
     predicted = classify(out / "model.safetensors", store, "val")
     assert f1_scores(y, predicted)["macro_f1"] == pytest.approx(best["val_macro_f1"], abs=1e-6)
+
+
+# The reference's classifier, written down from its code (models/base/base.py MLP with ReLU, built by MLPClassifier
+# with hidden_channels = [512, 512, 256, 256, 64] + [classes]): (module, in, out) in order; dropout modules carry p.
+REFERENCE_CLASSIFIER = [("Linear", "genes", 512), ("ReLU",), ("Dropout",), ("Linear", 512, 512), ("ReLU",),
+                        ("Dropout",), ("Linear", 512, 256), ("ReLU",), ("Dropout",), ("Linear", 256, 256), ("ReLU",),
+                        ("Dropout",), ("Linear", 256, 64), ("ReLU",), ("Dropout",), ("Linear", 64, "classes")]
+
+
+def _structure(modules, genes: int, classes: int) -> list[tuple]:
+    names = {genes: "genes", classes: "classes"}
+    out = []
+    for m in modules:
+        if isinstance(m, torch.nn.Identity):  # our norm slot, empty without --norm
+            continue
+        if isinstance(m, torch.nn.Linear):
+            out.append(("Linear", names.get(m.in_features, m.in_features), names.get(m.out_features, m.out_features)))
+        else:
+            out.append((type(m).__name__,))
+    return out
+
+
+def test_the_registry_classifier_is_the_reference_network(tmp_path):
+    from cellssl.engine.objectives import Supervised
+
+    genes, classes = 300, 7
+    for name in ("supervised", "finetune"):
+        model = Supervised(genes, EXPERIMENTS[name].model, classes)
+        assert _structure([*model.encoder, model.classifier], genes, classes) == REFERENCE_CLASSIFIER, name
+    selu = Supervised(genes, EXPERIMENTS["supervised_selu"].model, classes)
+    assert ("SELU",) in _structure(selu.encoder, genes, classes) and not isinstance(selu.encoder[-1], torch.nn.Dropout)
+    # a SELU-pretrained encoder loads into it: its Linear layers sit at the same indices (the reference's
+    # update_weights maps them by position)
+    pretrained = AutoEncoder(genes, ModelConfig()).encoder.state_dict()
+    model = Supervised(genes, EXPERIMENTS["finetune"].model, classes)
+    model.encoder.load_state_dict(pretrained)
+    assert torch.equal(model.encoder[16].weight, pretrained["16.weight"])
+
+
+def test_byol_reads_the_256_unit_block_and_passes_both_views_together():
+    from cellssl.engine.objectives import BYOL
+
+    model = BYOL(300, ModelConfig(), seed=0)
+    assert model.projector[0].in_features == 256  # the reference's hidden_layer=-2
+    x = torch.rand(16, 300)
+    loss, _ = model(x, None, 0)
+    loss.backward()
+    assert model.encoder[16].weight.grad is None  # the embedding layer gets no gradient in BYOL, as the reference
+    assert model.encoder[0].weight.grad is not None
+    seen = []
+    hook = model.projector[1].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    model(x, None, 1)
+    hook.remove()
+    assert seen == [32]  # one BatchNorm pass over both views (2 × 16 cells), not one per view

@@ -2,49 +2,76 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from test_trainer import run
 
-from cellssl.engine.transfer import paired, summary
+ROOT = Path(__file__).resolve().parents[1]
+
+from cellssl.engine.study_stats import paired, summary
 
 
-def test_transfer_study_runs_every_setting(tmp_path):
+def test_label_share_study_runs_every_setting_on_its_own_draws(tmp_path):
     out = tmp_path / "study"
     run([sys.executable, "recipes/transfer_study.py", "--out", str(out), "--aux-cells", "2000", "--target-cells",
-         "600", "--n-genes", "800", "--seeds", "0", "--pretrain-steps", "2", "--finetune-steps", "2",
-         "--batch-size", "256", "--finetune-batch-size", "128", "--methods", "mae_random",
-         "--target-methods", "byol"])
+         "600", "--n-genes", "800", "--seeds", "0,1", "--label-shares", "0.1,1", "--pretrain-steps", "2",
+         "--finetune-steps", "2", "--batch-size", "256", "--methods", "mae_random", "--target-methods", "byol"])
     records = json.loads((out / "records.json").read_text())["records"]
-    assert [(r["setting"], r["method"]) for r in records] == [("a", "supervised"), ("b", "mae_random"), ("c", "byol")]
-    assert all(0.0 <= r["macro_f1"] <= 1.0 for r in records) and "knn_macro_f1" in records[1]
-    assert 0.0 <= records[1]["probe_macro_f1"] <= 1.0 and 0.0 < records[1]["masked_fraction"] < 1.0
-    assert records[2]["masked_fraction"] is None and records[1]["pretrain_epochs"] > 0
+    assert [(r["seed"], r["share"], r["setting"], r["method"]) for r in records][:3] == [
+        (0, 0.1, "a", "supervised"), (0, 0.1, "b", "mae_random"), (0, 0.1, "c", "byol")]
+    assert len(records) == 2 * 2 * 3
+    assert {r["labelled_cells"] for r in records} == {36, 360}  # 10 % and all of the 360 training cells
+    assert all(0.0 <= r[k] <= 1.0 for r in records for k in ("macro_f1", "paper_knn_f1"))
+    assert all("frozen_paper_knn_f1" in r for r in records if r["setting"] != "a")
     from cellssl import loaders
 
     aux = loaders.CellStore(out / "auxiliary.cellstore")
-    target = loaders.CellStore(out / "target.cellstore")
+    targets = [loaders.CellStore(out / f"target-seed{s}.cellstore") for s in (0, 1)]
     assert set(aux.obs()["dataset_id"].unique()) <= {f"dataset_{d:02d}" for d in range(10)}
-    assert set(target.obs()["dataset_id"].unique()) <= {"dataset_10", "dataset_11"}
-    assert aux.n_genes == target.n_genes == 800 and list(aux.genes.gene_id) == list(target.genes.gene_id)
-    assert "(b) SSL on auxiliary" in (out / "summary.md").read_text()
+    assert set(targets[0].obs()["dataset_id"].unique()) <= {"dataset_10", "dataset_11"}
+    assert aux.n_genes == targets[0].n_genes == 800 and list(aux.genes.gene_id) == list(targets[1].genes.gene_id)
+    assert targets[0].values_checksum() != targets[1].values_checksum()  # each seed draws its own target
+    text = (out / "summary.md").read_text()
+    assert "paper kNN F1" in text and "| 10% | (b) mae_random | 2 |" in text and "auxiliary store:" in text
 
 
-def test_summary_reports_mean_spread_and_paired_differences():
-    records = [{"seed": s, "setting": "a", "method": "supervised", "macro_f1": f, "micro_f1": 0.9}
+def test_the_study_runs_on_given_stores_and_refuses_typos(tmp_path):
+    from cellssl.loaders.synth import synth
+
+    aux = synth(tmp_path / "aux.cellstore", 1500, progress=False)
+    target = synth(tmp_path / "target.cellstore", 500, progress=False, draw=1, val_frac=0.1, test_frac=0.3)
+    out = tmp_path / "study"
+    args = [sys.executable, "recipes/transfer_study.py", "--out", str(out), "--aux", str(aux), "--target", str(target),
+            "--seeds", "0", "--label-shares", "1", "--pretrain-steps", "1", "--finetune-steps", "1",
+            "--batch-size", "256", "--methods", "mae_random"]
+    run(args)
+    assert f"auxiliary store: {aux}; target: {target}" in (out / "summary.md").read_text()
+    done = subprocess.run([*args[:2], "--label-share", "0.5"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode != 0 and "unrecognized arguments: --label-share" in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_summary_reports_seeds_as_they_are_and_paired_t_intervals():
+    records = [{"seed": s, "share": 0.1, "setting": "a", "method": "supervised", "macro_f1": f, "paper_knn_f1": f}
                for s, f in enumerate([0.5, 0.7, 0.6])]
-    records += [{"seed": s, "setting": "b", "method": "mae_random", "macro_f1": f, "micro_f1": 0.9,
-                 "probe_macro_f1": 0.5, "knn_macro_f1": 0.4, "masked_fraction": 0.5}
+    records += [{"seed": s, "share": 0.1, "setting": "b", "method": "mae_random", "macro_f1": f, "paper_knn_f1": f,
+                 "frozen_paper_knn_f1": 0.4, "knn_macro_f1": 0.4, "probe_macro_f1": 0.5, "masked_fraction": 0.5}
                 for s, f in enumerate([0.6, 0.8, 0.65])]
-    table = summary(records)
-    assert "| (a) supervised on the target only | supervised | 3 | 0.6000 ± 0.1000 | 0.9000 ± 0.0000 | – | – | – |" \
-        in table
-    assert "| (b) mae_random | +0.0833 | [+0.0500, +0.1000] | 3/3 | 0.250 |" in table
+    table = summary(records, margin=0.02)
+    assert "| (a) supervised on the labelled share | supervised | 0.600 [0.500, 0.700] |" in table
+    # differences 0.10, 0.10, 0.05: mean 0.0833, sd 0.0289, t(2, 0.975) = 4.303 → ± 0.0717
+    assert "| 10% | (b) mae_random | 3 | +0.083 | [+0.012, +0.155] |" in table and "| better |" in table
 
 
-def test_paired_differences():
-    r = paired(np.zeros(5), np.array([0.1, 0.2, -0.1, 0.3, 0.1]))
+def test_paired_differences_and_the_stated_margin():
+    r = paired(np.zeros(5), np.array([0.1, 0.2, -0.1, 0.3, 0.1]), margin=0.02)
     assert r["mean"] == pytest.approx(0.12) and r["wins"] == 4 and r["n"] == 5
-    assert r["low"] < 0.12 < r["high"] and r["p"] == pytest.approx(0.375)
+    assert r["t_low"] < 0.12 < r["t_high"] and r["boot_low"] < 0.12 < r["boot_high"]
+    assert r["verdict"] == "inconclusive"  # neither side of zero, nor inside ±0.02
+    tight = paired(np.zeros(6), np.array([0.001, -0.002, 0.0, 0.001, 0.002, -0.001]), margin=0.02)
+    assert tight["verdict"] == "negligible (within ±0.02)"
+    assert paired(np.zeros(4), -np.array([0.1, 0.12, 0.11, 0.09]), margin=0.02)["verdict"] == "worse"

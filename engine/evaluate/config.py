@@ -23,12 +23,20 @@ class EvalConfig:
                                            "numeric column named protein_*)")
     tasks: tuple[str, ...] = opt(TASKS, f"comma-separated subset of {','.join(TASKS)}")
     baselines: bool = opt(True, "PCA and the supervised model trained from scratch beside the models")
-    finetune_steps: int = opt(200, "fine-tuning steps per model (and for the from-scratch baseline)",
+    finetune_steps: int = opt(25, "fine-tuning steps per model (and for the from-scratch baseline)",
                               check=at_least(1))
+    finetune_batch_size: int = opt(16384, "cells per fine-tuning step (the reference's 16,384; capped at the train "
+                                   "split)", check=at_least(1))
+    classifier: str = opt("reference", "the fine-tuned network and protocol: the reference's (ReLU, best validation "
+                          "loss) or ours (the encoder's SELU network, best validation macro F1)",
+                          choices=("reference", "selu"))
     crossmodal_steps: int = opt(200, "steps of the end-to-end cross-modality training", check=at_least(1))
-    batch_size: int = opt(2048, "cells per step of fine-tuning and cross-modality training", check=at_least(1))
+    batch_size: int = opt(2048, "cells per step of cross-modality training", check=at_least(1))
     precision: str = opt("fp32", "fine-tuning precision", choices=("fp32", "bf16"))
-    knn: int = opt(5, "neighbours of the zero-shot kNN classifier", check=at_least(1))
+    knn: int = opt(5, "neighbours of the kNN classifiers (ours and the paper's)", check=at_least(1))
+    child_matrix: str | None = opt(None, "cell-type child matrix (.npy, types × types, row i marking the children of "
+                                   "type i) for the paper's hierarchy-corrected kNN score; default: the store's own "
+                                   "(scTab conversions keep it), else no correction")
     mask_rate: float | None = opt(0.5, "also score reconstruction on the positions of a random mask of this rate",
                                   check=fraction)
     integration_cells: int = opt(10_000, "subsample for the scIB metrics", check=at_least(2))

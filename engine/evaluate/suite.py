@@ -63,7 +63,7 @@ def workload(cfg: EvalConfig, store: CellStore, models: int) -> dict[str, float]
     """The work of each kind of stage, and the total, for `models` models (Clock's units)."""
     n_train, n_test = _sizes(store)
     reps = models + 2 * cfg.baselines
-    work = {"finetune": cfg.finetune_steps * min(cfg.batch_size, n_train) * 3 + n_test,
+    work = {"finetune": cfg.finetune_steps * min(cfg.finetune_batch_size, n_train) * 3 + 2 * n_test,
             "embed": n_train + n_test,  # measured: a frozen head's 100 epochs cost about 0.3 units a train cell
             "crossmodal": cfg.crossmodal_steps * min(cfg.batch_size, n_train) * 6 + n_test + 30 * n_train,
             "reconstruction": 4 * n_test, "integration": 100_000 + 10 * min(cfg.integration_cells, n_test) * reps,
@@ -93,32 +93,60 @@ class _Run:
             self.clock.stage("baseline: the supervised model from scratch (fine-tuning protocol)",
                              self.work["finetune"])
             self.finetuned[NO_PRETRAINING] = celltype.finetune(store, cfg.label, out / "no_pretraining", None,
-                                                               cfg.finetune_steps, cfg.batch_size, cfg.seed,
-                                                               cfg.precision)
+                                                               cfg.finetune_steps, cfg.finetune_batch_size, cfg.seed,
+                                                               cfg.precision, cfg.classifier)
             scratch = ModelRepresentation(self.finetuned[NO_PRETRAINING], NO_PRETRAINING)
             scratch.kind = "baseline"
             self.reps += [self.pca, scratch]
         self.clock.stage(f"embedding the train and test cells with {len(self.reps)} representation(s)",
                          self.work["embed"] * len(self.reps))
-        self.z = {rep.name: {s: rep.embed(store, s) for s in ("train", "test")} for rep in self.reps}
-        self.y = {s: labels(store, cfg.label, s) for s in ("train", "test")}
+        self.splits = ("train", "val", "test") if "val" in store.splits else ("train", "test")
+        self.z = {rep.name: {s: rep.embed(store, s) for s in self.splits} for rep in self.reps}
+        self.y = {s: labels(store, cfg.label, s) for s in self.splits}
+        self.children = hierarchy(cfg, store)
+
+
+def hierarchy(cfg: EvalConfig, store: CellStore) -> list[list[int]] | None:
+    """The children of each label code for the paper's correction: --child-matrix, else the store's own."""
+    if cfg.child_matrix:
+        from cellssl.loaders.sources.sctab import read_child_matrix
+
+        return read_child_matrix(Path(cfg.child_matrix), len(store.categories[cfg.label]),
+                                 f"pass a {len(store.categories[cfg.label])} × {len(store.categories[cfg.label])} "
+                                 f"child matrix in the order of the store's {cfg.label!r} categories")
+    return store.hierarchy(cfg.label)
+
+
+def _paper_knn(run: "_Run", z: dict) -> dict:
+    y, names = run.y, run.store.categories[run.cfg.label]
+    return celltype.paper_knn(z["val"], y["val"], z["test"], y["test"], names, run.cfg.knn, run.children)
 
 
 def cell_type(run: _Run, results: dict) -> None:
     cfg, names, y = run.cfg, run.store.categories[run.cfg.label], run.y
     part = results["cell_type"] = {}
+    paper = "val" in run.splits
+    if not paper:
+        results["skipped"]["paper_knn"] = "the store has no validation split (the paper's kNN draws its neighbours there)"
     for rep in run.reps:
         zr = run.z[rep.name]
         part[rep.name] = {
             "linear_probe": celltype.linear_probe(zr["train"], y["train"], zr["test"], y["test"], names, cfg.seed),
             "knn": celltype.knn(zr["train"], y["train"], zr["test"], y["test"], names, cfg.knn)}
+        if paper:
+            part[rep.name]["paper_knn"] = _paper_knn(run, zr)
         if rep.kind == "model":
             run.clock.stage(f"fine-tuning {rep.name}", run.work["finetune"])
             run.finetuned[rep.name] = celltype.finetune(run.store, cfg.label, run.out / "finetune" / rep.name,
-                                                        rep.path, cfg.finetune_steps, cfg.batch_size, cfg.seed,
-                                                        cfg.precision)
+                                                        rep.path, cfg.finetune_steps, cfg.finetune_batch_size,
+                                                        cfg.seed, cfg.precision, cfg.classifier)
         if rep.name in run.finetuned:
-            part[rep.name]["finetune"] = celltype.finetuned_scores(run.finetuned[rep.name], run.store, cfg.label)
+            scores = part[rep.name]["finetune"] = celltype.finetuned_scores(run.finetuned[rep.name], run.store,
+                                                                            cfg.label)
+            if paper:  # the fine-tuned network's embedding (the baseline's is its frozen one, scored above)
+                tuned = rep if rep.name == NO_PRETRAINING else ModelRepresentation(run.finetuned[rep.name])
+                scores["paper_knn"] = part[rep.name]["paper_knn"] if tuned is rep else _paper_knn(
+                    run, {s: tuned.embed(run.store, s) for s in ("val", "test")})
 
 
 def reconstruction(run: _Run, results: dict) -> None:

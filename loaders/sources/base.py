@@ -42,6 +42,7 @@ class Source:
     numeric: dict[str, np.dtype] = field(default_factory=dict)
     natural_splits: np.ndarray | None = None     # per cell "train"/"val"/"test", when the format has them
     cell_names: np.ndarray | None = None         # per cell its name in the source (obs_names, barcodes), as str
+    hierarchy: dict[str, list[list[int]]] = field(default_factory=dict)  # column → children of each code
 
     def chunks(self, scratch: Path) -> Iterator[RowChunk]:
         """Rows in source order; `scratch` is a private folder for formats that must transpose."""

@@ -37,6 +37,31 @@ def _read_parquet(path: Path, what: str) -> pd.DataFrame:
         raise InputError(path, f"not a readable parquet file ({exc})", "re-download the file") from exc
 
 
+CHILD_MATRIX = Path("cell_type_hierarchy") / "child_matrix.npy"
+
+
+def read_child_matrix(file: Path, n: int, fix: str = "use the child matrix of the same scTab release") -> list[list[int]]:
+    """A cell-type child matrix (.npy, n × n zeros and ones: row i marks the direct and indirect children of type i,
+    as scTab's cell_type_hierarchy/child_matrix.npy) as each type's list of children."""
+    try:
+        matrix = np.load(file, allow_pickle=False)
+    except Exception as exc:
+        raise InputError(file, f"not a readable .npy array ({exc})", fix) from exc
+    if matrix.shape != (n, n) or not np.isin(matrix, (0, 1)).all():
+        raise InputError(file, f"a {matrix.shape} array of {matrix.dtype}; expected {n} × {n} zeros and ones, one row "
+                         "and column per cell type", fix)
+    return [np.flatnonzero(row).tolist() for row in matrix]
+
+
+def _hierarchy(path: Path, categories: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+    """scTab's cell-type hierarchy, where the directory has it (in the codes of categorical_lookup/cell_type)."""
+    file = path / CHILD_MATRIX
+    if not file.is_file() or "cell_type" not in categories:
+        return {}
+    return {"cell_type": read_child_matrix(file, len(categories["cell_type"]), "use the child matrix of the same "
+                                           "scTab release, or remove it to convert without the hierarchy")}
+
+
 class ScTabSource(Source):
     def __init__(self, path: str | Path):
         path = source_dir(path, "pass the scTab directory (merlin_cxg_2023_05_15_sf-log1p)")
@@ -75,6 +100,7 @@ class ScTabSource(Source):
                                           dtype=object) for s in SPLITS])
         genes = GeneSpace.from_lists(var["feature_id"], var["feature_name"])
         super().__init__(path, genes, int(sum(self.counts)), "log1p_10k", categories, numeric, natural)
+        self.hierarchy = _hierarchy(path, categories)
 
     def describe(self) -> str:
         return f"sctab:{self.path.name}"

@@ -1,0 +1,94 @@
+"""The study's statistics and its summary: per labelled share, each method's scores over seeds as they are, and
+its difference from the supervised baseline paired by seed — the mean with a t interval (a bootstrap interval
+beside it, never instead), and a verdict that calls a difference negligible only against an equivalence margin
+stated before the runs (two one-sided tests: the 90 % t interval inside ±margin)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+SETTINGS = {"a": "supervised on the labelled share", "b": "SSL on auxiliary → fine-tune",
+            "c": "SSL on the target → fine-tune"}
+SCORES = (("paper_knn_f1", "paper kNN F1 (fine-tuned embedding)"), ("macro_f1", "macro F1 (classifier)"))
+
+
+def paired(a, b, margin: float, resamples: int = 10_000, seed: int = 0) -> dict:
+    """b − a over seeds paired by seed: mean, 95 % t interval, 95 % bootstrap interval (seeds resampled), the 90 %
+    t interval used for equivalence, how many seeds favour b, and the verdict."""
+    from scipy import stats
+
+    d = np.asarray(b, float) - np.asarray(a, float)
+    n = len(d)
+    mean = float(d.mean())
+    se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("inf")
+    t95, t90 = (float(stats.t.ppf(q, n - 1)) if n > 1 else float("inf") for q in (0.975, 0.95))
+    means = d[np.random.default_rng(seed).integers(0, n, (resamples, n))].mean(1)
+    r = {"mean": mean, "t_low": mean - t95 * se, "t_high": mean + t95 * se, "boot_low": float(np.quantile(means, .025)),
+         "boot_high": float(np.quantile(means, .975)), "eq_low": mean - t90 * se, "eq_high": mean + t90 * se,
+         "wins": int((d > 0).sum()), "n": n, "margin": margin}
+    r["verdict"] = verdict(r)
+    return r
+
+
+def verdict(r: dict) -> str:
+    if r["t_low"] > 0:
+        return "better"
+    if r["t_high"] < 0:
+        return "worse"
+    if -r["margin"] < r["eq_low"] and r["eq_high"] < r["margin"]:
+        return f"negligible (within ±{r['margin']:g})"
+    return "inconclusive"
+
+
+def _seeds(values: pd.Series) -> str:
+    v = values.dropna()
+    return "–" if v.empty else f"{v.mean():.3f} [{v.min():.3f}, {v.max():.3f}]"
+
+
+def score_table(frame: pd.DataFrame, score: str, title: str) -> list[str]:
+    shares = sorted(frame.share.unique())
+    lines = [f"**{title}** — mean over seeds [lowest, highest seed]:", "",
+             "| setting | method | " + " | ".join(f"{s:.0%} labelled" for s in shares) + " |",
+             "|---|---|" + "---:|" * len(shares)]
+    for (setting, method), group in frame.groupby(["setting", "method"], sort=False):
+        cells = [_seeds(group[group.share == s][score]) if score in group else "–" for s in shares]
+        lines.append(f"| ({setting}) {SETTINGS[setting]} | {method} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def paired_table(frame: pd.DataFrame, score: str, title: str, margin: float) -> list[str]:
+    lines = [f"**{title}** minus the supervised baseline's, paired by seed (95 % t interval; bootstrap beside):", "",
+             "| share | setting, method | seeds | mean difference | 95 % t interval | 95 % bootstrap | seeds better | "
+             "verdict |", "|---:|---|---:|---:|---:|---:|---:|---|"]
+    for share in sorted(frame.share.unique()):
+        at = frame[frame.share == share]
+        base = at[at.setting == "a"].set_index("seed")[score]
+        for (setting, method), group in at[at.setting != "a"].groupby(["setting", "method"], sort=False):
+            other = group.set_index("seed")[score]
+            seeds = sorted(set(base.dropna().index) & set(other.dropna().index))
+            if len(seeds) < 2:
+                continue
+            r = paired(base[seeds].to_numpy(), other[seeds].to_numpy(), margin)
+            lines.append(f"| {share:.0%} | ({setting}) {method} | {r['n']} | {r['mean']:+.3f} | "
+                         f"[{r['t_low']:+.3f}, {r['t_high']:+.3f}] | [{r['boot_low']:+.3f}, {r['boot_high']:+.3f}] | "
+                         f"{r['wins']}/{r['n']} | {r['verdict']} |")
+    return lines + [""]
+
+
+def summary(records: list[dict], margin: float) -> str:
+    """Markdown: per score, the table over shares, then the paired differences against the supervised baseline."""
+    frame = pd.DataFrame(records)
+    lines: list[str] = []
+    for score, title in SCORES:
+        if score in frame:
+            lines += score_table(frame, score, title) + paired_table(frame, score, title, margin)
+    frozen = frame[frame.setting != "a"].drop_duplicates(["seed", "setting", "method"])
+    if "frozen_paper_knn_f1" in frozen:
+        lines += ["**Frozen embeddings** (no target labels but the validation split's), mean over seeds [range]:", "",
+                  "| setting | method | paper kNN F1 | kNN F1 (train) | linear probe F1 | masked fraction |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for (setting, method), group in frozen.groupby(["setting", "method"], sort=False):
+            lines.append(f"| ({setting}) {SETTINGS[setting]} | {method} | " + " | ".join(
+                _seeds(group[c]) if c in group else "–" for c in ("frozen_paper_knn_f1", "knn_macro_f1",
+                                                                   "probe_macro_f1", "masked_fraction")) + " |")
+    return "\n".join(lines) + "\n"
