@@ -16,6 +16,14 @@ import numpy as np
 from .errors import InputError
 
 
+def _batches(rows: np.ndarray, batch_size: int, start: int, stop: int):
+    for step in range(start, stop):
+        batch = rows[step * batch_size:(step + 1) * batch_size]
+        if len(batch) == 0:
+            return
+        yield step, batch
+
+
 @dataclass(frozen=True)
 class BlockShuffleSampler:
     """Rows [start, stop) of a store (a split), batched for one rank. `block_size` consecutive rows are read
@@ -95,12 +103,7 @@ class BlockShuffleSampler:
         """(step, rows) for the remaining steps of `epoch`; windows come whole so a reader can decode them once.
         A share that runs out early (evaluation: drop_last=False, shares differ by a cell) ends there: no empty
         batches."""
-        rows = self.order(epoch)
-        for step in range(start_step, self.steps()):
-            batch = rows[step * self.batch_size:(step + 1) * self.batch_size]
-            if len(batch) == 0:
-                return
-            yield step, batch
+        return _batches(self.order(epoch), self.batch_size, start_step, self.steps())
 
     def windows(self, epoch: int, start_step: int = 0):
         """[(step, rows), …] grouped by shuffle window: the unit the reader decodes at once."""
@@ -165,12 +168,7 @@ class ShardSampler:
         return a + np.random.default_rng([self.seed, epoch, 2, self.rank]).permutation(b - a).astype(np.int64)
 
     def batches(self, epoch: int, start_step: int = 0):
-        rows = self.order(epoch)
-        for step in range(start_step, self.steps()):
-            batch = rows[step * self.batch_size:(step + 1) * self.batch_size]
-            if len(batch) == 0:
-                return
-            yield step, batch
+        return _batches(self.order(epoch), self.batch_size, start_step, self.steps())
 
     def windows(self, epoch: int, start_step: int = 0):
         """One window: the whole share is in memory already."""
