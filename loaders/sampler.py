@@ -16,19 +16,10 @@ import numpy as np
 from .errors import InputError
 
 
-def _batches(rows: np.ndarray, batch_size: int, start: int, stop: int):
-    for step in range(start, stop):
-        batch = rows[step * batch_size:(step + 1) * batch_size]
-        if len(batch) == 0:
-            return
-        yield step, batch
-
-
 @dataclass(frozen=True)
-class BlockShuffleSampler:
-    """Rows [start, stop) of a store (a split), batched for one rank. `block_size` consecutive rows are read
-    together (1,024: ~7 compressed chunks, bench/randomness.py measures how i.i.d. the batches stay); a shuffle
-    window spans `buffer_batches` batches."""
+class _SplitSampler:
+    """What every sampler shares: rows [start, stop) of a split, cut into `world_size` contiguous shares whose
+    sizes differ by at most one cell, batched for `rank`; subclasses define `order` (and `windows`)."""
 
     start: int
     stop: int
@@ -37,18 +28,16 @@ class BlockShuffleSampler:
     rank: int = 0
     world_size: int = 1
     drop_last: bool = True
-    block_size: int = 1024
-    buffer_batches: int = 2
 
-    kind = "block_shuffle"
-    RESUME_FIELDS = ("seed", "rank", "world_size", "batch_size", "block_size", "buffer_batches")
+    kind = "abstract"
+    RESUME_FIELDS = ("seed", "rank", "world_size", "batch_size")
 
     def __post_init__(self):
         if not 0 <= self.rank < self.world_size:
             raise InputError("RANK/WORLD_SIZE", f"rank {self.rank} outside [0, world_size={self.world_size})",
                              "launch with the deepspeed launcher, or set RANK below WORLD_SIZE")
         for name in ("batch_size", "block_size", "buffer_batches"):
-            if getattr(self, name) < 1:
+            if getattr(self, name, 1) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.stop < self.start:
             raise ValueError(f"empty or inverted cell range [{self.start}, {self.stop})")
@@ -67,7 +56,7 @@ class BlockShuffleSampler:
         return {"sampler": self.kind, **{k: getattr(self, k) for k in self.RESUME_FIELDS}, "n_cells": self.n_cells}
 
     def share_bounds(self, rank: int) -> tuple[int, int]:
-        """Positions [a, b) of `rank`'s share in the epoch's concatenated block order."""
+        """Positions [a, b) of `rank`'s share among the split's n_cells (in the epoch's order)."""
         n, w = self.n_cells, self.world_size
         return rank * n // w, (rank + 1) * n // w
 
@@ -79,6 +68,32 @@ class BlockShuffleSampler:
 
     def __len__(self) -> int:
         return self.steps()
+
+    def order(self, epoch: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def batches(self, epoch: int, start_step: int = 0):
+        """(step, rows) for the remaining steps of `epoch`. A share that runs out early (evaluation:
+        drop_last=False, shares differ by a cell) ends there: no empty batches."""
+        rows = self.order(epoch)
+        for step in range(start_step, self.steps()):
+            batch = rows[step * self.batch_size:(step + 1) * self.batch_size]
+            if len(batch) == 0:
+                return
+            yield step, batch
+
+
+@dataclass(frozen=True)
+class BlockShuffleSampler(_SplitSampler):
+    """Rows [start, stop) of a store (a split), batched for one rank. `block_size` consecutive rows are read
+    together (1,024: ~7 compressed chunks, bench/randomness.py measures how i.i.d. the batches stay); a shuffle
+    window spans `buffer_batches` batches."""
+
+    block_size: int = 1024
+    buffer_batches: int = 2
+
+    kind = "block_shuffle"
+    RESUME_FIELDS = ("seed", "rank", "world_size", "batch_size", "block_size", "buffer_batches")
 
     def order(self, epoch: int) -> np.ndarray:
         """This rank's store rows for `epoch`, in the order they are batched (int64)."""
@@ -99,12 +114,6 @@ class BlockShuffleSampler:
             np.random.default_rng([self.seed, epoch, 1, self.rank, w]).shuffle(rows[s:s + window])
         return rows.astype(np.int64, copy=False)
 
-    def batches(self, epoch: int, start_step: int = 0):
-        """(step, rows) for the remaining steps of `epoch`; windows come whole so a reader can decode them once.
-        A share that runs out early (evaluation: drop_last=False, shares differ by a cell) ends there: no empty
-        batches."""
-        return _batches(self.order(epoch), self.batch_size, start_step, self.steps())
-
     def windows(self, epoch: int, start_step: int = 0):
         """[(step, rows), …] grouped by shuffle window: the unit the reader decodes at once."""
         group, current = [], None
@@ -120,55 +129,24 @@ class BlockShuffleSampler:
 
 
 @dataclass(frozen=True)
-class ShardSampler:
+class ShardSampler(_SplitSampler):
     """Rows [start, stop) of a split for a resident rank: the rank's share is a fixed contiguous part of the split
     (the converter already shuffled the cells, and each rank reads only its own), and every epoch visits it in a
     uniform random permutation, a pure function of (seed, epoch, rank). Unlike BlockShuffleSampler, whose blocks
     keep disk reads contiguous and whose shares change every epoch, a rank here always sees the same cells, in a
     fully random order; a resume refuses to switch between the two."""
 
-    start: int
-    stop: int
-    batch_size: int = 8192
-    seed: int = 0
-    rank: int = 0
-    world_size: int = 1
-    drop_last: bool = True
-
     kind = "uniform_shard"
-    RESUME_FIELDS = ("seed", "rank", "world_size", "batch_size")
-
-    def __post_init__(self):
-        BlockShuffleSampler(self.start, self.stop, self.batch_size, self.seed, self.rank, self.world_size,
-                            self.drop_last)  # the same checks of rank, batch size and range
-
-    @property
-    def n_cells(self) -> int:
-        return self.stop - self.start
-
-    def identity(self) -> dict:
-        return {"sampler": self.kind, **{k: getattr(self, k) for k in self.RESUME_FIELDS}, "n_cells": self.n_cells}
 
     def share(self, rank: int | None = None) -> tuple[int, int]:
         """Store rows [a, b) of `rank`'s (this rank's) share."""
-        rank = self.rank if rank is None else rank
-        n, w = self.n_cells, self.world_size
-        return self.start + rank * n // w, self.start + (rank + 1) * n // w
-
-    def steps(self) -> int:
-        sizes = [b - a for a, b in (self.share(r) for r in range(self.world_size))]
-        return min(sizes) // self.batch_size if self.drop_last else -(-max(sizes) // self.batch_size)
-
-    def __len__(self) -> int:
-        return self.steps()
+        a, b = self.share_bounds(self.rank if rank is None else rank)
+        return self.start + a, self.start + b
 
     def order(self, epoch: int) -> np.ndarray:
         """This rank's store rows for `epoch`, in the order they are batched (int64)."""
         a, b = self.share()
         return a + np.random.default_rng([self.seed, epoch, 2, self.rank]).permutation(b - a).astype(np.int64)
-
-    def batches(self, epoch: int, start_step: int = 0):
-        return _batches(self.order(epoch), self.batch_size, start_step, self.steps())
 
     def windows(self, epoch: int, start_step: int = 0):
         """One window: the whole share is in memory already."""
