@@ -134,10 +134,12 @@ def latest_tag(folder: Path) -> str | None:
 
 # --- exported models ---------------------------------------------------------------------------------------------
 def export_model(objective: torch.nn.Module, config_json: str, gene_ids: list[str], path: Path,
-                 gene_names: list[str] | None = None, trained: dict | None = None) -> None:
-    """The weights as safetensors, the config, the genes (ids, and symbols: data without ids is matched by them)
-    and the training budget behind the weights (`trained`: steps, epochs, cells seen) as metadata; written under a
-    temporary name and renamed."""
+                 gene_names: list[str] | None = None, trained: dict | None = None,
+                 classes: list[str] | None = None) -> None:
+    """The weights as safetensors, the config, the genes (ids, and symbols: data without ids is matched by them),
+    the training budget behind the weights (`trained`: steps, epochs, cells seen) and a classifier's class names
+    (its outputs in order: another store codes its labels otherwise) as metadata; written under a temporary name and
+    renamed."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in objective.state_dict().items()}
@@ -147,6 +149,8 @@ def export_model(objective: torch.nn.Module, config_json: str, gene_ids: list[st
         meta["gene_names"] = json.dumps([str(n) for n in gene_names])
     if trained is not None:
         meta["trained"] = json.dumps(trained)
+    if classes is not None:
+        meta["classes"] = json.dumps([str(c) for c in classes])
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
@@ -172,8 +176,8 @@ def _is_pickle(path: Path) -> bool:
 
 
 def load_model(path: str | Path) -> dict:
-    """{"config": JSON text, "gene_ids": [...], "gene_names": [...], "trained": {steps, epochs, cells_seen} (None for
-    models of older cellssl), "state_dict": {name: tensor}} of an exported model."""
+    """{"config": JSON text, "gene_ids": [...], "gene_names": [...], "trained": {steps, epochs, cells_seen}, "classes":
+    [...] (classifiers; both None for models of older cellssl), "state_dict": {name: tensor}} of an exported model."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -196,8 +200,9 @@ def load_model(path: str | Path) -> dict:
     try:
         names = json.loads(meta["gene_names"]) if "gene_names" in meta else None
         trained = json.loads(meta["trained"]) if "trained" in meta else None
+        classes = json.loads(meta["classes"]) if "classes" in meta else None
         return {"path": path, "config": meta["config"], "gene_ids": json.loads(meta["gene_ids"]), "gene_names": names,
-                "trained": trained, "state_dict": load_file(str(path))}
+                "trained": trained, "classes": classes, "state_dict": load_file(str(path))}
     except (SafetensorError, OSError, KeyError, ValueError) as exc:
         raise InputError(path, f"not a readable model file ({str(exc)[:200]})", unreadable) from None
 

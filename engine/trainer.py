@@ -340,8 +340,9 @@ class Trainer:
         genes, (start, stop) = self.store.genes, self.store.split("train")
         trained = {"steps": self.progress.step, "epochs": round(self.cells_seen() / (stop - start), 3),
                    "cells_seen": self.cells_seen()}
+        classes = self.store.categories[self.cfg.objective.label] if self.cfg.objective.name == "supervised" else None
         checkpoint.export_model(self.objective, self.cfg.to_json(), list(genes.gene_id), path, list(genes.gene_name),
-                                trained)
+                                trained, None if classes is None else list(classes))
 
     def _weight_sum(self) -> float:
         return float(next(self.objective.encoder.parameters()).detach().double().abs().sum())

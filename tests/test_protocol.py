@@ -128,8 +128,30 @@ def test_finetuning_exports_the_best_validation_step(synthetic_store, tmp_path):
     store = CellStore(synthetic_store)
     start, stop = store.split("val")
     y = store.obs_codes("cell_type")[start:stop]
-    predicted = classify(out / "model.safetensors", store, "val")
+    predicted, _ = classify(out / "model.safetensors", store, "val", "cell_type")
     assert f1_scores(y, predicted)["macro_f1"] == pytest.approx(best["val_macro_f1"], abs=1e-6)
+
+
+def test_a_classifier_scored_on_another_store_is_read_by_class_name(synthetic_store, tmp_path):
+    """Fine-tuned on a store that lacks a cell type (its categories coded one off from the full store's), the
+    classifier's predictions on the full store mean the same cell types as on its own store."""
+    from cellssl.engine.evaluate.celltype import classify
+    from cellssl.loaders.subset import subset_store
+
+    store = CellStore(synthetic_store)
+    codes = store.obs_codes("cell_type")
+    rows = {s: np.flatnonzero(codes[slice(*store.split(s))] != 0) for s in store.splits}
+    sub = subset_store(store, rows, tmp_path / "sub.cellstore")
+    assert store.categories["cell_type"][0] not in list(sub.categories["cell_type"])
+    out = tmp_path / "sup"
+    run([sys.executable, "recipes/supervised.py", *recipe_args(sub.path, out, 4), "--hidden", "32", "--latent", "8"])
+    said = {}
+    for s in (sub, store):
+        predicted, names = classify(out / "model.safetensors", s, "val", "cell_type")
+        said[s.path] = dict(zip(s.cell_names()[slice(*s.split("val"))], (names[c] for c in predicted)))
+    common = said[sub.path].keys() & said[store.path].keys()
+    assert len(common) == len(said[sub.path]) > 0
+    assert all(said[sub.path][c] == said[store.path][c] for c in common)
 
 
 # The reference's classifier, written down from its code (models/base/base.py MLP with ReLU, built by MLPClassifier

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cellssl.loaders import CellStore
+from cellssl.loaders import CellStore, InputError
 
 from ..checkpoint import load_model
 from ..config import TrainConfig
@@ -109,8 +109,10 @@ def finetune(store: CellStore, label: str, out: Path, init: Path | None, steps: 
     return train(cfg)
 
 
-def classify(model_path: Path, store: CellStore, split: str) -> np.ndarray:
-    """Predicted label codes of a supervised model for every cell of a split."""
+def classify(model_path: Path, store: CellStore, split: str, label: str) -> tuple[np.ndarray, list[str]]:
+    """A supervised model's predictions for every cell of a split, as codes of the store's `label` categories, and
+    the names of the codes: a class the store lacks (the model was trained on another store) gets a code of its own
+    after the store's, so it counts as a wrong prediction, never as the store's class of the same number."""
     saved = load_model(model_path)
     if "classifier.weight" not in saved["state_dict"]:
         raise ValueError(f"{model_path} holds no classifier: fine-tune it (recipes/finetune.py) first")
@@ -119,13 +121,25 @@ def classify(model_path: Path, store: CellStore, split: str) -> np.ndarray:
     model = Supervised(len(saved["gene_ids"]), cfg.model, saved["state_dict"]["classifier.weight"].shape[0])
     model.load_state_dict(saved["state_dict"])
     model.to(device()).eval()
-    return map_split(store, split, lambda x, _: model.logits(x).argmax(1)).astype(np.int64)
+    predicted = map_split(store, split, lambda x, _: model.logits(x).argmax(1)).astype(np.int64)
+    names = [str(c) for c in store.categories[label]]
+    classes = saved["classes"]
+    if classes is None:  # models exported before class names were kept: codes of the training store
+        if len(names) != saved["state_dict"]["classifier.weight"].shape[0]:
+            raise InputError(model_path, f"a classifier of {saved['state_dict']['classifier.weight'].shape[0]} "
+                             f"classes without their names, scored on {len(names)} {label!r} categories",
+                             "fine-tune it again with this cellssl (models now keep their class names)")
+        return predicted, names
+    foreign = [c for c in classes if c not in names]
+    names += foreign
+    code = {c: i for i, c in enumerate(names)}
+    return np.array([code[c] for c in classes], np.int64)[predicted], names
 
 
 def finetuned_scores(model_path: Path, store: CellStore, label: str, split: str = "test") -> dict:
     """F1 of the fine-tuned classifier's predictions, and the fine-tuning budget behind the kept model."""
     y = labels(store, label, split)
     with torch.no_grad():
-        predicted = classify(model_path, store, split)
+        predicted, names = classify(model_path, store, split, label)
     keep = y >= 0
-    return {**f1_scores(y[keep], predicted[keep], store.categories[label]), "trained": load_model(model_path)["trained"]}
+    return {**f1_scores(y[keep], predicted[keep], names), "trained": load_model(model_path)["trained"]}
