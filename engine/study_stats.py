@@ -9,7 +9,11 @@ import pandas as pd
 
 SETTINGS = {"a": "supervised on the labelled share", "b": "SSL on auxiliary → fine-tune",
             "c": "SSL on the target → fine-tune"}
-SCORES = (("paper_knn_f1", "paper kNN F1 (fine-tuned embedding)"), ("macro_f1", "macro F1 (classifier)"))
+# (score, title, the supervised baseline's score it is set against)
+SCORES = (("paper_knn_f1", "paper kNN F1 (fine-tuned embedding)", "paper_knn_f1"),
+          ("macro_f1", "macro F1 (classifier)", "macro_f1"),
+          ("share_probe_macro_f1", "macro F1 of a linear probe on the frozen embedding, fitted on the labelled share",
+           "macro_f1"))
 
 
 def paired(a, b, margin: float, resamples: int = 10_000, seed: int = 0) -> dict:
@@ -56,13 +60,14 @@ def score_table(frame: pd.DataFrame, score: str, title: str) -> list[str]:
     return lines + [""]
 
 
-def paired_table(frame: pd.DataFrame, score: str, title: str, margin: float) -> list[str]:
-    lines = [f"**{title}** minus the supervised baseline's, paired by seed (95 % t interval; bootstrap beside):", "",
+def paired_table(frame: pd.DataFrame, score: str, title: str, margin: float, base_score: str) -> list[str]:
+    lines = [f"**{title}** minus the supervised baseline's {base_score}, paired by seed (95 % t interval; bootstrap "
+             "beside):", "",
              "| share | setting, method | seeds | mean difference | 95 % t interval | 95 % bootstrap | seeds better | "
              "verdict |", "|---:|---|---:|---:|---:|---:|---:|---|"]
     for share in sorted(frame.share.unique()):
         at = frame[frame.share == share]
-        base = at[at.setting == "a"].set_index("seed")[score]
+        base = at[at.setting == "a"].set_index("seed")[base_score]
         for (setting, method), group in at[at.setting != "a"].groupby(["setting", "method"], sort=False):
             other = group.set_index("seed")[score]
             seeds = sorted(set(base.dropna().index) & set(other.dropna().index))
@@ -79,9 +84,9 @@ def summary(records: list[dict], margin: float) -> str:
     """Markdown: per score, the table over shares, then the paired differences against the supervised baseline."""
     frame = pd.DataFrame(records)
     lines: list[str] = []
-    for score, title in SCORES:
+    for score, title, base in SCORES:
         if score in frame:
-            lines += score_table(frame, score, title) + paired_table(frame, score, title, margin)
+            lines += score_table(frame, score, title) + paired_table(frame, score, title, margin, base)
     frozen = frame[frame.setting != "a"].drop_duplicates(["seed", "setting", "method"])
     if "frozen_paper_knn_f1" in frozen:
         lines += ["**Frozen embeddings** (no target labels but the validation split's), mean over seeds [range]:", "",

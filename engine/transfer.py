@@ -178,14 +178,22 @@ def finetune(cfg: StudyConfig, share: CellStore, target: CellStore, init: Path |
             "finetune_epochs": epochs(share, cfg.finetune_steps, cfg.finetune_batch_size)}
 
 
-def frozen_scores(cfg: StudyConfig, model: Path, target: CellStore) -> dict:
-    """Linear probe and kNN (ours, train neighbours) and the paper's kNN on the pretrained encoder's embedding."""
+def frozen_scores(cfg: StudyConfig, model: Path, target: CellStore, shares: dict | None = None) -> dict:
+    """Linear probe and kNN (ours, train neighbours) and the paper's kNN on the pretrained encoder's embedding; the
+    probe on the whole train split and, per labelled share, on the share's cells only (`probe_f1_by_share`: what the
+    frozen embedding gives with as few labels as the supervised baseline has)."""
     rep = ModelRepresentation(model)
     z = {s: rep.embed(target, s) for s in ("train", "test")}
     y = {s: labels(target, cfg.label, s) for s in ("train", "test")}
-    return {"probe_macro_f1": celltype.linear_probe(z["train"], y["train"], z["test"], y["test"])["macro_f1"],
-            "knn_macro_f1": celltype.knn(z["train"], y["train"], z["test"], y["test"], k=cfg.knn_k)["macro_f1"],
-            "frozen_paper_knn_f1": _paper_knn(cfg, rep, target)}
+    scores = {"probe_macro_f1": celltype.linear_probe(z["train"], y["train"], z["test"], y["test"])["macro_f1"],
+              "knn_macro_f1": celltype.knn(z["train"], y["train"], z["test"], y["test"], k=cfg.knn_k)["macro_f1"],
+              "frozen_paper_knn_f1": _paper_knn(cfg, rep, target), "probe_f1_by_share": {}}
+    names = target.cell_names()[slice(*target.split("train"))]
+    for share, labelled in (shares or {}).items():
+        keep = np.isin(names, labelled.cell_names()[slice(*labelled.split("train"))])
+        scores["probe_f1_by_share"][share] = celltype.linear_probe(z["train"][keep], y["train"][keep], z["test"],
+                                                                   y["test"])["macro_f1"]
+    return scores
 
 
 def _check(cfg: StudyConfig) -> None:
@@ -224,14 +232,15 @@ def run_study(cfg: StudyConfig) -> list[dict]:
         models.update({("c", m): (pretrain(cfg, target, m, seed, run / f"pretrain_target_{m}", decay_steps), target)
                        for m in cfg.target_methods})
         frozen = {key: {"masked_fraction": masked_fraction(model.parent), "pretrain_epochs": epochs(
-            store, cfg.pretrain_steps, cfg.batch_size), **frozen_scores(cfg, model, target)}
+            store, cfg.pretrain_steps, cfg.batch_size), **frozen_scores(cfg, model, target, shares)}
                   for key, (model, store) in models.items()}
         for share, labelled in shares.items():
             n = labelled.split("train")[1] - labelled.split("train")[0]
             record(seed=seed, share=share, labelled_cells=n, setting="a", method="supervised",
                    **finetune(cfg, labelled, target, None, seed, run / f"share{share:g}_supervised"))
             for (setting, method), (model, _) in models.items():
-                record(seed=seed, share=share, labelled_cells=n, setting=setting, method=method,
-                       **frozen[(setting, method)],
+                kept = {k: v for k, v in frozen[(setting, method)].items() if k != "probe_f1_by_share"}
+                record(seed=seed, share=share, labelled_cells=n, setting=setting, method=method, **kept,
+                       share_probe_macro_f1=frozen[(setting, method)]["probe_f1_by_share"][share],
                        **finetune(cfg, labelled, target, model, seed, run / f"share{share:g}_{setting}_{method}"))
     return records

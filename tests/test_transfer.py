@@ -27,6 +27,9 @@ def test_label_share_study_runs_every_setting_on_its_own_draws(tmp_path):
     assert {r["labelled_cells"] for r in records} == {36, 360}  # 10 % and all of the 360 training cells
     assert all(0.0 <= r[k] <= 1.0 for r in records for k in ("macro_f1", "paper_knn_f1"))
     assert all("frozen_paper_knn_f1" in r for r in records if r["setting"] != "a")
+    ssl = [r for r in records if r["setting"] != "a"]
+    assert all(0.0 <= r["share_probe_macro_f1"] <= 1.0 for r in ssl)  # the probe fitted on the share's labels only
+    assert all(r["share_probe_macro_f1"] == pytest.approx(r["probe_macro_f1"]) for r in ssl if r["share"] == 1)
     from cellssl import loaders
 
     aux = loaders.CellStore(out / "auxiliary.cellstore")
@@ -36,7 +39,7 @@ def test_label_share_study_runs_every_setting_on_its_own_draws(tmp_path):
     assert aux.n_genes == targets[0].n_genes == 800 and list(aux.genes.gene_id) == list(targets[1].genes.gene_id)
     assert targets[0].values_checksum() != targets[1].values_checksum()  # each seed draws its own target
     text = (out / "summary.md").read_text()
-    assert "paper kNN F1" in text and "| 10% | (b) mae_random | 2 |" in text and "auxiliary store:" in text
+    assert "fitted on the labelled share" in text and "paper kNN F1" in text and "| 10% | (b) mae_random | 2 |" in text and "auxiliary store:" in text
 
 
 def test_the_study_runs_on_given_stores_and_refuses_typos(tmp_path):
