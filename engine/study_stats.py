@@ -89,7 +89,8 @@ def summary(records: list[dict], margin: float) -> str:
             lines += score_table(frame, score, title) + paired_table(frame, score, title, margin, base)
     frozen = frame[frame.setting != "a"].drop_duplicates(["seed", "setting", "method"])
     if "frozen_paper_knn_f1" in frozen:
-        lines += ["**Frozen embeddings** (no target labels but the validation split's), mean over seeds [range]:", "",
+        lines += ["**Frozen embeddings**, once per seed (paper kNN: the validation split's labels; kNN (train) and the "
+                  "linear probe: every label of the train split, whatever the share), mean over seeds [range]:", "",
                   "| setting | method | paper kNN F1 | kNN F1 (train) | linear probe F1 | masked fraction |",
                   "|---|---|---:|---:|---:|---:|"]
         for (setting, method), group in frozen.groupby(["setting", "method"], sort=False):
