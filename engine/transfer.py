@@ -244,3 +244,27 @@ def run_study(cfg: StudyConfig) -> list[dict]:
                        share_probe_macro_f1=frozen[(setting, method)]["probe_f1_by_share"][share],
                        **finetune(cfg, labelled, target, model, seed, run / f"share{share:g}_{setting}_{method}"))
     return records
+
+
+def main(argv: list[str] | None = None) -> None:
+    """recipes/transfer_study.py: the study from a command line whose options are StudyConfig's; writes summary.md
+    naming the stores it read. A bad option or input is one line, no traceback."""
+    import sys
+
+    from .options import OneLineParser, add_options, apply
+    from .study_stats import summary
+
+    parser = OneLineParser(prog="transfer_study.py", description="The paper's transfer "
+                            "study: SSL pretraining on an auxiliary atlas, fine-tuning on labelled shares of a target, "
+                            "against the supervised baseline, over seeds.", allow_abbrev=False)
+    paths = add_options(parser, StudyConfig())
+    try:
+        cfg = apply(StudyConfig(), parser.parse_args(argv), paths)
+        records = run_study(cfg)
+    except InputError as exc:
+        sys.exit(f"cellssl: error: {exc}")
+    stores = f"auxiliary store: {cfg.aux or Path(cfg.out) / 'auxiliary.cellstore'}; target: " + (
+        cfg.target or f"a synthetic draw per seed ({Path(cfg.out)}/target-seed*.cellstore)")
+    table = f"{stores}\n\n" + summary(records, cfg.margin)
+    (Path(cfg.out) / "summary.md").write_text(table)
+    print(table)
