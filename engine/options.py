@@ -59,12 +59,11 @@ def add_options(parser: argparse.ArgumentParser, defaults, objective: str | None
             value = getattr(value, part)
         kind, is_bool, is_tuple = _parse_type(hint)
         shown = ",".join(map(str, value)) if is_tuple and value is not None else value
-        help_text = f.metadata.get("help", "")
-        help_text += "" if "default:" in help_text else f" (default: {shown})"
+        words = f.metadata.get("help", "").replace("%", "%%")  # argparse expands % in help ("60 % train")
+        help_text = words + ("" if "default:" in words else f" (default: {shown})".replace("%", "%%"))
         if is_bool:
             parser.add_argument(flag(path[-1]), dest=".".join(path), action=argparse.BooleanOptionalAction,
-                                default=value, help=f"{f.metadata.get('help', '')} (default: "
-                                f"{'on' if value else 'off'})")
+                                default=value, help=f"{words} (default: {'on' if value else 'off'})")
         else:
             parser.add_argument(flag(path[-1]), dest=".".join(path), type=kind, default=value,
                                 choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices") else

@@ -88,3 +88,18 @@ def test_plot_gives_objectives_of_other_scales_their_own_rows(tmp_path):
     logs = {r.name: read_log(r) for r in runs}
     assert rows_of(logs, {r.name: objective_of(r) for r in runs}) == [["mae", "mae2"], ["bt"]]
     assert plot_runs(runs, tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_options_help_renders():
+    """argparse expands % in help texts: a field whose help says "60 % train" broke --help once."""
+    import argparse
+
+    from cellssl.engine.evaluate.config import EvalConfig
+    from cellssl.engine.experiments import EXPERIMENTS
+    from cellssl.engine.options import add_options
+    from cellssl.engine.transfer import StudyConfig
+
+    for config in (*EXPERIMENTS.values(), EvalConfig(), StudyConfig()):
+        parser = argparse.ArgumentParser()
+        add_options(parser, config)
+        assert "default:" in parser.format_help()
