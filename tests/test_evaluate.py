@@ -200,3 +200,23 @@ def test_a_child_matrix_can_be_passed_and_is_checked(small_store, tmp_path):
     np.save(tmp_path / "bad.npy", np.zeros((n, 2)))
     with pytest.raises(InputError, match=f"bad.npy: a \\({n}, 2\\) array.*Fix: pass a {n} × {n} child matrix"):
         hierarchy(EvalConfig(data=str(small_store), child_matrix=str(tmp_path / "bad.npy")), store)
+
+
+def test_the_eta_counts_every_stage_once_where_it_runs(small_store, tmp_path, monkeypatch):
+    """The stages announce exactly the work the estimate's total holds, each where the work runs: cross-modality per
+    representation (announced once for the task, it was counted as done when the first representation started, and
+    `cellssl eval` promised a minute while most of an hour of training was left)."""
+    from cellssl.engine.evaluate import suite
+
+    announced, totals = [], []
+    real_init, real_stage = suite.Clock.__init__, suite.Clock.stage
+    monkeypatch.setattr(suite.Clock, "__init__", lambda self, total: (totals.append(total), real_init(self, total))[1])
+    monkeypatch.setattr(suite.Clock, "stage", lambda self, message, work=0.0: (announced.append((message, work)),
+                                                                               real_stage(self, message, work))[1])
+    suite.evaluate(suite.EvalConfig(data=str(small_store), out=str(tmp_path), tasks=("cell_type", "reconstruction",
+                   "cross_modality"), finetune_steps=1, crossmodal_steps=1, batch_size=256, plots=False))
+    assert sum(work for _, work in announced) == pytest.approx(totals[0])
+    per_rep = {message: work for message, work in announced if message.startswith("cross-modality: ")}
+    assert len(per_rep) == 2 and all(work > 0 for work in per_rep.values())  # PCA and the from-scratch baseline
+    assert per_rep["cross-modality: no pretraining"] > per_rep["cross-modality: PCA"]  # it trains end to end
+    assert dict(announced)["[3/3] cross modality"] == 0
