@@ -87,7 +87,8 @@ def check_environment() -> tuple[int, int]:
 def init_distributed() -> tuple[int, int, torch.device]:
     """(global rank, world size, this rank's device), the process group initialised (once per process)."""
     rank, world = check_environment()
-    if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
+    chosen = "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ
+    if chosen:
         os.environ["MASTER_PORT"] = str(free_port())
     for key, value in (("RANK", str(rank)), ("WORLD_SIZE", str(world)), ("LOCAL_RANK", "0"),
                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
@@ -98,11 +99,23 @@ def init_distributed() -> tuple[int, int, torch.device]:
         if world > 1 and rank == 0:
             print(f"cellssl: waiting for {world} ranks at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
                   f"(up to {RENDEZVOUS_SECONDS} s)", file=sys.stderr, flush=True)
-        _init_group(world)
+        _init_group_on_a_free_port(world, chosen)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         return rank, world, torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return rank, world, torch.device("cpu")
+
+
+def _init_group_on_a_free_port(world: int, chosen: bool, tries: int = 3) -> None:
+    """A port we chose ourselves was free when chosen; another process may take it before the group binds it (CI saw
+    it once). Then choose again; a port the user or the launcher set is never changed."""
+    for attempt in range(tries):
+        try:
+            return _init_group(world)
+        except InputError as exc:
+            if not chosen or "port already in use" not in str(exc) or attempt == tries - 1:
+                raise
+            os.environ["MASTER_PORT"] = str(free_port())
 
 
 def _init_group(world: int) -> None:

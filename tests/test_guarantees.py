@@ -209,3 +209,24 @@ def test_validation_scores_the_same_cells_every_time_on_every_rank(synthetic_sto
     m = val_losses(masked)
     assert len(m) == 2 and m[0] == m[1]
     assert val_losses(two)[0] == pytest.approx(val_losses(one)[0], rel=1e-5)
+
+
+def test_a_one_process_run_chooses_another_port_when_its_port_is_taken_meanwhile():
+    """The port a one-process run picks is free when picked; another process can bind it before the group does."""
+    script = """
+import os, socket
+from cellssl.engine import distributed
+taken = socket.socket(); taken.bind(("127.0.0.1", 0)); taken.listen()
+ports = iter([taken.getsockname()[1]])
+real = distributed.free_port
+distributed.free_port = lambda: next(ports, None) or real()
+for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
+    os.environ.pop(key, None)
+distributed.init_distributed()
+assert int(os.environ["MASTER_PORT"]) != taken.getsockname()[1]
+print("ok")
+"""
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env=clean)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
