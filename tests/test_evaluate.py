@@ -208,6 +208,8 @@ def test_the_eta_counts_every_stage_once_where_it_runs(small_store, tmp_path, mo
     `cellssl eval` promised a minute while most of an hour of training was left)."""
     from cellssl.engine.evaluate import suite
 
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # set by the in-process
+        monkeypatch.delenv(key, raising=False)  # fine-tuning below; restored (unset) after, for later subprocesses
     announced, totals = [], []
     real_init, real_stage = suite.Clock.__init__, suite.Clock.stage
     monkeypatch.setattr(suite.Clock, "__init__", lambda self, total: (totals.append(total), real_init(self, total))[1])

@@ -92,8 +92,10 @@ def test_gpu_check_runs_end_to_end_in_smoke_mode(tmp_path):
     import json
 
     out = tmp_path / "gpu_check.json"
+    clean = {k: v for k, v in os.environ.items()  # another test's in-process run may have set them
+             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     done = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, env=clean)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [k["name"] for k in report["kernels"]] == ["gene-programme mask", "masked loss (random)",
