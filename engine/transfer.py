@@ -159,8 +159,10 @@ def finished(run: Path, steps: int) -> bool:
     return (run / MODEL_FILE).is_file() and latest.is_file() and latest.read_text().strip() == f"step{steps:08d}"
 
 
-def _paper_knn(cfg: StudyConfig, rep: ModelRepresentation, target: CellStore) -> float:
-    z = {s: rep.embed(target, s) for s in ("val", "test")}
+def _paper_knn(cfg: StudyConfig, rep: ModelRepresentation, target: CellStore, z: dict | None = None) -> float:
+    """The paper's kNN score; `z`: embeddings by split already made (each split is embedded once)."""
+    z = dict(z or {})
+    z.update({s: rep.embed(target, s) for s in ("val", "test") if s not in z})
     y = {s: labels(target, cfg.label, s) for s in ("val", "test")}
     return celltype.paper_knn(z["val"], y["val"], z["test"], y["test"], k=cfg.knn_k,
                               children=target.hierarchy(cfg.label))["macro_f1"]
@@ -187,7 +189,7 @@ def frozen_scores(cfg: StudyConfig, model: Path, target: CellStore, shares: dict
     y = {s: labels(target, cfg.label, s) for s in ("train", "test")}
     scores = {"probe_macro_f1": celltype.linear_probe(z["train"], y["train"], z["test"], y["test"])["macro_f1"],
               "knn_macro_f1": celltype.knn(z["train"], y["train"], z["test"], y["test"], k=cfg.knn_k)["macro_f1"],
-              "frozen_paper_knn_f1": _paper_knn(cfg, rep, target), "probe_f1_by_share": {}}
+              "frozen_paper_knn_f1": _paper_knn(cfg, rep, target, z), "probe_f1_by_share": {}}
     names = target.cell_names()[slice(*target.split("train"))]
     for share, labelled in (shares or {}).items():
         keep = np.isin(names, labelled.cell_names()[slice(*labelled.split("train"))])
