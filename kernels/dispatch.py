@@ -62,6 +62,21 @@ def random_key(seed: int, step: int, stream: int = 0) -> int:
     return z >> 1
 
 
+def cell_uniforms(key: int, cells: torch.Tensor, n: int) -> torch.Tensor:
+    """float64 [len(cells), n] uniforms in [0, 1), entry (i, j) a function of (key, cells[i], j) alone: per-cell draws
+    (a cell's programmes, its isolated programme) that do not depend on the cell's rank or place in the batch.
+    splitmix64 of (key ⊕ (cell · n + j) · φ), its top 53 bits."""
+    import numpy as np
+
+    ids = cells.detach().cpu().numpy().astype(np.uint64)[:, None] * np.uint64(max(n, 1)) + np.arange(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = np.uint64(key) ^ (ids * np.uint64(0x9E3779B97F4A7C15))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53)
+
+
 def generator(key: int, device: torch.device | str = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(key)
 

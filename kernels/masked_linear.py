@@ -40,7 +40,7 @@ def _nonzeros_per_row(x, out):
 
 
 @numba.njit(parallel=True, cache=True)
-def _fill_kept(x, mode, key, threshold, row_bits, row_index, scale, slots, cols, vals, counts):
+def _fill_kept(x, mode, key, threshold, row_bits, row_index, scale, cells, slots, cols, vals, counts):
     """Each row's kept nonzeros into its own slots (one spare: the writes are unconditional, branch-free, and the
     spare absorbs the last one). First the row's nonzero columns (branch-free), then the keep test on those only."""
     n, g = x.shape
@@ -58,7 +58,7 @@ def _fill_kept(x, mode, key, threshold, row_bits, row_index, scale, slots, cols,
             which, j, s = row_index[r], slots[r], scale[r]
             for i in range(k):
                 c = nonzero[i]
-                keep = keeps(mode, key, r, words, c, thr, row_bits, which)
+                keep = keeps(mode, key, cells[r], words, c, thr, row_bits, which)
                 cols[j] = c
                 vals[j] = xr[c] * s
                 j += keep
@@ -66,8 +66,8 @@ def _fill_kept(x, mode, key, threshold, row_bits, row_index, scale, slots, cols,
 
 
 @numba.njit(parallel=True, cache=True)
-def _fill_kept_csr(indptr, indices, data, n_genes, mode, key, threshold, row_bits, row_index, scale, slots, cols,
-                   vals, counts):
+def _fill_kept_csr(indptr, indices, data, n_genes, mode, key, threshold, row_bits, row_index, scale, cells, slots,
+                   cols, vals, counts):
     """_fill_kept for CSR input: the keep test on each row's stored values only (one spare slot per row as there)."""
     words = (n_genes + 3) // 4
     thr = np.uint64(threshold)
@@ -77,7 +77,7 @@ def _fill_kept_csr(indptr, indices, data, n_genes, mode, key, threshold, row_bit
         j = slots[r]
         for k in range(indptr[r], indptr[r + 1]):
             c = np.int64(indices[k])
-            keep = keeps(mode, key, r, words, c, thr, row_bits, which)
+            keep = keeps(mode, key, cells[r], words, c, thr, row_bits, which)
             cols[j] = c
             vals[j] = data[k] * s
             j += keep and data[k] != 0.0
@@ -178,7 +178,7 @@ def _kept(x, spec: MaskSpec):
     """The masked input's nonzeros as CSR (indptr, cols, vals), or None where the dense product is the faster one
     (more than MAX_DENSITY of the batch nonzero)."""
     args = (spec.mode, spec.key, np.uint64(threshold16(spec.rate)), spec.row_bits.numpy(), spec.row_index.numpy(),
-            spec.scale.numpy())
+            spec.scale.numpy(), spec.cells.numpy())
     if isinstance(x, SparseRows):
         return None if x.nnz > MAX_DENSITY * x.numel() else kept_entries_csr(x, args)
     values = x.detach().contiguous().numpy()

@@ -9,9 +9,12 @@ masks come from per-row bitsets (one bit per gene, 32 genes per int32 word, as
 torch.Generator keyed by (seed, step). The masked input is x · keep · scale, scale being 1 / (1 − fraction masked)
 per row, as in the paper; the op is linear, so its backward applies the same mask to the gradient.
 
-The CPU random stream: uniform u ∈ [0, 65,536) for (row, gene) is 16 bits of splitmix64(key ⊕ (row · W + gene // 4)
-· φ), lane gene % 4, with W = ⌈genes / 4⌉: one hash per four genes, computed only where needed. A gene is kept when
-u ≥ round(rate · 65,536). Rows are independent, so results do not depend on the thread count. The masked first
+Every random draw is keyed by the cell, not by its place in the batch: `row` below is the cell's global store row
+(`MaskSpec.cells`), so a cell gets the same mask whichever rank, micro-batch or batch position it lands in, and
+2 ranks × B cells draw exactly what 1 rank × 2B draws. The CPU random stream: uniform u ∈ [0, 65,536) for
+(row, gene) is 16 bits of splitmix64(key ⊕ (row · W + gene // 4) · φ), lane gene % 4, with W = ⌈genes / 4⌉: one hash
+per four genes, computed only where needed. A gene is kept when u ≥ round(rate · 65,536). Rows are independent, so
+results do not depend on the thread count. The masked first
 layer (masked_linear.py) and the fused loss (recon_loss.py) regenerate masks with `keep_tile` (Triton) and
 `keeps` (CPU) from here. Never imports engine or loaders.
 """
@@ -26,7 +29,7 @@ import torch
 from numba import prange
 
 from ._triton import constexpr, grid, jit, tile, tl
-from .dispatch import backend, check_matrix, check_rate, generator, random_key
+from .dispatch import backend, cell_uniforms, check_matrix, check_rate, generator, random_key
 from .sparse_rows import check_input
 
 # --- the vocabulary ----------------------------------------------------------------------------------------------
@@ -87,7 +90,8 @@ def lane(bits, c):
 
 @numba.njit(inline="always")
 def keeps(mode, key, r, words, c, thr, row_bits, which):
-    """Whether the mask keeps gene c of row r: the random stream, or bit c of the row's programme bitset."""
+    """Whether the mask keeps gene c of a row: the random stream of cell r (its store row), or bit c of the row's
+    programme bitset."""
     if mode == RANDOM:
         return lane(word(key, r, words, c >> 2), c) >= thr
     bit = (row_bits[which, c >> 5] >> (c & 31)) & 1
@@ -95,24 +99,24 @@ def keeps(mode, key, r, words, c, thr, row_bits, which):
 
 
 @numba.njit(parallel=True, cache=True)
-def _random_keep(key, n, g, threshold, out):
-    """out[r, c] = the random mask keeps (r, c)."""
+def _random_keep(key, cells, g, threshold, out):
+    """out[r, c] = the random mask keeps (r, c); row r draws as cell cells[r]."""
     words = (g + 3) // 4
-    for r in prange(n):
+    for r in prange(len(cells)):
         for w in range(words):
-            bits = word(key, r, words, w)
+            bits = word(key, cells[r], words, w)
             for c in range(4 * w, min(4 * w + 4, g)):
                 out[r, c] = lane(bits, c) >= threshold
 
 
 @numba.njit(parallel=True, cache=True)
-def _random_kept_count(key, n, g, threshold):
+def _random_kept_count(key, cells, g, threshold):
     words = (g + 3) // 4
     total = 0
-    for r in prange(n):
+    for r in prange(len(cells)):
         kept = 0
         for w in range(words):
-            bits = word(key, r, words, w)
+            bits = word(key, cells[r], words, w)
             for c in range(4 * w, min(4 * w + 4, g)):
                 kept += lane(bits, c) >= threshold
         total += kept
@@ -120,7 +124,7 @@ def _random_kept_count(key, n, g, threshold):
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _random_apply(x, key, threshold, scale, out):
+def _random_apply(x, key, cells, threshold, scale, out):
     """out = x · keep · scale[row] for the random mask, branch-free."""
     n, g = x.shape
     words = (g + 3) // 4
@@ -128,18 +132,21 @@ def _random_apply(x, key, threshold, scale, out):
     for r in prange(n):
         xr, orow, s = x[r], out[r], scale[r]
         for w in range(words):
-            bits = word(key, r, words, w)
+            bits = word(key, cells[r], words, w)
             for c in range(4 * w, min(4 * w + 4, g)):
                 orow[c] = xr[c] * s * np.float32(lane(bits, c) >= thr)
 
 
 # --- the Triton kernels ------------------------------------------------------------------------------------------
 @jit
-def keep_tile(rows, cols, n_genes, key, rate, row_bits_ptr, row_index_ptr, n_words, row_ok, MODE: tl.constexpr):
+def keep_tile(rows, cols, n_genes, key, rate, row_bits_ptr, row_index_ptr, cells_ptr, n_words, row_ok,
+              MODE: tl.constexpr):
     """bool [BLOCK_R, BLOCK_G]: which elements the input keeps. Random: Philox keyed by `key`, counter
-    row · n_genes + gene. Bits: bit `gene` of the row's bitset, dropped (DROP_BITS) or kept alone (KEEP_BITS)."""
+    cell · n_genes + gene (the row's global store row, `cells`). Bits: bit `gene` of the row's bitset, dropped
+    (DROP_BITS) or kept alone (KEEP_BITS)."""
     if MODE == RANDOM_:
-        counters = rows[:, None].to(tl.int64) * n_genes + cols[None, :]
+        cell = tl.load(cells_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        counters = cell[:, None] * n_genes + cols[None, :]
         keep = tl.rand(key, counters) >= rate
     else:
         which = tl.load(row_index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
@@ -151,7 +158,8 @@ def keep_tile(rows, cols, n_genes, key, rate, row_bits_ptr, row_index_ptr, n_wor
 
 
 @jit
-def _mask_kernel(x_ptr, out_ptr, scale_ptr, row_bits_ptr, row_index_ptr, n_cells, n_genes, n_words, key, rate,
+def _mask_kernel(x_ptr, out_ptr, scale_ptr, row_bits_ptr, row_index_ptr, cells_ptr, n_cells, n_genes, n_words, key,
+                 rate,
                  MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
@@ -159,20 +167,20 @@ def _mask_kernel(x_ptr, out_ptr, scale_ptr, row_bits_ptr, row_index_ptr, n_cells
     inside = row_ok[:, None] & (cols[None, :] < n_genes)
     offsets = rows[:, None].to(tl.int64) * n_genes + cols[None, :]
     x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
-    keep = keep_tile(rows, cols, n_genes, key, rate, row_bits_ptr, row_index_ptr, n_words, row_ok, MODE)
+    keep = keep_tile(rows, cols, n_genes, key, rate, row_bits_ptr, row_index_ptr, cells_ptr, n_words, row_ok, MODE)
     scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
     tl.store(out_ptr + offsets, tl.where(keep, x * scale[:, None], 0.0), mask=inside)
 
 
 @jit
-def _kept_kernel(partial_ptr, row_bits_ptr, row_index_ptr, n_cells, n_genes, n_words, key, rate,
+def _kept_kernel(partial_ptr, row_bits_ptr, row_index_ptr, cells_ptr, n_cells, n_genes, n_words, key, rate,
                  MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
     """How many positions of its tile the mask keeps, per program."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     row_ok = rows < n_cells
     inside = row_ok[:, None] & (cols[None, :] < n_genes)
-    keep = keep_tile(rows, cols, n_genes, key, rate, row_bits_ptr, row_index_ptr, n_words, row_ok, MODE)
+    keep = keep_tile(rows, cols, n_genes, key, rate, row_bits_ptr, row_index_ptr, cells_ptr, n_words, row_ok, MODE)
     kept = tl.sum(tl.sum(tl.where(keep & inside, 1, 0), axis=1), axis=0)
     tl.store(partial_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), kept)
 
@@ -182,7 +190,8 @@ def mask_triton(x: torch.Tensor, spec: "MaskSpec") -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     blocks = tile(*x.shape, x.is_cuda)
-    _mask_kernel[grid(*x.shape, blocks)](x, out, spec.scale, spec.row_bits, spec.row_index, x.shape[0], x.shape[1],
+    _mask_kernel[grid(*x.shape, blocks)](x, out, spec.scale, spec.row_bits, spec.row_index, spec.cells, x.shape[0],
+                                         x.shape[1],
                                          spec.row_bits.shape[1], spec.key, spec.rate, MODE=spec.mode,
                                          BLOCK_R=blocks[0], BLOCK_G=blocks[1])
     return out
@@ -192,7 +201,8 @@ def _kept_triton(spec: "MaskSpec") -> int:
     blocks = tile(*spec.shape, spec.scale.is_cuda)
     g = grid(*spec.shape, blocks)
     partial = torch.empty(g[0] * g[1], dtype=torch.int32, device=spec.scale.device)
-    _kept_kernel[g](partial, spec.row_bits, spec.row_index, spec.n_cells, spec.n_genes, spec.row_bits.shape[1],
+    _kept_kernel[g](partial, spec.row_bits, spec.row_index, spec.cells, spec.n_cells, spec.n_genes,
+                    spec.row_bits.shape[1],
                     spec.key, spec.rate, MODE=spec.mode, BLOCK_R=blocks[0], BLOCK_G=blocks[1])
     return int(partial.sum())
 
@@ -210,6 +220,7 @@ class MaskSpec:
     row_index: torch.Tensor     # int32 [B]: which row of row_bits each cell uses
     scale: torch.Tensor         # float32 [B]: input upscaling, 1 / (1 - fraction masked)
     target_gene: torch.Tensor   # int32 [B] (TARGET_GENE only)
+    cells: torch.Tensor         # int64 [B]: each row's global store row, the counter of its random draws
     triton: bool                # whose random stream: Philox (Triton) or the CPU hash above
 
     @property
@@ -223,7 +234,7 @@ class MaskSpec:
             if self.triton:
                 return mask_triton(torch.ones(self.shape, device=self.scale.device), self) != 0
             out = np.empty(self.shape, np.bool_)
-            _random_keep(self.key, self.n_cells, self.n_genes, threshold16(self.rate), out)
+            _random_keep(self.key, self.cells.cpu().numpy(), self.n_genes, threshold16(self.rate), out)
             return torch.from_numpy(out).to(self.scale.device)
         keep = unpack_bits(self.row_bits, self.n_genes)
         keep = ~keep if self.mode == DROP_BITS else keep
@@ -249,7 +260,7 @@ class MaskSpec:
                 return self.n_cells * self.n_genes
             if self.triton:
                 return _kept_triton(self)
-            return int(_random_kept_count(self.key, self.n_cells, self.n_genes, threshold16(self.rate)))
+            return int(_random_kept_count(self.key, self.cells.cpu().numpy(), self.n_genes, threshold16(self.rate)))
         per_row = torch.from_numpy(_POPCOUNT[self.row_bits.cpu().numpy().view(np.uint8)].sum(1))
         kept = per_row if self.mode == KEEP_BITS else self.n_genes - per_row
         return int(kept[self.row_index.cpu().long()].sum())
@@ -259,22 +270,36 @@ class MaskSpec:
         return 1.0 - self.kept() / max(1, self.n_cells * self.n_genes)
 
 
-def _spec(x, mode, target, key, rate, row_bits, row_index, scale, target_gene=None, triton=False) -> MaskSpec:
+def cell_ids(x, cells: torch.Tensor | None) -> torch.Tensor:
+    """The cells' global store rows as int64 on x's device, checked; None: the rows' places in the batch (a caller
+    with one batch and no store)."""
+    n = x.shape[0]
+    if cells is None:
+        return torch.arange(n, dtype=torch.int64, device=x.device)
+    if not isinstance(cells, torch.Tensor) or cells.shape != (n,) or cells.dtype.is_floating_point:
+        raise ValueError(f"cells must be an integer tensor of the batch's {n} store rows, got "
+                         f"{getattr(cells, 'dtype', type(cells).__name__)} {tuple(getattr(cells, 'shape', ()))}")
+    return cells.to(x.device, torch.int64)
+
+
+def _spec(x, mode, target, key, rate, row_bits, row_index, scale, target_gene=None, triton=False,
+          cells=None) -> MaskSpec:
     n, g = x.shape
     dev = x.device
     return MaskSpec(mode, target, key, rate, n, g, row_bits.to(dev, torch.int32), row_index.to(dev, torch.int32),
                     scale.to(dev, torch.float32),
                     torch.zeros(n, dtype=torch.int32, device=dev) if target_gene is None else target_gene.to(
-                        dev, torch.int32), triton)
+                        dev, torch.int32), cell_ids(x, cells), triton)
 
 
-def random_spec(x, rate: float, seed: int, step: int, triton: bool) -> MaskSpec:
-    """Each element masked with probability `rate`; the input upscaled by 1 / (1 - rate) (the paper)."""
+def random_spec(x, rate: float, seed: int, step: int, triton: bool, cells=None, stream: int = 0) -> MaskSpec:
+    """Each element masked with probability `rate`; the input upscaled by 1 / (1 - rate) (the paper). `stream`
+    tells apart independent masks of one step (a view's dropout, each dropout layer)."""
     rate = check_rate(rate)
     n = x.shape[0]
     empty = torch.zeros(1, 1, dtype=torch.int32)
-    return _spec(x, RANDOM, TARGET_MASKED, random_key(seed, step), rate, empty, torch.zeros(n, dtype=torch.int32),
-                 torch.full((n,), 1.0 / (1.0 - rate)), triton=triton)
+    return _spec(x, RANDOM, TARGET_MASKED, random_key(seed, step, stream), rate, empty,
+                 torch.zeros(n, dtype=torch.int32), torch.full((n,), 1.0 / (1.0 - rate)), triton=triton, cells=cells)
 
 
 def no_mask(x) -> MaskSpec:
@@ -321,10 +346,11 @@ def _union_per_cell(programmes: torch.Tensor, picks: torch.Tensor, n_genes: int)
 
 
 def programme_spec(x, programmes: torch.Tensor, rate: float, seed: int, step: int, per: str, triton: bool,
-                   rate_of: str = "programmes") -> MaskSpec:
-    """Programmes masked, chosen once per batch ("batch", the paper) or afresh per cell ("cell"): ⌊rate · P⌋ of them
+                   rate_of: str = "programmes", cells=None) -> MaskSpec:
+    """Programmes masked, chosen once per step ("batch", the paper: the global batch shares them, whichever rank
+    holds a cell) or afresh per cell ("cell", keyed by the cell's store row): ⌊rate · P⌋ of them
     (rate_of="programmes", the paper), or as many as it takes, in a random order, to mask `rate` of the genes
-    (rate_of="genes"; per cell, that count is calibrated on the batch's own random order)."""
+    (rate_of="genes"; per cell, that count is calibrated on the step's own random order)."""
     rate = check_rate(rate)
     n, g = x.shape
     programmes = _check_programmes(programmes, g, x.device)
@@ -342,7 +368,7 @@ def programme_spec(x, programmes: torch.Tensor, rate: float, seed: int, step: in
     elif per == "cell":
         picks = torch.zeros(n, p, dtype=torch.bool)
         if k:  # a uniform k-subset per cell: the k smallest of p random keys
-            keys = torch.rand(n, p, generator=gen)
+            keys = cell_uniforms(random_key(seed, step, 4), cell_ids(x, cells), p)
             picks = keys <= keys.kthvalue(k, dim=1, keepdim=True).values
         bits = pack_bits(_union_per_cell(programmes, picks.to(x.device), g))
         row_index = torch.arange(n, dtype=torch.int32)
@@ -350,7 +376,8 @@ def programme_spec(x, programmes: torch.Tensor, rate: float, seed: int, step: in
         raise ValueError(f"per must be 'batch' or 'cell', not {per!r}")
     n_masked = unpack_bits(bits, g).sum(1).to(torch.float32)
     scale = (g / (g - n_masked).clamp(min=1))[row_index.long().to(x.device)]
-    return _spec(x, DROP_BITS, TARGET_MASKED, random_key(seed, step), rate, bits, row_index, scale, triton=triton)
+    return _spec(x, DROP_BITS, TARGET_MASKED, random_key(seed, step), rate, bits, row_index, scale, triton=triton,
+                 cells=cells)
 
 
 def _without_own_tf(programmes: torch.Tensor, tf_genes: torch.Tensor, n_genes: int, device) -> torch.Tensor:
@@ -366,7 +393,7 @@ def _without_own_tf(programmes: torch.Tensor, tf_genes: torch.Tensor, n_genes: i
 
 
 def isolated_spec(x, programmes: torch.Tensor, seed: int, step: int, tf_genes: torch.Tensor | None, per: str,
-                  triton: bool) -> MaskSpec:
+                  triton: bool, cells=None) -> MaskSpec:
     """Keep one programme's genes and mask every other gene. GP→GP: the loss reads the masked genes (the rest of
     the transcriptome from one programme, as the reference code computes it). GP→TF (`tf_genes`, programmes being TF
     target sets): the TF is removed from its own programme and the loss reads the TF alone."""
@@ -378,15 +405,19 @@ def isolated_spec(x, programmes: torch.Tensor, seed: int, step: int, tf_genes: t
     usable = torch.nonzero(sizes > 0).flatten()
     if len(usable) == 0:
         raise ValueError("no programme has a gene in this gene space: nothing to isolate")
-    gen = generator(random_key(seed, step, 2), "cpu")
-    count = n if per == "cell" else 1 if per == "batch" else None
-    if count is None:
+    if per == "cell":  # each cell's own draw, keyed by its store row
+        u = cell_uniforms(random_key(seed, step, 2), cell_ids(x, cells), 1)[:, 0]
+        pick = (u * len(usable)).long().clamp_(max=len(usable) - 1)
+    elif per == "batch":
+        pick = torch.randint(len(usable), (1,), generator=generator(random_key(seed, step, 2), "cpu"))
+    else:
         raise ValueError(f"per must be 'batch' or 'cell', not {per!r}")
-    chosen = usable[torch.randint(len(usable), (count,), generator=gen).to(usable.device)].expand(n)
+    chosen = usable[pick.to(usable.device)].expand(n)
     scale = g / sizes[chosen].to(torch.float32)
     target, target_gene = (TARGET_GENE, tf_genes.to(x.device)[chosen]) if tf_genes is not None else (TARGET_MASKED,
                                                                                                        None)
-    return _spec(x, KEEP_BITS, target, random_key(seed, step), 0.0, programmes, chosen, scale, target_gene, triton)
+    return _spec(x, KEEP_BITS, target, random_key(seed, step), 0.0, programmes, chosen, scale, target_gene, triton,
+                 cells)
 
 
 # --- applying a spec ---------------------------------------------------------------------------------------------
@@ -400,7 +431,7 @@ def _mask_cpu_random(x: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
     """The random mask applied in one numba pass that regenerates the bits."""
     x = x.detach().contiguous()
     out = torch.empty_like(x)
-    _random_apply(x.numpy(), spec.key, threshold16(spec.rate), spec.scale.numpy(), out.numpy())
+    _random_apply(x.numpy(), spec.key, spec.cells.numpy(), threshold16(spec.rate), spec.scale.numpy(), out.numpy())
     return out
 
 
@@ -435,24 +466,28 @@ def apply_mask(x: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
 
 def mask_spec(x, mask: str, rate: float = 0.5, seed: int = 0, step: int = 0,
               programmes: torch.Tensor | None = None, tf_genes: torch.Tensor | None = None,
-              per: str = "batch", rate_of: str = "programmes") -> MaskSpec:
+              per: str = "batch", rate_of: str = "programmes", cells: torch.Tensor | None = None,
+              stream: int = 0) -> MaskSpec:
     """The spec of a mask ("random", "gene_program", "isolated") without applying it: for `masked_linear`, which
     applies it inside the first layer, and `masked_recon_loss`. `rate_of` (gene_program): the rate is a fraction of
-    the programmes (the paper) or of the genes. x: the batch, dense or SparseRows (only its shape and device count)."""
+    the programmes (the paper) or of the genes. x: the batch, dense or SparseRows (only its shape and device count).
+    `cells`: the batch's global store rows (Batch.index), which key every per-cell draw (None: the rows' places in
+    this batch); `stream` (random masks) tells apart independent masks of one step."""
     check_input(x, "x")
     triton = backend(x) == "triton"
     if mask == "random":
-        return random_spec(x, rate, seed, step, triton)
+        return random_spec(x, rate, seed, step, triton, cells, stream)
     if mask == "gene_program":
-        return programme_spec(x, programmes, rate, seed, step, per, triton, rate_of)
+        return programme_spec(x, programmes, rate, seed, step, per, triton, rate_of, cells)
     if mask == "isolated":
-        return isolated_spec(x, programmes, seed, step, tf_genes, per, triton)
+        return isolated_spec(x, programmes, seed, step, tf_genes, per, triton, cells)
     raise ValueError(f"unknown mask {mask!r}: random, gene_program or isolated")
 
 
-def random_mask(x: torch.Tensor, rate: float = 0.5, seed: int = 0, step: int = 0) -> tuple[torch.Tensor, MaskSpec]:
+def random_mask(x: torch.Tensor, rate: float = 0.5, seed: int = 0, step: int = 0,
+                cells: torch.Tensor | None = None) -> tuple[torch.Tensor, MaskSpec]:
     """Mask each element with probability `rate` (paper: 0.5); the rest is upscaled by 1 / (1 − rate)."""
-    spec = mask_spec(x, "random", rate, seed, step)
+    spec = mask_spec(x, "random", rate, seed, step, cells=cells)
     return apply_mask(x, spec), spec
 
 
@@ -473,6 +508,6 @@ def isolated_mask(x: torch.Tensor, programmes: torch.Tensor, seed: int = 0, step
     return apply_mask(x, spec), spec
 
 
-__all__ = ["DROP_BITS", "KEEP_BITS", "RANDOM", "TARGET_GENE", "TARGET_MASKED", "MaskSpec", "apply_mask",
+__all__ = ["DROP_BITS", "KEEP_BITS", "RANDOM", "TARGET_GENE", "TARGET_MASKED", "MaskSpec", "apply_mask", "cell_ids",
            "gene_program_mask", "isolated_mask", "keep_tile", "keeps", "lane", "mask_reference", "mask_spec",
            "no_mask", "pack_bits", "random_mask", "threshold16", "unpack_bits", "word"]

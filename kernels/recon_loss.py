@@ -22,7 +22,7 @@ from .sparse_rows import SparseRows, check_input, dense, difference
 # --- the CPU path (numba) ----------------------------------------------------------------------------------------
 @numba.njit(inline="always", fastmath=True)
 def _masked_row(gr, r, key, words, full, g, thr, scale2):
-    """Row r of grad holds pred − x: keep it (× scale2) where the random mask dropped the gene, 0 elsewhere, and
+    """A row of grad (cell r's random stream) holds pred − x: keep it (× scale2) where the random mask dropped the gene, 0 elsewhere, and
     return the squared error summed there. Branch-free (~10x the branchy loop), float32 in any order (fastmath lets
     it vectorise)."""
     acc = np.float32(0.0)
@@ -45,7 +45,7 @@ def _masked_row(gr, r, key, words, full, g, thr, scale2):
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _random_masked_loss(pred, x, key, threshold, scale2, grad, partial):
+def _random_masked_loss(pred, x, key, cells, threshold, scale2, grad, partial):
     """Squared error on the positions the random mask dropped, summed per row; grad = scale2 · (pred − x) there,
     0 elsewhere. Each row's difference is formed in grad and masked there while the row is in cache."""
     n, g = x.shape
@@ -55,11 +55,11 @@ def _random_masked_loss(pred, x, key, threshold, scale2, grad, partial):
         pr, xr, gr = pred[r], x[r], grad[r]
         for c in range(g):
             gr[c] = pr[c] - xr[c]
-        partial[r] = _masked_row(gr, r, key, words, full, g, thr, scale2)
+        partial[r] = _masked_row(gr, cells[r], key, words, full, g, thr, scale2)
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _random_masked_loss_csr(pred, indptr, indices, data, key, threshold, scale2, grad, partial):
+def _random_masked_loss_csr(pred, indptr, indices, data, key, cells, threshold, scale2, grad, partial):
     """_random_masked_loss with the target x as CSR: each row of grad first holds pred − x (pred, then the stored
     values subtracted), then the same masked pass."""
     n, g = pred.shape
@@ -71,15 +71,15 @@ def _random_masked_loss_csr(pred, indptr, indices, data, key, threshold, scale2,
             gr[c] = pr[c]
         for k in range(indptr[r], indptr[r + 1]):
             gr[indices[k]] -= data[k]
-        partial[r] = _masked_row(gr, r, key, words, full, g, thr, scale2)
+        partial[r] = _masked_row(gr, cells[r], key, words, full, g, thr, scale2)
 
 
 # --- the Triton kernel -------------------------------------------------------------------------------------------
 
 
 @jit
-def _loss_kernel(pred_ptr, x_ptr, grad_ptr, partial_ptr, row_bits_ptr, row_index_ptr, target_gene_ptr, n_cells,
-                 n_genes, n_words, key, rate, inv_n, MODE: tl.constexpr, TARGET: tl.constexpr,
+def _loss_kernel(pred_ptr, x_ptr, grad_ptr, partial_ptr, row_bits_ptr, row_index_ptr, cells_ptr, target_gene_ptr,
+                 n_cells, n_genes, n_words, key, rate, inv_n, MODE: tl.constexpr, TARGET: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
@@ -91,7 +91,8 @@ def _loss_kernel(pred_ptr, x_ptr, grad_ptr, partial_ptr, row_bits_ptr, row_index
         gene = tl.load(target_gene_ptr + rows, mask=row_ok, other=-1)
         selected = cols[None, :] == gene[:, None]
     else:
-        keep = keep_tile(rows, cols, n_genes, key, rate, row_bits_ptr, row_index_ptr, n_words, row_ok, MODE)
+        keep = keep_tile(rows, cols, n_genes, key, rate, row_bits_ptr, row_index_ptr, cells_ptr, n_words, row_ok,
+                         MODE)
         selected = keep == 0
     selected = selected & inside
     tl.store(grad_ptr + offsets, tl.where(selected, 2.0 * diff * inv_n, 0.0), mask=inside)
@@ -106,7 +107,8 @@ def _loss_triton(pred: torch.Tensor, x: torch.Tensor, spec: MaskSpec) -> tuple[t
     g = grid(*x.shape, blocks)
     partial = torch.empty(g[0] * g[1], dtype=torch.float32, device=x.device)
     inv_n = 1.0 / x.numel()
-    _loss_kernel[g](pred, x, grad, partial, spec.row_bits, spec.row_index, spec.target_gene, x.shape[0], x.shape[1],
+    _loss_kernel[g](pred, x, grad, partial, spec.row_bits, spec.row_index, spec.cells, spec.target_gene, x.shape[0],
+                    x.shape[1],
                     spec.row_bits.shape[1], spec.key, spec.rate, inv_n, MODE=spec.mode, TARGET=spec.target,
                     BLOCK_R=blocks[0], BLOCK_G=blocks[1])
     return partial.sum() * inv_n, grad
@@ -138,7 +140,7 @@ def _loss_cpu_random(pred: torch.Tensor, x, spec: MaskSpec) -> tuple[torch.Tenso
     pred = pred.detach().contiguous()
     grad, partial = torch.empty_like(pred), np.empty(len(pred), np.float64)
     inv_n = 1.0 / x.numel()
-    args = (spec.key, threshold16(spec.rate), np.float32(2.0 * inv_n), grad.numpy(), partial)
+    args = (spec.key, spec.cells.numpy(), threshold16(spec.rate), np.float32(2.0 * inv_n), grad.numpy(), partial)
     if isinstance(x, SparseRows):
         _random_masked_loss_csr(pred.numpy(), *x.numpy(), *args)
     else:

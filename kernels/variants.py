@@ -17,7 +17,7 @@ def _mask_launches():
     from .masking import DROP_BITS, KEEP_BITS, RANDOM, _kept_kernel, _mask_kernel
 
     sig = {"x_ptr": "*fp32", "out_ptr": "*fp32", "scale_ptr": "*fp32", "row_bits_ptr": "*i32",
-           "row_index_ptr": "*i32", "n_cells": "i32", "n_genes": "i32", "n_words": "i32", "key": KEY, "rate": "fp32",
+           "row_index_ptr": "*i32", "cells_ptr": "*i64", "n_cells": "i32", "n_genes": "i32", "n_words": "i32", "key": KEY, "rate": "fp32",
            "MODE": "constexpr", "BLOCK_R": "constexpr", "BLOCK_G": "constexpr"}
     for mode in (RANDOM, DROP_BITS, KEEP_BITS):
         yield f"mask MODE={mode}", _mask_kernel, sig, {"MODE": mode, "BLOCK_R": 4, "BLOCK_G": 1024}
@@ -30,7 +30,8 @@ def _loss_launches():
     from .recon_loss import _loss_kernel
 
     sig = {"pred_ptr": "*fp32", "x_ptr": "*fp32", "grad_ptr": "*fp32", "partial_ptr": "*fp32",
-           "row_bits_ptr": "*i32", "row_index_ptr": "*i32", "target_gene_ptr": "*i32", "n_cells": "i32",
+           "row_bits_ptr": "*i32", "row_index_ptr": "*i32", "cells_ptr": "*i64", "target_gene_ptr": "*i32",
+           "n_cells": "i32",
            "n_genes": "i32", "n_words": "i32", "key": KEY, "rate": "fp32", "inv_n": "fp32", "MODE": "constexpr",
            "TARGET": "constexpr", "BLOCK_R": "constexpr", "BLOCK_G": "constexpr"}
     # the (mode, target) pairs mask_spec produces: the masked positions (random, programme and GP→GP masks) or
@@ -44,7 +45,7 @@ def _loss_launches():
 def _nb_launches():
     from .nb_augment import _nb_kernel
 
-    sig = {"x_ptr": "*fp32", "out_ptr": "*fp32", "n_cells": "i32", "n_genes": "i32", "key": KEY,
+    sig = {"x_ptr": "*fp32", "out_ptr": "*fp32", "cells_ptr": "*i64", "n_cells": "i32", "n_genes": "i32", "key": KEY,
            "intensity": "fp32", "target_sum": "fp32", "RAW": "constexpr", "BLOCK_R": "constexpr",
            "BLOCK_G": "constexpr"}
     for raw in (False, True):

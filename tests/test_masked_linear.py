@@ -79,7 +79,7 @@ def test_cpu_random_loss_equals_reference(monkeypatch):
 
 def random_keep(key, shape, rate, device="cpu") -> torch.Tensor:
     out = np.empty(shape, np.bool_)
-    _random_keep(key, shape[0], shape[1], threshold16(rate), out)
+    _random_keep(key, np.arange(shape[0], dtype=np.int64), shape[1], threshold16(rate), out)
     return torch.from_numpy(out)
 
 
