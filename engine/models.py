@@ -5,15 +5,91 @@ decoder mirrors it back to the genes. The reference's classifier is the same enc
 64-unit layer too (`activation="relu"`, `head_block=True`); its Linear layers sit at the same module indices, so a
 SELU-pretrained encoder loads into it as the reference's `update_weights` does. Plain torch modules: they know
 nothing of DeepSpeed, objectives or data.
+
+Two layers differ from torch's so that a run is the same experiment on any number of ranks: `CellDropout` draws its
+mask from the cell (its global store row, set for a forward pass by `cell_draws`) instead of the process's RNG, and
+`GlobalBatchNorm` normalises with the statistics of the global batch (engine/collective.py; torch's SyncBatchNorm
+runs on GPUs only, these on gloo too).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import zlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from cellssl import kernels
+
+from .collective import batch_moments
 from .fields import at_least, dropout, opt, widths
+
+# (seed, step, cells) of the forward pass under way: what CellDropout keys its masks by
+_DRAWS: contextvars.ContextVar = contextvars.ContextVar("cellssl_cell_draws", default=None)
+
+
+@contextlib.contextmanager
+def cell_draws(seed: int, step: int, cells: torch.Tensor):
+    """Within this block, dropout in training draws from (seed, step, layer, cell, unit): `cells` are the global
+    store rows of the rows that pass (a tensor of the batch's length)."""
+    token = _DRAWS.set((seed, step, cells))
+    try:
+        yield
+    finally:
+        _DRAWS.reset(token)
+
+
+class CellDropout(nn.Dropout):
+    """Dropout whose mask is a function of (seed, step, this layer, the cell, the unit): the same on any rank and
+    in any batch position, regenerated in the backward pass rather than stored (kernels.apply_mask). Outside
+    `cell_draws` (a network used on its own) it is torch's dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        draws = _DRAWS.get()
+        if not self.training or self.p == 0 or draws is None:
+            return super().forward(x)
+        seed, step, cells = draws
+        if len(cells) != x.shape[0]:
+            raise ValueError(f"dropout keyed by {len(cells)} cells met a batch of {x.shape[0]} rows")
+        stream = getattr(self, "stream", 0)
+        spec = kernels.mask_spec(x, "random", self.p, seed, step, cells=cells, stream=stream)
+        return kernels.apply_mask(x.float().contiguous(), spec).to(x.dtype)
+
+
+def number_dropouts(module: nn.Module) -> None:
+    """Give each CellDropout of `module` its own random stream, from its name in the module (so an online and a
+    target network, or an encoder and its decoder, draw independent masks)."""
+    for name, m in module.named_modules():
+        if isinstance(m, CellDropout):
+            m.stream = 16 + zlib.crc32(name.encode())
+
+
+class GlobalBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d over the global batch: in training the mean and variance are all ranks' (differentiable), the
+    running statistics move identically on every rank; in evaluation the running statistics, as torch's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        mean, var, n = batch_moments(x)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1).clamp(min=1)), alpha=m)
+        out = (x.float() - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            out = out * self.weight + self.bias
+        return out.to(x.dtype)
+
+
+def standardise(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Each column to zero mean and unit variance over the global batch (BatchNorm without affine or running
+    statistics: Barlow Twins' standardisation)."""
+    mean, var, _ = batch_moments(z)
+    return (z.float() - mean) * torch.rsqrt(var + eps)
 
 
 @dataclass(frozen=True)
@@ -33,7 +109,7 @@ def _norm(kind: str | None, width: int) -> nn.Module:
     if kind is None:
         return nn.Identity()
     if kind == "batch":
-        return nn.BatchNorm1d(width)
+        return GlobalBatchNorm(width)
     if kind == "layer":
         return nn.LayerNorm(width)
     raise ValueError(f"norm must be None, 'batch' or 'layer', not {kind!r}")
@@ -55,7 +131,7 @@ class MLP(nn.Sequential):
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
             layers.append(nn.Linear(a, b))
             if i < len(widths) - 2 or last_block:
-                layers += [_norm(norm, b), ACTIVATIONS[activation](), nn.Dropout(dropout)]
+                layers += [_norm(norm, b), ACTIVATIONS[activation](), CellDropout(dropout)]
         super().__init__(*layers)
 
 
@@ -80,7 +156,7 @@ def projection_head(widths: list[int], bias: bool = True) -> nn.Sequential:
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
         layers.append(nn.Linear(a, b, bias=bias))
         if i < len(widths) - 2:
-            layers += [nn.BatchNorm1d(b), nn.ReLU()]
+            layers += [GlobalBatchNorm(b), nn.ReLU()]
     return nn.Sequential(*layers)
 
 

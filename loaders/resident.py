@@ -1,10 +1,11 @@
-"""Resident shards: a rank's fixed share of a split, read from the store once and held as CSR (int64 offsets, the
-store's uint16 indices, values as stored) in host memory or on the rank's GPU, so that every epoch after the first
-is served at memory speed (loaders/stream.py's `resident=`).
+"""Resident splits: a split read from the store once and held as CSR (int64 offsets, the store's uint16 indices,
+values as stored) in host memory or on the rank's GPU, so that every epoch after the first is served at memory speed
+(loaders/stream.py's `resident=`). Every rank holds the whole split: each epoch's global order gives every rank
+slices from all of it, and the cells a step sees must not depend on where they are held.
 
-`choose` decides where a share goes: `device` when it fits in what the GPU has free beside the model, `host` when it
-fits in a share of the available RAM, else streaming from disk; it says which and why. Never imports engine or
-kernels.
+`choose` decides where a split goes: `device` when it fits in what the GPU has free beside the model, `host` when it
+fits, for every rank on the node that holds a copy (`sharing`), in a share of the available RAM, else streaming from
+disk; it says which and why. Several ranks decide once together (engine/trainer.py). Never imports engine or kernels.
 """
 from __future__ import annotations
 
@@ -37,9 +38,10 @@ def _gb(n: float) -> str:
 
 
 def choose(want: str, store: CellStore, start: int, stop: int, device: torch.device | None,
-           reserve: int = 0) -> tuple[str, str]:
-    """(where: "device" | "host" | "off", why) for this rank's rows [start, stop). `reserve`: GPU bytes the model and
-    optimiser need. An explicit "host" or "device" that does not fit is refused with the numbers."""
+           reserve: int = 0, sharing: int = 1) -> tuple[str, str]:
+    """(where: "device" | "host" | "off", why) for rows [start, stop). `reserve`: GPU bytes the model and optimiser
+    need; `sharing`: processes on this machine that each hold a copy in RAM. An explicit "host" or "device" that
+    does not fit is refused with the numbers."""
     import psutil
 
     if want not in RESIDENCES:
@@ -52,21 +54,22 @@ def choose(want: str, store: CellStore, start: int, stop: int, device: torch.dev
     if want == "device" and device is None:
         raise InputError("--resident device", "no device to hold the share", "use --resident host or auto")
     if gpu and want in ("auto", "device") and size <= DEVICE_SHARE * free:
-        return "device", f"resident on the GPU: this rank's share is {_gb(size)}, {_gb(free)} free beside the model"
+        return "device", f"resident on the GPU: the split is {_gb(size)}, {_gb(free)} free beside the model"
     if want == "device" and gpu:
-        raise InputError("--resident device", f"this rank's share is {_gb(size)}; the GPU has {_gb(free)} free beside "
-                         f"the model, of which {DEVICE_SHARE:.0%} may hold data", "use --resident host or auto, or "
-                         "more ranks (each holds a smaller share)")
-    available = psutil.virtual_memory().available
+        raise InputError("--resident device", f"the split is {_gb(size)}; the GPU has {_gb(free)} free beside "
+                         f"the model, of which {DEVICE_SHARE:.0%} may hold data", "use --resident host or auto")
+    available = psutil.virtual_memory().available // max(1, sharing)
     if size <= HOST_SHARE * available:  # a CPU "device" holds it in RAM too, as torch tensors
-        return ("device" if want == "device" else "host"), (f"resident in RAM: this rank's share is {_gb(size)}, "
-                                                             f"{_gb(available)} available")
+        return ("device" if want == "device" else "host"), (f"resident in RAM: the split is {_gb(size)}, "
+                                                             f"{_gb(available)} available to each of {sharing} "
+                                                             "process(es) on this machine")
     if want in ("host", "device"):
-        raise InputError(f"--resident {want}", f"this rank's share is {_gb(size)}; {_gb(available)} of RAM is available, "
-                         f"of which {HOST_SHARE:.0%} may hold data", "use --resident auto (streams from disk) or more "
-                         "ranks")
-    return "off", (f"streaming from disk: this rank's share ({_gb(size)}) does not fit in {HOST_SHARE:.0%} of the "
-                   f"{_gb(available)} of RAM available" + (" nor on the GPU" if gpu else ""))
+        raise InputError(f"--resident {want}", f"the split is {_gb(size)}; {_gb(available)} of RAM is available to "
+                         f"each of {sharing} process(es) on this machine, of which {HOST_SHARE:.0%} may hold data",
+                         "use --resident auto (streams from disk) or fewer ranks per machine")
+    return "off", (f"streaming from disk: the split ({_gb(size)}) does not fit in {HOST_SHARE:.0%} of the "
+                   f"{_gb(available)} of RAM available to each of {sharing} process(es)" + (" nor on the GPU" if gpu
+                                                                                            else ""))
 
 
 @dataclass

@@ -1,11 +1,16 @@
-"""Which cells each rank reads, in which order: block-shuffled, rank-sharded, resumable.
+"""Which cells each rank reads, in which order: one global order per epoch, sliced among the ranks, resumable.
 
-Per epoch a seeded permutation of fixed-size blocks of consecutive store rows (contiguous reads, few chunks)
-is laid end to end and cut into `world_size` contiguous shares whose sizes differ by at most one cell, so
-ranks are disjoint and get the same number of steps. Each share is walked in windows of `buffer_batches`
-batches whose cells are shuffled inside the window, which makes batches near-i.i.d. while the reader
-still decodes whole blocks. Everything is a pure function of (seed, epoch, rank), so resuming at a step
-replays exactly the remaining batches. Pure numpy; never imports engine or kernels.
+Per epoch a seeded permutation of fixed-size blocks of consecutive store rows (contiguous reads, few chunks) is laid
+end to end; it is walked in windows of `buffer_batches` global batches whose cells are shuffled inside the window,
+which makes batches near-i.i.d. while the reader still decodes whole blocks. The sequence of global batches is a
+function of (split, seed, epoch, global batch) alone, never of the number of ranks or of gradient accumulation
+(prior art: MosaicML streaming's canonical nodes): global step s is the cells at positions [s·G, (s+1)·G) of the
+epoch's order, G = batch_size × accumulation × world_size; its micro-batch i on rank r is the batch_size cells from
+s·G + (i·world_size + r)·batch_size. So 2 ranks × B, 1 rank × 2B and 1 rank × B with accumulation 2 see the same
+cells in every step, and a position saved as cells into the epoch resumes on any number of ranks with the same G.
+
+Only the windows being read are ever expanded (memory O(window + blocks), whatever the split's size). Pure numpy;
+never imports engine or kernels.
 """
 from __future__ import annotations
 
@@ -17,9 +22,12 @@ from .errors import InputError
 
 
 @dataclass(frozen=True)
-class _SplitSampler:
-    """What every sampler shares: rows [start, stop) of a split, cut into `world_size` contiguous shares whose
-    sizes differ by at most one cell, batched for `rank`; subclasses define `order` (and `windows`)."""
+class BlockShuffleSampler:
+    """Rows [start, stop) of a store (a split), batched for `rank` of `world_size`: `batch_size` cells per rank and
+    micro-batch, `accumulation` micro-batches per optimiser step. `block_size` consecutive rows are read together
+    (1,024: ~7 compressed chunks, bench/randomness.py measures how i.i.d. the batches stay); a shuffle window spans
+    `buffer_batches` global batches. `drop_last=False` (evaluation) keeps a last, shorter global batch, cut among
+    the ranks as evenly as it goes."""
 
     start: int
     stop: int
@@ -28,128 +36,120 @@ class _SplitSampler:
     rank: int = 0
     world_size: int = 1
     drop_last: bool = True
+    accumulation: int = 1
+    block_size: int = 1024
+    buffer_batches: int = 2
 
-    kind = "abstract"
-    RESUME_FIELDS = ("seed", "rank", "world_size", "batch_size")
+    kind = "block_shuffle"
 
     def __post_init__(self):
         if not 0 <= self.rank < self.world_size:
             raise InputError("RANK/WORLD_SIZE", f"rank {self.rank} outside [0, world_size={self.world_size})",
                              "launch with the deepspeed launcher, or set RANK below WORLD_SIZE")
-        for name in ("batch_size", "block_size", "buffer_batches"):
-            if getattr(self, name, 1) < 1:
+        for name in ("batch_size", "block_size", "buffer_batches", "accumulation"):
+            if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.stop < self.start:
             raise ValueError(f"empty or inverted cell range [{self.start}, {self.stop})")
         if self.drop_last and self.n_cells and self.steps() == 0:
-            share = self.n_cells // self.world_size
-            raise InputError("--batch-size", f"{self.batch_size} exceeds the {share:,} cells each of "
-                             f"{self.world_size} rank(s) gets from this split", f"use --batch-size {share} or less "
-                             "(or fewer ranks)")
+            raise InputError("--batch-size", f"{self.batch_size} × {self.world_size} rank(s) × {self.accumulation} "
+                             f"accumulated = {self.global_batch:,} cells a step exceeds the {self.n_cells:,} cells of "
+                             f"this split", f"use --batch-size {self.n_cells // (self.world_size * self.accumulation)}"
+                             " or less (or fewer ranks, or less accumulation)")
 
     @property
     def n_cells(self) -> int:
         return self.stop - self.start
 
-    def identity(self) -> dict:
-        """What a saved position must share with this sampler to replay the same batches."""
-        return {"sampler": self.kind, **{k: getattr(self, k) for k in self.RESUME_FIELDS}, "n_cells": self.n_cells}
+    @property
+    def global_batch(self) -> int:
+        """Cells per optimiser step, over all ranks and micro-batches."""
+        return self.batch_size * self.accumulation * self.world_size
 
-    def share_bounds(self, rank: int) -> tuple[int, int]:
-        """Positions [a, b) of `rank`'s share among the split's n_cells (in the epoch's order)."""
-        n, w = self.n_cells, self.world_size
-        return rank * n // w, (rank + 1) * n // w
+    @property
+    def micro_cells(self) -> int:
+        """Cells per micro-batch over all ranks: the unit a rank's step counter moves through the epoch."""
+        return self.batch_size * self.world_size
+
+    def identity(self) -> dict:
+        """What a saved position must share with this sampler to replay the same global batches (not the ranks)."""
+        return {"sampler": self.kind, "seed": self.seed, "global_batch": self.global_batch,
+                "block_size": self.block_size, "buffer_batches": self.buffer_batches, "n_cells": self.n_cells}
 
     def steps(self) -> int:
-        """Batches per epoch, the same on every rank: full batches of the smallest share (training), or enough
-        batches for the largest share (evaluation; a smaller share's last batch is shorter)."""
-        sizes = [b - a for a, b in (self.share_bounds(r) for r in range(self.world_size))]
-        return min(sizes) // self.batch_size if self.drop_last else -(-max(sizes) // self.batch_size)
+        """Micro-batches per epoch, the same on every rank: whole global batches (training), or enough for every
+        cell (evaluation; the last one shorter, and empty on a rank that the last cells do not reach)."""
+        if self.drop_last:
+            return self.n_cells // self.global_batch * self.accumulation
+        return -(-self.n_cells // self.micro_cells)
 
     def __len__(self) -> int:
         return self.steps()
 
-    def order(self, epoch: int) -> np.ndarray:
-        raise NotImplementedError
+    def cells_before(self, step: int) -> int:
+        """Positions of the epoch's order consumed (by all ranks) before micro-batch `step`."""
+        return min(step * self.micro_cells, self.n_cells)
 
-    def batches(self, epoch: int, start_step: int = 0):
-        """(step, rows) for the remaining steps of `epoch`. A share that runs out early (evaluation:
-        drop_last=False, shares differ by a cell) ends there: no empty batches."""
-        rows = self.order(epoch)
-        for step in range(start_step, self.steps()):
-            batch = rows[step * self.batch_size:(step + 1) * self.batch_size]
-            if len(batch) == 0:
-                return
-            yield step, batch
-
-
-@dataclass(frozen=True)
-class BlockShuffleSampler(_SplitSampler):
-    """Rows [start, stop) of a store (a split), batched for one rank. `block_size` consecutive rows are read
-    together (1,024: ~7 compressed chunks, bench/randomness.py measures how i.i.d. the batches stay); a shuffle
-    window spans `buffer_batches` batches."""
-
-    block_size: int = 1024
-    buffer_batches: int = 2
-
-    kind = "block_shuffle"
-    RESUME_FIELDS = ("seed", "rank", "world_size", "batch_size", "block_size", "buffer_batches")
-
-    def order(self, epoch: int) -> np.ndarray:
-        """This rank's store rows for `epoch`, in the order they are batched (int64)."""
+    # --- the global order --------------------------------------------------------------------------------------
+    def _blocks(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(first row, end position) of each block in the epoch's block order."""
         n_blocks = -(-self.n_cells // self.block_size)
         blocks = np.random.default_rng([self.seed, epoch, 0]).permutation(n_blocks)
         lengths = np.minimum(self.block_size, self.n_cells - blocks * self.block_size)
-        ends = np.cumsum(lengths)
-        a, b = self.share_bounds(self.rank)
-        first, last = np.searchsorted(ends, a, side="right"), np.searchsorted(ends, b, side="left")
-        if b == a:
+        return self.start + blocks * self.block_size, np.cumsum(lengths)
+
+    def _positions(self, blocks, a: int, b: int) -> np.ndarray:
+        """Store rows at positions [a, b) of the block order (before the window shuffle)."""
+        firsts, ends = blocks
+        if b <= a:
             return np.zeros(0, np.int64)
-        starts, lens = self.start + blocks[first:last + 1] * self.block_size, lengths[first:last + 1]
-        rows = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())
-        offset = a - (ends[first] - lengths[first])
-        rows = rows[offset:offset + (b - a)]
-        window = self.buffer_batches * self.batch_size
-        for w, s in enumerate(range(0, len(rows), window)):
-            np.random.default_rng([self.seed, epoch, 1, self.rank, w]).shuffle(rows[s:s + window])
-        return rows.astype(np.int64, copy=False)
+        lo, hi = np.searchsorted(ends, a, side="right"), np.searchsorted(ends, b - 1, side="right")
+        starts = ends[lo:hi + 1] - np.diff(np.concatenate(([0], ends)))[lo:hi + 1]
+        lens = ends[lo:hi + 1] - starts
+        rows = np.repeat(firsts[lo:hi + 1] - starts, lens) + np.arange(starts[0], ends[hi])
+        return rows[a - starts[0]:b - starts[0]].astype(np.int64)
 
-    def windows(self, epoch: int, start_step: int = 0):
-        """[(step, rows), …] grouped by shuffle window: the unit the reader decodes at once."""
-        group, current = [], None
-        for step, rows in self.batches(epoch, start_step):
-            w = step // self.buffer_batches
-            if current is not None and w != current:
-                yield group
-                group = []
-            current = w
-            group.append((step, rows))
-        if group:
-            yield group
-
-
-@dataclass(frozen=True)
-class ShardSampler(_SplitSampler):
-    """Rows [start, stop) of a split for a resident rank: the rank's share is a fixed contiguous part of the split
-    (the converter already shuffled the cells, and each rank reads only its own), and every epoch visits it in a
-    uniform random permutation, a pure function of (seed, epoch, rank). Unlike BlockShuffleSampler, whose blocks
-    keep disk reads contiguous and whose shares change every epoch, a rank here always sees the same cells, in a
-    fully random order; a resume refuses to switch between the two."""
-
-    kind = "uniform_shard"
-
-    def share(self, rank: int | None = None) -> tuple[int, int]:
-        """Store rows [a, b) of `rank`'s (this rank's) share."""
-        a, b = self.share_bounds(self.rank if rank is None else rank)
-        return self.start + a, self.start + b
+    def window(self, epoch: int, w: int, blocks=None) -> np.ndarray:
+        """The store rows at window w of the epoch's global order, shuffled inside the window."""
+        size = self.buffer_batches * self.global_batch
+        rows = self._positions(blocks or self._blocks(epoch), w * size, min((w + 1) * size, self.n_cells))
+        np.random.default_rng([self.seed, epoch, 1, w]).shuffle(rows)
+        return rows
 
     def order(self, epoch: int) -> np.ndarray:
-        """This rank's store rows for `epoch`, in the order they are batched (int64)."""
-        a, b = self.share()
-        return a + np.random.default_rng([self.seed, epoch, 2, self.rank]).permutation(b - a).astype(np.int64)
+        """The whole epoch's global order (every rank's cells; for tests and small splits)."""
+        size = self.buffer_batches * self.global_batch
+        blocks = self._blocks(epoch)
+        return np.concatenate([self.window(epoch, w, blocks) for w in range(-(-self.n_cells // size))] or
+                              [np.zeros(0, np.int64)])
+
+    def _slice(self, step: int) -> tuple[int, int]:
+        """Positions [a, b) of the epoch's order that micro-batch `step` gives this rank."""
+        first = step * self.micro_cells
+        n = min(self.micro_cells, self.n_cells - first)
+        r, w = self.rank, self.world_size
+        if n == self.micro_cells:
+            return first + r * self.batch_size, first + (r + 1) * self.batch_size
+        return first + r * n // w, first + (r + 1) * n // w
 
     def windows(self, epoch: int, start_step: int = 0):
-        """One window: the whole share is in memory already."""
-        group = list(self.batches(epoch, start_step))
+        """[(step, rows), …] of this rank, grouped by shuffle window (the unit the reader decodes at once). A rank
+        that the last, shorter batch of an evaluation does not reach gets an empty batch there, never none: every
+        rank takes the same steps."""
+        size = self.buffer_batches * self.global_batch
+        blocks, current, rows, group = self._blocks(epoch), None, None, []
+        for step in range(start_step, self.steps()):
+            a, b = self._slice(step)
+            w = a // size if b > a else (step * self.micro_cells) // size
+            if w != current:
+                if group:
+                    yield group
+                current, rows, group = w, self.window(epoch, w, blocks), []
+            group.append((step, rows[a - w * size:b - w * size]))
         if group:
             yield group
+
+    def batches(self, epoch: int, start_step: int = 0):
+        """(step, rows) for the remaining micro-batches of `epoch` on this rank."""
+        for group in self.windows(epoch, start_step):
+            yield from group

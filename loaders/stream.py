@@ -7,11 +7,15 @@ a GPU that normalises while densifying); an assembly thread puts each batch into
 (loaders/rings.py): scattered into dense blocks (output="dense") or gathered into CSR blocks (output="csr"). A
 yielded batch's buffers stay valid until `held` more batches have been requested (by default two when they are
 pinned for an asynchronous host-to-device copy, `pin_memory=True`, one otherwise; a consumer that keeps several
-batches, as gradient accumulation does, asks for more). An exception in a worker reaches the consumer as itself. Everything the stream does is said by its arguments: it reads no environment and asks no device.
-Never imports engine or kernels.
+batches, as gradient accumulation does, asks for more). An exception in a worker reaches the consumer as itself.
+What the stream does is said by its arguments (rank and world size, where not given, are RANK and WORLD_SIZE of the
+environment, as a launcher sets them); it asks no device. Every rank walks the same global order and takes its slice
+of every global batch (loaders/sampler.py), resident or streaming alike: where the cells come from never changes
+which cells a step sees. Never imports engine or kernels.
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections import deque
@@ -27,7 +31,7 @@ from .densify import log1p_per_10k
 from .errors import InputError
 from .resident import ResidentShard, choose
 from .rings import CsrRing, DenseRing
-from .sampler import BlockShuffleSampler, ShardSampler
+from .sampler import BlockShuffleSampler
 from .store import CellStore, open_store
 
 OUTPUTS = ("dense", "csr")
@@ -60,43 +64,54 @@ class _Stop(Exception):
     pass
 
 
-def _sampler(store: CellStore, split: str, sampler, batch_size, seed, rank, world_size, drop_last, resident: bool):
+def _from_environment(key: str, given: int | None) -> int | None:
+    if given is not None or key not in os.environ:
+        return given
+    try:
+        return int(os.environ[key])
+    except ValueError:
+        raise InputError(f"{key}={os.environ[key]!r}", "is not an integer", f"unset {key}, or pass it to BatchStream")
+
+
+def _sampler(store: CellStore, split: str, sampler, batch_size, seed, rank, world_size, drop_last, accumulation):
     """The given sampler, checked against the split, or the default one for the given parameters (exclusive with a
-    sampler, as in torch's DataLoader): ShardSampler for a resident stream, BlockShuffleSampler else."""
+    sampler, as in torch's DataLoader). Rank and world size not given: RANK and WORLD_SIZE of the environment."""
     start, stop = store.split(split)
     given = {k: v for k, v in dict(batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
-                                   drop_last=drop_last).items() if v is not None}
+                                   drop_last=drop_last, accumulation=accumulation).items() if v is not None}
     if sampler is None:
-        return (ShardSampler if resident else BlockShuffleSampler)(start, stop, **{"drop_last": split == "train",
-                                                                                    **given})
+        environment = {k: v for k, v in (("rank", _from_environment("RANK", rank)),
+                                         ("world_size", _from_environment("WORLD_SIZE", world_size))) if v is not None}
+        return BlockShuffleSampler(start, stop, **{"drop_last": split == "train", **given, **environment})
     if given:
         raise ValueError(f"pass either a sampler or {sorted(given)}, not both: the sampler holds them")
     if (sampler.start, sampler.stop) != (start, stop):
         raise ValueError(f"the sampler covers rows [{sampler.start}, {sampler.stop}), the {split!r} split "
                          f"[{start}, {stop})")
-    if resident != isinstance(sampler, ShardSampler):
-        raise ValueError("a resident stream samples with ShardSampler, a streaming one with BlockShuffleSampler")
     return sampler
 
 
 class BatchStream:
     def __init__(self, store: str | Path | CellStore, split: str = "train", batch_size: int | None = None,
                  seed: int | None = None, rank: int | None = None, world_size: int | None = None,
-                 drop_last: bool | None = None, *, sampler=None, output: str = "dense", columns=None,
+                 drop_last: bool | None = None, *, accumulation: int | None = None, sampler=None,
+                 output: str = "dense", columns=None,
                  normalize: bool = True, pin_memory: bool = False, held: int | None = None, prefetch: int = 1,
                  threads: int = 2, resident: str = "off", device=None, reserve: int = 0, progress: bool = False):
-        """`batch_size` (8,192), `seed` (0), `rank` (0) of `world_size` (1) and `drop_last` (for the train split)
-        configure the default sampler; or pass `sampler`. `pin_memory`: batches in pinned memory (only where CUDA
+        """`batch_size` (8,192 cells per rank and micro-batch), `seed` (0), `rank` of `world_size` (RANK and
+        WORLD_SIZE of the environment, else 0 of 1), `accumulation` (micro-batches per step, 1) and `drop_last` (for
+        the train split) configure the default sampler; or pass `sampler`. `pin_memory`: batches in pinned memory (only where CUDA
         exists) for an asynchronous copy to the GPU. `held`: how many yielded batches stay valid (see above).
         `resident`: "off" (stream from disk), "host", "device" (`device`; `reserve`: its bytes the model needs) or
-        "auto" (loaders/resident.py decides; `residence` and `residence_reason` say what it chose)."""
+        "auto" (loaders/resident.py decides; `residence` and `residence_reason` say what it chose). A resident
+        stream holds the whole split (every rank's slices of every epoch come from all of it)."""
         self.store = open_store(store)
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, not {output!r}")
-        self.residence, self.residence_reason = self._residence(split, sampler, resident, batch_size, seed, rank,
-                                                                world_size, drop_last, device, reserve)
         self.sampler = _sampler(self.store, split, sampler, batch_size, seed, rank, world_size, drop_last,
-                                self.residence != "off")
+                                accumulation)
+        self.residence, self.residence_reason = choose(resident, self.store, self.sampler.start, self.sampler.stop,
+                                                       device, reserve)
         self.split, self.output, self.threads, self.prefetch = split, output, max(1, threads), max(1, prefetch)
         self.normalize = normalize and self.store.value_kind == "counts"
         # where counts become log1p: batch by batch into the ring (CSR batches, whose windows then hold 2-byte raw
@@ -130,19 +145,11 @@ class BatchStream:
         """Read this rank's share into memory, if not done yet: at the first batch, or when called (a trainer takes
         its run folder's lock first)."""
         if self._shard is None:
-            self._shard = ResidentShard.load(self.store, *self.sampler.share(), self._target, self.threads,
-                                             self._progress)
+            self._shard = ResidentShard.load(self.store, self.sampler.start, self.sampler.stop, self._target,
+                                             self.threads, self._progress)
             if self._target is not None:  # the labels on the device too: a batch needs nothing from the host
                 self.obs = {c: torch.from_numpy(v).to(self._target) for c, v in self.obs.items()}
         return self._shard
-
-    def _residence(self, split, sampler, want, batch_size, seed, rank, world_size, drop_last, device,
-                   reserve) -> tuple[str, str]:
-        if want == "off":
-            return "off", "streaming from disk"
-        probe = sampler if isinstance(sampler, ShardSampler) else _sampler(
-            self.store, split, None, batch_size, seed, rank, world_size, drop_last, True)
-        return choose(want, self.store, *probe.share(), device, reserve)
 
     # --- the contract ----------------------------------------------------------------------------------
     @property
@@ -168,25 +175,33 @@ class BatchStream:
             self.set_epoch(self.epoch + 1)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "split": self.split, "store": self.store.checksum,
-                **self.sampler.identity()}
+        """The position as the epoch and the cells of its global order consumed by all ranks together: the same
+        on every rank, and meaningful on any number of ranks with the same global batch."""
+        return {"epoch": self.epoch, "position": self.sampler.cells_before(self.step), "split": self.split,
+                "store": self.store.checksum, **self.sampler.identity()}
 
     def state_after(self, batch: Batch) -> dict:
         """state_dict() as it stands once `batch` is consumed: what a checkpoint holds when the consumer reads
         ahead of the step it trains (the CUDA feed copies the next batch while this one trains)."""
-        return {**self.state_dict(), "epoch": batch.epoch, "step": batch.step + 1}
+        return {**self.state_dict(), "epoch": batch.epoch, "position": self.sampler.cells_before(batch.step + 1)}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        for key in [k for k in mine if k not in ("epoch", "step")]:
+        for key in [k for k in mine if k not in ("epoch", "position")]:
             if state.get(key) != mine[key]:
+                fix = ("resume with the same global batch (--batch-size × --gradient-accumulation × ranks)"
+                       if key == "global_batch" else "resume with the same store, batch and sampling")
                 raise InputError(self.store.path, f"cannot resume the loader: the saved position has {key}="
-                                 f"{state.get(key)!r}, this stream {mine[key]!r}; the remaining batches would differ",
-                                 "resume with the same store, ranks, batch size and sampling")
-        epoch, step = state.get("epoch"), state.get("step")
-        if not (isinstance(epoch, int) and isinstance(step, int) and epoch >= 0 and 0 <= step <= len(self)):
-            raise InputError(self.store.path, f"cannot resume the loader: position epoch={epoch!r}, step={step!r} is "
-                             f"outside [0, {len(self)}] steps of an epoch", "resume from an intact checkpoint")
+                                 f"{state.get(key)!r}, this launch {mine[key]!r}; the remaining batches would differ",
+                                 fix)
+        epoch, position = state.get("epoch"), state.get("position")
+        micro = self.sampler.micro_cells
+        step = -(-position // micro) if isinstance(position, int) else None
+        if not (isinstance(epoch, int) and epoch >= 0 and step is not None and 0 <= step <= len(self)
+                and self.sampler.cells_before(step) == position):
+            raise InputError(self.store.path, f"cannot resume the loader: position epoch={epoch!r}, {position!r} "
+                             f"cells is not a micro-batch boundary within the {len(self)} micro-batches of "
+                             f"{micro} cells of an epoch", "resume from an intact checkpoint")
         self.epoch, self.step = epoch, step
 
     # --- the pipeline ----------------------------------------------------------------------------------
@@ -297,7 +312,8 @@ class BatchStream:
                     self._acquire(turn, stop)
                     rows = np.sort(np.concatenate([r for _, r in group]))
                     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-                    run_lo = rows[np.concatenate(([0], breaks))]
+                    starts = np.concatenate(([0], breaks)) if len(rows) else np.zeros(0, np.int64)
+                    run_lo = rows[starts]
                     run_hi = rows[np.concatenate((breaks - 1, [len(rows) - 1]))] + 1 if len(rows) else run_lo
                     ranges = np.stack([indptr[run_lo], indptr[run_hi]], axis=1)
                     indices, values = (a.read(ranges, pool) for a in arrays)
@@ -314,7 +330,7 @@ class BatchStream:
                 a.close()
 
     def _resident_windows(self, stop, epoch: int, start: int, out: queue.Queue, turn: threading.Semaphore) -> None:
-        """The resident shard as one window: nothing to decode; its values are normalised batch by batch."""
+        """The resident split as one window: nothing to decode; its values are normalised batch by batch."""
         shard = self.shard
         rows = np.arange(shard.start, shard.stop, dtype=np.int64)
         for group in self.sampler.windows(epoch, start):
@@ -322,16 +338,13 @@ class BatchStream:
             self._put(out, (group, rows, shard.indptr, shard.indices, shard.data), stop)
 
     def _device_batches(self):
-        """Batches of a shard on the device: a uniform permutation per epoch copied there once, each batch a slice
-        of it. Nothing is assembled here: `rows` and `resident` tell the consumer what to densify
+        """Batches of a split held on the device: each window's rows copied there once, each batch a slice of them.
+        Nothing is assembled here: `rows` and `resident` tell the consumer what to densify
         (kernels.csr_rows_to_dense)."""
         epoch, start, shard = self.epoch, self.step, self.shard
         device = shard.data.device
-        order = torch.from_numpy(self.sampler.order(epoch) - shard.start).to(device)
-        for step in range(start, len(self)):
-            rows = order[step * self.sampler.batch_size:(step + 1) * self.sampler.batch_size]
-            if len(rows) == 0:
-                break
+        for step, batch_rows in self.sampler.batches(epoch, start):
+            rows = torch.from_numpy(batch_rows - shard.start).to(device, non_blocking=True)
             index = rows + shard.start
             yield Batch(index, {c: v[index] for c, v in self.obs.items()}, epoch, step, rows=rows, resident=shard)
             self.step = step + 1

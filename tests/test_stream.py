@@ -69,34 +69,37 @@ def test_resume_mid_epoch_gives_the_remaining_batches(synthetic_store):
         next(it)
     state = stream.state_dict()
     it.close()
-    assert state["epoch"] == 2 and state["step"] == 4
+    assert state["epoch"] == 2 and state["position"] == 400
     resumed = make_stream(synthetic_store, seed=5)
     resumed.load_state_dict(state)
     rest = [(b.index.numpy().copy(), b.x.numpy().copy()) for b in resumed]
     assert len(rest) == len(full) - 4
     for (i1, x1), (i2, x2) in zip(full[4:], rest):
         assert np.array_equal(i1, i2) and np.array_equal(x1, x2)
-    with pytest.raises(InputError, match="cannot resume the loader: the saved position has seed=5, this stream 6"):
+    with pytest.raises(InputError, match="cannot resume the loader: the saved position has seed=5, this launch 6"):
         make_stream(synthetic_store, seed=6).load_state_dict(state)
-    for bad in ({"step": len(resumed) + 1}, {"step": -1}, {"epoch": -2}, {"step": "3"}):
-        with pytest.raises(InputError, match="position .* is outside"):
+    for bad in ({"position": (len(resumed) + 1) * 100}, {"position": -100}, {"epoch": -2}, {"position": "300"},
+                {"position": 150}):
+        with pytest.raises(InputError, match="is not a micro-batch boundary"):
             make_stream(synthetic_store, seed=5).load_state_dict({**state, **bad})
     with pytest.raises(InputError, match="the saved position has store="):
         make_stream(synthetic_store, seed=5).load_state_dict({**state, "store": "another store"})
 
 
-def test_ranks_with_an_empty_share_yield_nothing_and_others_everything(synthetic_store):
+def test_ranks_the_last_cells_miss_take_the_same_steps_with_empty_batches(synthetic_store):
+    """Evaluation keeps a last, shorter global batch; a rank it does not reach gets an empty batch there, so every
+    rank takes the same steps (collectives stay in step) and the ranks together see every cell once."""
     store = CellStore(synthetic_store)
     start, stop = store.split("val")
     n = stop - start
-    world = n + 3  # more ranks than cells: three shares are empty
-    seen = []
+    world = n + 3  # more ranks than cells: three slices are empty
+    seen, steps = [], set()
     for rank in range(world):
         batches = list(BatchStream(store, "val", batch_size=4, rank=rank, world_size=world, drop_last=False,
                                    columns=[]))
-        assert all(len(b) > 0 for b in batches)
+        steps.add(len(batches))
         seen += [int(i) for b in batches for i in b.index]
-    assert sorted(seen) == list(range(start, stop))
+    assert sorted(seen) == list(range(start, stop)) and len(steps) == 1
 
 
 def test_endless_stream_crosses_epochs_and_resumes(synthetic_store):
@@ -108,7 +111,7 @@ def test_endless_stream_crosses_epochs_and_resumes(synthetic_store):
         if len(taken) == per_epoch + 2:
             break
     assert taken[per_epoch - 1] == (0, per_epoch - 1) and taken[per_epoch:] == [(1, 0), (1, 1)]
-    assert stream.state_dict()["epoch"] == 1 and stream.state_dict()["step"] == 2
+    assert stream.state_dict()["epoch"] == 1 and stream.state_dict()["position"] == 200
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -141,7 +144,7 @@ def test_position_after_a_batch_resumes_at_the_next(synthetic_store):
     it = stream.endless()
     trained, ahead = next(it), next(it)
     state = stream.state_after(trained)
-    assert stream.state_dict()["step"] == ahead.step + 1 and state["step"] == trained.step + 1
+    assert stream.state_dict()["position"] == (ahead.step + 1) * 100 and state["position"] == (trained.step + 1) * 100
     again = make_stream(synthetic_store, "train")
     again.load_state_dict(state)
     assert torch.equal(next(iter(again)).index, ahead.index)
@@ -198,7 +201,8 @@ def test_worker_errors_reach_the_consumer(synthetic_store, tmp_path):
 
 
 def test_bad_arguments(synthetic_store):
-    with pytest.raises(InputError, match="--batch-size: 5000 exceeds the 1,200 cells .* use --batch-size 1200 or less"):
+    with pytest.raises(InputError, match="--batch-size: 5000 × 1 rank.* = 5,000 cells a step exceeds the 1,200 cells .*"
+                       "use --batch-size 1200 or less"):
         BatchStream(synthetic_store, batch_size=5000)
     with pytest.raises(InputError, match="no obs column"):
         make_stream(synthetic_store, columns=["nope"])
@@ -221,7 +225,7 @@ def test_sampler_windows_cover_steps():
     steps = [step for g in groups for step, _ in g]
     assert steps == list(range(len(s))) and all(len(g) <= 3 for g in groups)
     order = s.order(0)
-    assert len(set(order)) == len(order) == 500 and order.min() >= 10 and order.max() < 1010
+    assert len(set(order)) == len(order) == 1000 and order.min() >= 10 and order.max() < 1010
 
 
 # --- resident shards ---------------------------------------------------------------------------------------------
@@ -261,7 +265,7 @@ def test_resident_and_streaming_give_the_same_cells_and_values(synthetic_store, 
     for resident in ("host", "device"):
         held = BatchStream(store, "train", 64, seed=1, drop_last=False, output=output, resident=resident,
                            device="cpu" if resident == "device" else None)
-        assert held.residence == resident and held.sampler.kind == "uniform_shard"
+        assert held.residence == resident and held.sampler.kind == "block_shuffle"
         got = _cells(held, output)
         assert got.keys() == streamed.keys()
         for row, values in got.items():  # the same numbers: bit for bit on the host, to float rounding on a device
@@ -269,9 +273,13 @@ def test_resident_and_streaming_give_the_same_cells_and_values(synthetic_store, 
             np.testing.assert_allclose(values, streamed[row], rtol=tolerance, atol=tolerance)
 
 
-def test_resident_epochs_are_uniform_permutations_and_resume_exactly(synthetic_store):
+def test_resident_batches_are_the_streaming_ones_and_resume_exactly(synthetic_store):
+    """Where the cells are held never changes which cells a step sees: a resident stream walks the same global
+    order as a streaming one, and a position saved by either resumes the other."""
     stream = BatchStream(synthetic_store, "train", 100, seed=4, resident="host")
     first = [b.index.numpy().copy() for b in stream]
+    streamed = [b.index.numpy().copy() for b in BatchStream(synthetic_store, "train", 100, seed=4)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, streamed)) and len(first) == len(streamed)
     stream.set_epoch(1)
     second = [b.index.numpy().copy() for b in stream]
     assert not np.array_equal(first[0], second[0])
@@ -283,11 +291,10 @@ def test_resident_epochs_are_uniform_permutations_and_resume_exactly(synthetic_s
         next(it)
     state = stream.state_dict()
     rest = [b.index.numpy().copy() for b in it]
-    again = BatchStream(synthetic_store, "train", 100, seed=4, resident="host")
-    again.load_state_dict(state)
-    assert all(np.array_equal(a, b.index.numpy()) for a, b in zip(rest, again))
-    with pytest.raises(InputError, match="sampler"):  # a resident position is not a streaming one
-        BatchStream(synthetic_store, "train", 100, seed=4).load_state_dict(state)
+    for resident in ("host", "off"):
+        again = BatchStream(synthetic_store, "train", 100, seed=4, resident=resident)
+        again.load_state_dict(state)
+        assert all(np.array_equal(a, b.index.numpy()) for a, b in zip(rest, again))
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -313,9 +320,61 @@ def test_auto_streams_when_memory_is_short_and_explicit_requests_are_refused(syn
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Short())
     stream = BatchStream(synthetic_store, "train", 64, resident="auto")
     assert stream.residence == "off" and "does not fit" in stream.residence_reason
-    assert stream.sampler.kind == "block_shuffle"
-    with pytest.raises(InputError, match="--resident host: this rank's share is .* GB; 0.0 GB of RAM"):
+    with pytest.raises(InputError, match="--resident host: the split is .* GB; 0.0 GB of RAM is available to each of 1"):
         BatchStream(synthetic_store, "train", 64, resident="host")
     with pytest.raises(InputError, match="no device to hold the share"):
         BatchStream(synthetic_store, "train", 64, resident="device")
     del resident
+
+
+# --- one global order, whatever the ranks -------------------------------------------------------------------------
+def _steps(start, stop, batch, world, accumulation, epoch=1, **kw):
+    """{optimiser step: the set of cells it sees over every rank and micro-batch}."""
+    steps = {}
+    for rank in range(world):
+        s = BlockShuffleSampler(start, stop, batch, 7, rank, world, accumulation=accumulation, block_size=16, **kw)
+        for step, rows in s.batches(epoch):
+            steps.setdefault(step // accumulation, set()).update(int(r) for r in rows)
+    return steps
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_global_batches_do_not_depend_on_ranks_or_accumulation(drop_last):
+    """1 rank × 96, 2 ranks × 48, 4 ranks × 24, 1 rank × 48 with accumulation 2 and 2 ranks × 24 with accumulation 2
+    see the same cells in every step of every epoch."""
+    one = _steps(5, 1005, 96, 1, 1, drop_last=drop_last)
+    for batch, world, accumulation in ((48, 2, 1), (24, 4, 1), (48, 1, 2), (24, 2, 2)):
+        if not drop_last and accumulation > 1:
+            continue  # evaluation does not accumulate
+        assert _steps(5, 1005, batch, world, accumulation, drop_last=drop_last) == one, (batch, world, accumulation)
+    assert len(one) == (1000 // 96 if drop_last else -(-1000 // 96))
+
+
+def test_a_position_resumes_on_another_number_of_ranks(synthetic_store):
+    """A position saved by 2 ranks × 50 resumes on 1 rank × 100 (and 4 × 25) at the same global batch; another
+    global batch is refused, naming it."""
+    two = [BatchStream(synthetic_store, "train", 50, seed=2, rank=r, world_size=2) for r in range(2)]
+    for stream in two:
+        it = iter(stream)
+        for _ in range(3):
+            next(it)
+    state = two[0].state_dict()
+    assert state == two[1].state_dict() and state["position"] == 300
+    one = BatchStream(synthetic_store, "train", 100, seed=2)
+    rest = [set(b.index.numpy()) for b in BatchStream(synthetic_store, "train", 100, seed=2)][3:]
+    one.load_state_dict(state)
+    assert [set(b.index.numpy()) for b in one] == rest
+    four = [BatchStream(synthetic_store, "train", 25, seed=2, rank=r, world_size=4) for r in range(4)]
+    for stream in four:
+        stream.load_state_dict(state)
+    assert [set().union(*(set(b.index.numpy()) for b in batches)) for batches in zip(*four)] == rest
+    with pytest.raises(InputError, match="global_batch=100, this launch 200.*--gradient-accumulation × ranks"):
+        BatchStream(synthetic_store, "train", 200, seed=2).load_state_dict(state)
+
+
+def test_rank_and_world_come_from_the_environment(synthetic_store, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    stream = BatchStream(synthetic_store, "train", 50)
+    assert (stream.sampler.rank, stream.sampler.world_size) == (1, 2)
+    assert BatchStream(synthetic_store, "train", 50, rank=0, world_size=1).sampler.world_size == 1
