@@ -1,8 +1,12 @@
 """Checkpoints and exported models, read without ever executing code from a file.
 
 Checkpoints: DeepSpeed's engine state plus the parts registered with the `Checkpointer` (the loader's position,
-step and best score, RNG, the store's fingerprint and the run's config). DeepSpeed writes a tag directory and only then updates the `latest` file, so an
-interrupted save leaves the previous checkpoint as the one a resume finds. DeepSpeed unpickles its files with
+step and best score, RNG, the store's fingerprint and the run's config). Every rank writes its part of a step folder;
+once all have (a barrier), rank 0 marks the folder complete and only then points `latest` at it, through a temporary
+file and a rename, so an interrupted save leaves the previous checkpoint as the one a resume finds; a `latest` that is
+missing, empty or names an incomplete folder falls back to the newest complete one. With ZeRO stage 0 (the packaged
+config) the weights, optimiser and client state are whole in rank 0's file: a checkpoint loads on any number of
+ranks, and the client state holds only what is the same on every rank. DeepSpeed unpickles its files with
 `weights_only=False`; `SafeCheckpointEngine` replaces that with torch's restricted unpickler (tensors, plain
 containers and the few DeepSpeed types its state holds), so a crafted checkpoint is refused, not run.
 
@@ -86,19 +90,24 @@ class Checkpointer:
     def save(self, step: int) -> None:
         client = {name: part.state_dict() for name, part in self.parts.items()}
         tag = f"step{step:08d}"
-        self.engine.save_checkpoint(str(self.folder), tag=tag, client_state=client)
+        self.engine.save_checkpoint(str(self.folder), tag=tag, client_state=client, save_latest=False)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank's files are written
         if self.engine.global_rank == 0:
             for name, text in self.records.items():
                 (self.folder / tag / name).write_text(text)
+            (self.folder / tag / COMPLETE).write_text(f"{step}\n")
+            latest = self.folder / "latest"
+            tmp = latest.with_name(f".latest.tmp-{os.getpid()}")
+            tmp.write_text(tag)
+            os.replace(tmp, latest)
 
     def load(self) -> None:
         """Restore the engine and every part from the newest complete checkpoint."""
         tag = latest_tag(self.folder)
         if tag is None:
-            raise InputError(self.folder, "no checkpoint to resume from", "start the run without --resume")
-        if not (self.folder / tag).is_dir() or "/" in tag or tag.startswith("."):
-            raise InputError(self.folder / "latest", f"names checkpoint {tag!r}, which is not a folder beside it",
-                             "restore the checkpoints folder from a copy, or start the run again with --overwrite")
+            raise InputError(self.folder, "no complete checkpoint to resume from", "start the run without --resume "
+                             "(or with --overwrite)")
         safe_checkpoint_engine(self.engine)
         path, client = self.engine.load_checkpoint(str(self.folder), tag=tag)
         if path is None or client is None:
@@ -127,9 +136,26 @@ class RandomState:
             torch.cuda.set_rng_state(state["cuda"])
 
 
+COMPLETE = ".complete"  # written into a step folder once every rank's files are in it
+
+
+def _complete(folder: Path) -> bool:
+    """A step folder a resume may load: marked complete, or (cellssl before the mark) holding the config record."""
+    return (folder / COMPLETE).is_file() or (folder / "config.json").is_file()
+
+
 def latest_tag(folder: Path) -> str | None:
+    """The checkpoint a resume loads: the one `latest` names, if it is complete; else the newest complete step
+    folder (a `latest` left empty or stale by a crash); None when there is none."""
     latest = folder / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
+    try:
+        named = latest.read_text().strip() if latest.is_file() else ""
+    except OSError:
+        named = ""
+    if named and "/" not in named and not named.startswith(".") and _complete(folder / named):
+        return named
+    steps = sorted(p.name for p in folder.glob("step*") if p.is_dir() and _complete(p)) if folder.is_dir() else []
+    return steps[-1] if steps else None
 
 
 # --- exported models ---------------------------------------------------------------------------------------------

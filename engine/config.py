@@ -73,14 +73,15 @@ class TrainConfig:
                      choices=("csr", "dense"))
     precision: str = opt("fp32", "fp32, or bf16 matmuls under autocast (fp32 weights, optimiser and loss)",
                          choices=("fp32", "bf16"))
-    resident: str = opt("auto", "hold each rank's share of the data in memory after one read (on the GPU, or in "
-                        "RAM) and draw batches there in a uniform order; auto: where it fits, else stream from disk",
-                        choices=("auto", "off", "host", "device"))
+    resident: str = opt("auto", "hold the training split in memory after one read (on each GPU, or in RAM: every "
+                        "rank a copy), the same batches as streaming, faster; auto: where it fits on every rank, else "
+                        "stream from disk (decided once for all ranks)", choices=("auto", "off", "host", "device"))
     max_steps: int = opt(1000, "optimiser steps to train for", check=at_least(1))
     seed: int = opt(0, "seed of the weights, the data order and every mask and view", check=at_least(0))
     log_every: int = opt(10, "steps between log lines", check=at_least(1))
     val_every: int = opt(200, "steps between validations", check=at_least(1))
-    val_batches: int = opt(4, "validation batches (a fixed pass over the same cells each time)", check=at_least(1))
+    val_batches: int = opt(4, "validation: this many global batches of the validation split, the same cells and "
+                           "draws each time on any number of ranks", check=at_least(1))
     select: str = opt("last", "which model a run exports: the last step's, or the one with the best validation loss "
                       "or macro F1 (classifiers)", choices=("last", "val_loss", "val_macro_f1"))
     checkpoint_every: int = opt(500, "steps between checkpoints", check=at_least(1))
@@ -91,6 +92,10 @@ class TrainConfig:
     monitor: str = opt("none", "also log to DeepSpeed's monitor in the run folder: TensorBoard event files (needs the "
                        "tensorboard package) or CSV files", choices=("none", "tensorboard", "csv"))
     trace: bool = opt(False, "each rank logs its batches' cells and a weight checksum (trace-rankN.jsonl)")
+    collective_timeout: int = opt(300, "seconds a rank waits in a collective (a gradient all-reduce, a barrier) for "
+                                  "the others before the launch ends: a lost or stalled rank ends every rank within "
+                                  "it (the rendezvous at the start waits CELLSSL_RENDEZVOUS_TIMEOUT instead)",
+                                  check=at_least(10))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

@@ -1,12 +1,19 @@
 """The process group a run trains in: defaults for a one-process run, DeepSpeed's init (NCCL on GPUs, gloo on
-CPUs), and the one-time build of DeepSpeed's CPU communication op announced before it starts.
+CPUs), the one-time build of DeepSpeed's CPU communication op announced before it starts, the timeout of every
+collective, and the start-up verdicts all ranks agree on.
 
 `python recipes/X.py` or `cellssl train X` is one process: it gets RANK 0 of WORLD_SIZE 1 and a free port, so
-two runs on one machine do not collide. The deepspeed launcher sets the real values.
+two runs on one machine do not collide. The deepspeed launcher and torchrun set the real values; under srun or
+mpirun the local rank comes from SLURM_LOCALID or OMPI_COMM_WORLD_LOCAL_RANK.
+
+Two timeouts: the rendezvous waits CELLSSL_RENDEZVOUS_TIMEOUT (600 s: nodes of a job start at different times);
+after it every process group, DeepSpeed's own included, waits `--collective-timeout` (300 s; torch's default is
+30 minutes on gloo) in a collective, so a lost or stalled rank ends the launch promptly.
 """
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -66,6 +73,24 @@ def _integer(key: str) -> int | None:
                          "launcher, which sets it") from None
 
 
+LOCAL_RANK_KEYS = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+
+
+def local_rank(world: int) -> int:
+    """This process's rank on its machine: LOCAL_RANK, else the launcher's own variable; refused when several ranks
+    run and none says (every rank would take GPU 0 and act as its node's first)."""
+    for key in LOCAL_RANK_KEYS:
+        value = _integer(key)
+        if value is not None:
+            return value
+    if world > 1:
+        raise InputError("LOCAL_RANK", f"unset, but WORLD_SIZE is {world}: every rank would take the first GPU and "
+                         "clean the node's files", "launch with deepspeed or torchrun (they set it), or export "
+                         "LOCAL_RANK per process (srun and mpirun: SLURM_LOCALID / OMPI_COMM_WORLD_LOCAL_RANK are "
+                         "read too)")
+    return 0
+
+
 def check_environment() -> tuple[int, int]:
     """(rank, world size) from the environment, refused up front when they cannot describe a job that will ever
     start: a rank outside the world, one of RANK/WORLD_SIZE without the other, several ranks but no address to meet
@@ -81,6 +106,7 @@ def check_environment() -> tuple[int, int]:
                          "cannot exist", fix)
     if world > 1 and "MASTER_ADDR" not in os.environ:
         raise InputError("MASTER_ADDR", f"unset, but WORLD_SIZE is {world}: the ranks have nowhere to meet", fix)
+    os.environ["LOCAL_RANK"] = str(local_rank(world))
     return rank, world
 
 
@@ -90,8 +116,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     chosen = "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ
     if chosen:
         os.environ["MASTER_PORT"] = str(free_port())
-    for key, value in (("RANK", str(rank)), ("WORLD_SIZE", str(world)), ("LOCAL_RANK", "0"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+    for key, value in (("RANK", str(rank)), ("WORLD_SIZE", str(world)), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", "29500")):
         os.environ.setdefault(key, value)
     quiet_deepspeed()
     if not torch.distributed.is_initialized():
@@ -141,3 +167,69 @@ def _init_group(world: int) -> None:
                              "start every rank with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE (the deepspeed "
                              "launcher does), or raise CELLSSL_RENDEZVOUS_TIMEOUT") from None
         raise
+
+
+def set_collective_timeout(seconds: int) -> None:
+    """Every process group, those that exist (DeepSpeed's) and those made later, waits at most `seconds` in a
+    collective. DeepSpeed creates its groups without a timeout, so torch would give them its default (30 minutes on
+    gloo): the default is replaced, as torchtitan does after its start-up."""
+    import datetime
+
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = datetime.timedelta(seconds=seconds)
+    c10d._get_default_timeout = lambda backend: timeout
+    if torch.distributed.is_initialized():
+        for group in list(c10d._world.pg_map):
+            if not c10d._rank_not_in_group(group):
+                c10d._set_pg_timeout(timeout, group)
+
+
+def host() -> str:
+    return socket.gethostname()
+
+
+def gather(report: dict) -> list[dict]:
+    """Every rank's `report` (small, picklable), in rank order, on every rank."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [report]
+    reports: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(reports, report)
+    return reports
+
+
+def agree(problem: InputError | None) -> None:
+    """A start-up check's verdict, agreed: if any rank found a problem, every rank raises it (the first rank's, naming
+    that rank and its host), so no rank waits for one that has stopped."""
+    reports = gather({"rank": int(os.environ.get("RANK", 0)), "host": host(),
+                      "problem": None if problem is None else (problem.where, problem.problem, problem.fix)})
+    found = [r for r in reports if r["problem"]]
+    if not found:
+        return
+    first = found[0]
+    where, what, fix = first["problem"]
+    if len(reports) > 1:
+        more = f", and {len(found) - 1} more rank(s)" if len(found) > 1 else ""
+        what = f"{what} (rank {first['rank']} on {first['host']}{more})"
+    raise InputError(where, what, fix)
+
+
+LOST_MARKERS = ("connection closed by peer", "connection reset by peer", "timed out", "broken pipe",
+                "connection refused", "socket closed", "nccl error", "watchdog")
+
+
+def lost_rank(exc: BaseException) -> str | None:
+    """One line for a collective that failed because another rank died or stalled (gloo and NCCL raise their own
+    errors, with a peer address where they know it), or None when `exc` is something else."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    text = str(exc)
+    dist_error = getattr(torch.distributed, "DistError", ())
+    if not (isinstance(exc, dist_error) or any(m in text.lower() for m in LOST_MARKERS)):
+        return None
+    peer = re.search(r"\[([^\]\s]+)\]:\d+", text)
+    what = "stalled" if "timed out" in text.lower() else "stopped"
+    return (f"rank {torch.distributed.get_rank()} on {host()}: another rank of this launch {what}"
+            + (f" (the one at {peer.group(1)})" if peer else "") + f"; the launch ends here. Fix: look for that "
+            "rank's own error (or the node that died), then run the same command with --resume: it continues from "
+            "the last complete checkpoint on any number of ranks")

@@ -50,15 +50,14 @@ class Feed:
         # counts are normalised while densifying on the device: the loader leaves them as stored
         self.target_sum = TARGET_SUM if self.on_device and store.value_kind == "counts" else None
 
-    def stream(self, store: CellStore, split: str, batch_size: int, seed: int, rank: int, world: int,
-               resident: str = "off", reserve: int = 0, **kw) -> BatchStream:
-        """The BatchStream this feed reads (CSR or dense; counts left raw where the GPU normalises them; resident
-        where `resident` says, on this feed's device when it is a GPU)."""
-        return BatchStream(store, split, batch_size, seed, rank, world, output="csr" if self.input == "csr" else
-                           "dense", normalize=self.target_sum is None, pin_memory=self.device.type == "cuda",
-                           held=self.held, columns=[self.label] if self.label else [], resident=resident,
+    def stream(self, store: CellStore, split: str, sampler, resident: str = "off", reserve: int = 0) -> BatchStream:
+        """The BatchStream this feed reads with `sampler` (CSR or dense; counts left raw where the GPU normalises
+        them; resident where `resident` says, on this feed's device when it is a GPU)."""
+        return BatchStream(store, split, sampler=sampler, output="csr" if self.input == "csr" else "dense",
+                           normalize=self.target_sum is None, pin_memory=self.device.type == "cuda", held=self.held,
+                           columns=[self.label] if self.label else [], resident=resident,
                            device=self.device if self.device.type == "cuda" or resident == "device" else None,
-                           reserve=reserve, progress=rank == 0, **kw)
+                           reserve=reserve, progress=sampler.rank == 0)
 
     def __call__(self, batches):
         """A `Fed` for each loader batch."""

@@ -151,11 +151,14 @@ class AutoEncoder(nn.Module):
 
 def projection_head(widths: list[int], bias: bool = True) -> nn.Sequential:
     """Projector / predictor of the contrastive objectives, as in BYOL and Barlow Twins: Linear → BatchNorm → ReLU
-    blocks and a last bare Linear (no dropout: it would perturb the views twice); Barlow Twins' Linears are bias-free."""
+    blocks and a last bare Linear (no dropout: it would perturb the views twice). `bias`: of the last Linear. The
+    Linears before a BatchNorm have none: the BatchNorm removes any constant shift, so such a bias gets no gradient
+    and Adam would move it by rounding noise alone (a random walk that differs with the batch's split among ranks)."""
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b, bias=bias))
-        if i < len(widths) - 2:
+        last = i == len(widths) - 2
+        layers.append(nn.Linear(a, b, bias=bias and last))
+        if not last:
             layers += [GlobalBatchNorm(b), nn.ReLU()]
     return nn.Sequential(*layers)
 

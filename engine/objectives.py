@@ -165,7 +165,9 @@ class BYOL(Objective):
             raise ValueError(f"target must be 'ema' or 'frozen', not {target!r}")
         del self.autoencoder.decoder  # never trained: it must not be exported as if it reconstructed
         width = model.hidden[-1] if model.hidden else n_genes
-        self.projector = projection_head([width, hidden, projection])
+        # the projector's output feeds the predictor's BatchNorm (through a Linear) in the online network: a bias
+        # there would get no gradient either (see projection_head)
+        self.projector = projection_head([width, hidden, projection], bias=False)
         self.predictor = projection_head([projection, hidden, projection])
         self.p, self.intensity, self.dropout, self.target = p, intensity, dropout, target
         self.target_encoder = copy.deepcopy(self.autoencoder.encoder)

@@ -2,9 +2,11 @@
 then `train`. `run` serves the recipe files (`python recipes/X.py`, `deepspeed recipes/X.py`); `run_experiment`
 serves `cellssl train X`, `python -m cellssl.train X` and `deepspeed --module cellssl.train X`, which name the
 experiment first. The deepspeed launcher's `--local_rank` is accepted. A user error (a typo, a run folder in use,
-data that does not fit) ends in one line and exit status 2 on every rank."""
+data that does not fit) ends in one line and exit status 2 on every rank; so does, on the ranks that live to see it,
+the loss of another rank."""
 from __future__ import annotations
 
+import os
 import sys
 
 from .experiments import EXPERIMENTS, experiment
@@ -13,6 +15,7 @@ from .experiments import EXPERIMENTS, experiment
 def run(name: str, argv: list[str] | None = None, prog: str | None = None) -> None:
     from cellssl.loaders import InputError
 
+    from .distributed import lost_rank
     from .options import parse_recipe
     from .trainer import NonFiniteLoss, train
 
@@ -23,7 +26,14 @@ def run(name: str, argv: list[str] | None = None, prog: str | None = None) -> No
     except (InputError, NonFiniteLoss) as exc:  # the user's data or settings: one line, no traceback
         print(f"cellssl: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    print(f"model: {path}")
+    except RuntimeError as exc:  # a collective that another rank left: one line on the survivors
+        line = lost_rank(exc)
+        if line is None:
+            raise
+        print(f"cellssl: error: {line}", file=sys.stderr, flush=True)
+        os._exit(2)  # no teardown: the process group's threads would wait on the lost rank again
+    if int(os.environ.get("RANK", "0")) == 0:  # the model is rank 0's export
+        print(f"model: {path}")
 
 
 def _is_launcher_flag(arg: str) -> bool:

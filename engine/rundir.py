@@ -18,10 +18,13 @@ LOCK_FILE = ".lock"  # held by the run writing the folder (loaders/lock.py)
 RUN_FILES = ("config.json", "log.jsonl", "checkpoints", "model.safetensors", "model-last.safetensors", "model.pt",
              "tensorboard", "csv_monitor")
 RUN_GLOBS = ("trace-rank*.jsonl", ".model.safetensors.tmp-*", ".model-last.safetensors.tmp-*")
-# what a user may change when continuing a run: how long it goes on, how often it reports, and how batches reach the
-# model (the same numbers either way)
+# what a user may change when continuing a run: how long it goes on, how often it reports, how batches reach the
+# model (the same numbers either way), and how the global batch is cut among ranks and micro-batches (the loader's
+# position refuses another global batch, naming it)
 RESUMABLE_FIELDS = ("max_steps", "log_every", "val_every", "checkpoint_every", "resume", "overwrite", "trace",
-                    "monitor", "input", "resident")  # resident: the loader's position refuses a change of sampling
+                    "monitor", "input", "resident", "batch_size", "gradient_accumulation", "collective_timeout")
+RESUMABLE = ("only --max-steps, the logging, validation and checkpoint cadence, --input, --resident and how the global "
+             "batch is cut (--batch-size × --gradient-accumulation × ranks, the product unchanged) may change")
 
 
 def holds_run(out: Path) -> bool:
@@ -37,8 +40,8 @@ def check_start(cfg: TrainConfig) -> None:
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder", "choose another --out")
     if cfg.resume:
-        if not (out / "checkpoints" / "latest").is_file():
-            raise InputError(out / "checkpoints", "no checkpoint to resume from",
+        if latest_tag(out / "checkpoints") is None:
+            raise InputError(out / "checkpoints", "no complete checkpoint to resume from",
                              "start the run without --resume (or with --overwrite if the folder holds a failed start)")
     elif holds_run(out) and not cfg.overwrite:
         raise InputError(out, "already holds a run (config.json, log.jsonl or checkpoints/)",
@@ -55,11 +58,18 @@ def check_no_links(out: Path) -> None:
                              "remove the link (or choose another --out)")
 
 
-def clear(out: Path) -> None:
-    """--overwrite: remove the previous run's files (only those a run writes; anything else stays)."""
+MONITOR_DIRS = ("tensorboard", "csv_monitor")  # DeepSpeed opens them before the folder is cleared
+
+
+def clear(out: Path, started: float = float("inf")) -> None:
+    """--overwrite: remove the previous run's files (only those a run writes; anything else stays). The monitor's
+    folders keep what this launch (`started`, a time.time()) has already made in them: DeepSpeed set them up."""
     for name in RUN_FILES:
         path = out / name
-        if path.is_dir():
+        if path.is_dir() and name in MONITOR_DIRS:
+            for old in [p for p in path.rglob("*") if p.is_file() and p.stat().st_mtime < started]:
+                old.unlink(missing_ok=True)
+        elif path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         elif path.exists():
             path.unlink(missing_ok=True)
@@ -108,8 +118,8 @@ def trained_config(out: Path) -> str:
         return mine.read_text()
     if mine.is_file() and (diff := _differences(_parsed(mine, mine.read_text()), _parsed(record, record.read_text()))):
         raise InputError(mine, f"was edited after the run started ({diff[0]} differs from the checkpoint's record "
-                         f"{record})", f"restore it (cp {record} {mine}) and resume with the run's own settings: only "
-                         "--max-steps, the logging, validation and checkpoint cadence and --input may change")
+                         f"{record})", f"restore it (cp {record} {mine}) and resume with the run's own settings: "
+                         + RESUMABLE)
     return record.read_text()
 
 
@@ -120,9 +130,8 @@ def check_config(cfg: TrainConfig, saved_json: str, out: Path) -> None:
     saved, now = _parsed(out / "checkpoints", saved_json), _flatten(json.loads(cfg.to_json()))
     for key in _differences(saved, now)[:1]:
         raise InputError(f"{out}: {key}", f"the run was started with {saved.get(key)!r}, this resume asks for "
-                         f"{now.get(key)!r}", "resume with the run's own settings (only --max-steps, the logging, "
-                         "validation and checkpoint cadence and --input may change), or start a new run in another "
-                         "--out")
+                         f"{now.get(key)!r}", f"resume with the run's own settings ({RESUMABLE}), or start a new "
+                         "run in another --out")
 
 
 def check_store(store: CellStore, saved: dict | None, out: Path, now: dict | None = None) -> None:

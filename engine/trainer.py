@@ -3,11 +3,15 @@ clipping, optimiser and schedule, EMA) that training, every benchmark and bench/
 loop around it, read top to bottom: step → log → validate → checkpoint, then export.
 
 DeepSpeed wraps the objective (`deepspeed.initialize` with the packaged `deepspeed.json`, or `--deepspeed-config`,
-batch size, accumulation and optimiser filled in from the run config); the loader is a `BatchStream` sharded by
-global rank. The loader's position, the step, the best validation score, the RNG and the checks of config and
-store are registered with the checkpointer once and travel in every checkpoint. With `--gradient-accumulation N` an
-optimiser step takes N micro-batches: `--max-steps`, the schedule, the log and the checkpoints all count optimiser
-steps. On a CPU-only machine DeepSpeed runs with its CPU accelerator and the gloo backend.
+batch size, accumulation and optimiser filled in from the run config; ZeRO stage 0: these MLPs are small, and every
+rank's copy of weights and optimiser state is whole, so a checkpoint loads on any number of ranks). The loader is a
+`BatchStream` whose ranks slice one global order; masks, views and dropout are keyed by the cell; statistics span
+the global batch; logged metrics are the global batch's. So a run is the same experiment on 1, 2 or 16 ranks, and
+with `--gradient-accumulation N` (N micro-batches an optimiser step) it is one batch N times larger wherever the
+loss is a sum over cells (objectives that couple the cells of a batch refuse accumulation). The loader's position
+(cells into the epoch: the same on every rank), the step, the best validation score and the checks of config and
+store are registered with the checkpointer once and travel in every checkpoint; `--max-steps`, the schedule, the log
+and the checkpoints count optimiser steps. On a CPU-only machine DeepSpeed runs with its CPU accelerator and gloo.
 """
 from __future__ import annotations
 
@@ -15,24 +19,24 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.profiler import record_function
 
-from cellssl.loaders import BatchStream, CellStore, InputError
-from cellssl.loaders.lock import FolderLock
-from cellssl.loaders.synthetic import default_store
+from cellssl.loaders import BatchStream, BlockShuffleSampler, InputError
 
-from . import checkpoint, optim, rundir
+from . import checkpoint, optim, rundir, startup
+from .collective import any_rank, mean_over_ranks
 from .config import TrainConfig
-from .distributed import init_distributed
+from .distributed import init_distributed, set_collective_timeout
 from .feed import Fed, Feed
 from .flops import flops_per_cell, matmul_peak
 from .runlog import LOG_FILE, RunLog, truncate_log
 from .setup import build_objective
-from .validation import Validator
+from .validation import validation_sampler, Validator
 
 DEFAULT_DEEPSPEED = Path(__file__).with_name("deepspeed.json")
 
@@ -131,18 +135,29 @@ class _Check:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, objective: torch.nn.Module | None = None):
-        """Set up on this rank: the process group, the store, the loader and validation, the objective (built from
-        the config unless one is given) and its DeepSpeed engine."""
+        """Set up on this rank: the process group, the store (the same on every rank), the objective (built from the
+        config unless one is given), the loader and validation, and the DeepSpeed engine. Each check that can fail
+        runs after the rendezvous, its verdict agreed by every rank."""
         self.cfg = cfg
         self.rank, self.world, self.device = init_distributed()
+        set_collective_timeout(cfg.collective_timeout)
         import deepspeed  # after init_distributed, which prepares its environment
 
-        self.store = CellStore(cfg.data or default_store(progress=self.rank == 0))
-        torch.manual_seed(cfg.seed)
+        self.store, self.fingerprint = startup.open_store(cfg, self.rank)
+        torch.manual_seed(cfg.seed)  # the weights; DeepSpeed broadcasts rank 0's anyway
         self.feed = Feed(cfg.input, self.device, self.store, cfg.objective.label, kept=cfg.gradient_accumulation)
-        self.objective = objective if objective is not None else build_objective(cfg, self.store)
-        self.stream = self.feed.stream(self.store, "train", cfg.batch_size, cfg.seed, self.rank, self.world,
-                                       cfg.resident, self._device_reserve())
+        start, stop = self.store.split("train")
+        with startup.agreed():
+            self.objective = objective if objective is not None else build_objective(cfg, self.store)
+            self._check_accumulation()
+            sampler = BlockShuffleSampler(start, stop, cfg.batch_size, cfg.seed, self.rank, self.world,
+                                          accumulation=cfg.gradient_accumulation)
+            val_sampler, self.val_note = validation_sampler(self.store, cfg, self.rank, self.world)
+        reserve = self._device_reserve()
+        resident, self.residence_reason = ("off", "streaming from disk (--resident off)") if cfg.resident == "off" \
+            else startup.decide_residence(cfg.resident, self.store, start, stop,
+                                          self._resident_device(cfg.resident), reserve)
+        self.stream = self.feed.stream(self.store, "train", sampler, resident, reserve)
         self.flops_per_cell = flops_per_cell(self.objective, self.store.n_genes)
         params = [p for p in self.objective.parameters() if p.requires_grad]
         factor = optim.schedule(cfg, len(self.stream) / cfg.gradient_accumulation)
@@ -150,24 +165,32 @@ class Trainer:
             model=self.objective, model_parameters=params, config=deepspeed_config(cfg, self.world),
             optimizer=build_optimizer(cfg, params, cfg.batch_size * cfg.gradient_accumulation * self.world),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
-        self.validator = self._validator()
+        set_collective_timeout(cfg.collective_timeout)  # the groups DeepSpeed made meanwhile
+        self.validator = None if val_sampler is None else Validator(
+            self.feed.stream(self.store, "val", val_sampler), self.feed, cfg.val_every, cfg.max_steps, cfg.select)
         self.progress, self.position = Progress(), LoaderPosition(self.stream)
+
+    def _check_accumulation(self) -> None:
+        """Accumulated micro-batches equal one larger batch only where the loss is a sum over cells: an objective
+        whose batch statistics couple its cells would train another experiment, so it is refused."""
+        coupled = getattr(self.objective, "couples_cells", False) or self.cfg.model.norm == "batch"
+        if self.cfg.gradient_accumulation > 1 and coupled:
+            what = "--norm batch" if self.cfg.model.norm == "batch" else self.cfg.objective.name
+            raise InputError("--gradient-accumulation", f"{self.cfg.gradient_accumulation} with {what}: its batch "
+                             "statistics (BatchNorm, the cross-correlation) couple the cells of a batch, so "
+                             "accumulated micro-batches would not train like one batch of "
+                             f"{self.cfg.batch_size * self.cfg.gradient_accumulation * self.world:,} cells",
+                             "use more ranks for the same global batch (statistics span all of them), or "
+                             "--gradient-accumulation 1")
+
+    def _resident_device(self, want: str):
+        return self.device if self.device.type == "cuda" or want == "device" else None
 
     def _device_reserve(self) -> int:
         """GPU bytes the step needs beside the data: weights, gradients and AdamW's two moments (4 × 4 bytes a
         parameter) and a few dense batches' worth of activations and gradients."""
         params = sum(p.numel() for p in self.objective.parameters())
         return 16 * params + 6 * 4 * self.cfg.batch_size * self.store.n_genes
-
-    def _validator(self) -> Validator | None:
-        if "val" not in self.store.splits:
-            return None
-        start, stop = self.store.split("val")
-        batch = max(1, min(self.cfg.batch_size, -(-(stop - start) // self.world)))
-        stream = self.feed.stream(self.store, "val", batch, self.cfg.seed, self.rank, self.world, self.cfg.resident,
-                                  self._device_reserve(), drop_last=False)
-        return Validator(stream, self.feed, self.cfg.val_every, self.cfg.val_batches, self.cfg.max_steps,
-                         self.cfg.select)
 
     # --- the step ------------------------------------------------------------------------------------------------
     def batches(self):
@@ -180,19 +203,23 @@ class Trainer:
                 micro = []
 
     def train_step(self, batch: list[Fed], step: int) -> dict:
-        """One optimiser step over `batch` (its micro-batches): forward and backward each, then DeepSpeed clips the
-        accumulated gradient and steps optimiser and schedule; the objective's EMA follows. Micro-batch i of step s
-        draws its masks and views with key s · N + i (N micro-batches a step: with N = 1, the step). Returns the
-        loss and the objective's metrics, averaged over the micro-batches."""
+        """One optimiser step over `batch` (this rank's micro-batches of the global batch): forward and backward
+        each, then DeepSpeed averages the gradient over ranks, clips it and steps optimiser and schedule; the
+        objective's EMA follows. Every micro-batch draws with the step's key and its cells' rows, as one larger batch
+        would. A non-finite loss on any rank stops every rank before the backward. Returns the global batch's loss
+        and metrics (averaged over micro-batches and ranks)."""
+        if hasattr(self.objective, "normalise_over") and batch[0].labels is not None:
+            self.objective.normalise_over([fed.labels for fed in batch])
         totals: dict[str, float] = {}
-        for i, fed in enumerate(batch):
+        for fed in batch:
             with record_function("forward"):
-                loss, metrics = self.engine(fed.x, fed.labels, step * len(batch) + i)
+                loss, metrics = self.engine(fed.x, fed.labels, step, fed.source.index)
             value = float(loss.detach())
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f"loss is {value} at step {step + 1}; stopping with the last good checkpoint "
-                                    f"in {Path(self.cfg.out) / 'checkpoints'} intact (lower the learning rate, or "
-                                    "check the data)")
+            if any_rank(not math.isfinite(value), self.device):
+                which = f"loss is {value}" if not math.isfinite(value) else "another rank's loss is not finite"
+                raise NonFiniteLoss(f"{which} at step {step + 1}; every rank stops with the last good checkpoint in "
+                                    f"{Path(self.cfg.out) / 'checkpoints'} intact (lower the learning rate, or check "
+                                    "the data)")
             with record_function("backward"):
                 self.engine.backward(loss)
             with record_function("optimizer step"):
@@ -201,7 +228,7 @@ class Trainer:
                 totals[key] = totals.get(key, 0.0) + float(v)
         with record_function("after step"):
             self.objective.after_step()
-        return {key: v / len(batch) for key, v in totals.items()}
+        return mean_over_ranks({key: v / len(batch) for key, v in totals.items()}, self.device)
 
     def _optimizer_step(self, step: int) -> None:
         """DeepSpeed's step (only at the last micro-batch: it counts them); an absurd learning rate that overflows
@@ -218,19 +245,22 @@ class Trainer:
     def train(self) -> Path:
         """Train to `max_steps` (resuming or starting the run folder as the config says); returns the model path."""
         out = Path(self.cfg.out)
-        lock = self._lock(out)
+        started = time.time()
+        lock = startup.prepare_folder(self.cfg, self.rank, self.world)
         try:
-            return self._train(out)
+            return self._train(out, started)
         finally:
             if lock is not None:
                 lock.release()
 
-    def _train(self, out: Path) -> Path:
+    def _train(self, out: Path, started: float) -> Path:
         cfg = self.cfg
         if self.rank == 0:
-            print(f"cellssl: training data {self.stream.residence_reason}", file=sys.stderr, flush=True)
+            print(f"cellssl: training data {self.residence_reason}", file=sys.stderr, flush=True)
+            if self.val_note:
+                print(f"cellssl: {self.val_note}", file=sys.stderr, flush=True)
         saver = self._checkpointer(out)
-        self._open_run(out, saver)
+        self._open_run(out, saver, started)
         log = self._log(out)
         try:
             for batch in (self.batches() if self.progress.step < cfg.max_steps else ()):
@@ -255,33 +285,11 @@ class Trainer:
             self._export(out / (checkpoint.MODEL_FILE if last else checkpoint.LAST_MODEL_FILE))
         return out / checkpoint.MODEL_FILE
 
-    def _lock(self, out: Path) -> FolderLock | None:
-        """Rank 0 holds the run folder's lock for the whole run; every rank learns whether it got it, so a second
-        run into the folder ends at once, on all its ranks, before anything is read or written."""
-        lock, problem = None, None
-        if self.rank == 0:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                lock = FolderLock(out / rundir.LOCK_FILE, "a training run").acquire()
-                rundir.check_no_links(out)
-            except InputError as exc:
-                problem = exc
-        if self.world > 1:
-            shared = [None if problem is None else (problem.where, problem.problem, problem.fix)]
-            torch.distributed.broadcast_object_list(shared, src=0)
-            problem = InputError(*shared[0]) if shared[0] is not None else None
-        if problem is not None:
-            if lock is not None:
-                lock.release()
-            raise problem
-        return lock
-
     def _checkpointer(self, out: Path) -> checkpoint.Checkpointer:
         saver = checkpoint.Checkpointer(self.engine, out / "checkpoints", {rundir.RECORD: self.cfg.to_json()})
         saver.register("config", _Check(self.cfg.to_json(), lambda saved: rundir.check_config(self.cfg, saved, out)))
-        fingerprint = self.store.fingerprint(values=True)
-        saver.register("store", _Check(fingerprint, lambda saved: rundir.check_store(self.store, saved, out,
-                                                                                      fingerprint)))
+        saver.register("store", _Check(self.fingerprint, lambda saved: rundir.check_store(self.store, saved, out,
+                                                                                           self.fingerprint)))
         saver.register("stream", self.position)
         saver.register("progress", self.progress)
         if self.validator is not None:
@@ -289,16 +297,19 @@ class Trainer:
         saver.register("rng", checkpoint.RandomState())
         return saver
 
-    def _open_run(self, out: Path, saver: checkpoint.Checkpointer) -> None:
-        """Resume (every registered part restored and checked), or clear the folder on --overwrite; then every rank
-        waits until the folder is ready before anyone writes."""
+    def _open_run(self, out: Path, saver: checkpoint.Checkpointer, started: float) -> None:
+        """Resume (every registered part restored and checked, on any number of ranks), or clear the (shared)
+        folder on --overwrite, once; then every rank waits until the folder is ready before anyone writes. A
+        resume cuts the log and this rank's trace back to the checkpoint: those steps run again."""
         if self.cfg.resume:
-            saver.load()
-        elif self.cfg.overwrite and int(os.environ.get("LOCAL_RANK", 0)) == 0:
-            rundir.clear(out)
+            with startup.agreed():
+                saver.load()
+        elif self.cfg.overwrite and self.rank == 0:
+            rundir.clear(out, started)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
-        out.mkdir(parents=True, exist_ok=True)  # every rank: on separate nodes each may be the first here
+        if self.cfg.resume:
+            truncate_log(out / f"trace-rank{self.rank}.jsonl", self.progress.step)
         if self.rank == 0:
             if self.cfg.resume:
                 truncate_log(out / LOG_FILE, self.progress.step)
@@ -310,7 +321,7 @@ class Trainer:
         peak = matmul_peak(self.device, dtype) if self.rank == 0 else 0.0
         return RunLog(out, self.rank, self.cfg.log_every, self.cfg.max_steps, self.progress.step,
                       self.engine.monitor if self.cfg.monitor != "none" else None, self.cfg.trace,
-                      self.flops_per_cell, peak)
+                      self.flops_per_cell, peak * self.world)  # mfu: per device, every rank's device alike
 
     def _check_weights(self, step: int) -> None:
         """Finite losses can still leave non-finite weights (an update that overflows): stop before they are saved."""
@@ -349,8 +360,8 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Check the run folder (before any rank writes or anything heavy starts), then train; the model's path."""
-    rundir.check_start(cfg)
-    if cfg.resume:  # before DeepSpeed loads anything: another architecture is one line, not a shape error
-        rundir.check_config(cfg, rundir.trained_config(Path(cfg.out)), Path(cfg.out))
+    """Check the run folder where one process can before anything heavy starts, then set up every rank and train;
+    the model's path. (Several ranks check it after their rendezvous, all agreeing: startup.prepare_folder.)"""
+    if "WORLD_SIZE" not in os.environ or os.environ["WORLD_SIZE"] == "1":
+        rundir.check_start(cfg)
     return Trainer(cfg).train()

@@ -1,5 +1,6 @@
-"""Validation during training: a fixed pass over the same validation cells with the same masks and views each
-time, summed over every rank, at its own cadence; and which validation the exported model keeps.
+"""Validation during training: a fixed pass over the same validation cells in the same global batches, with the same
+masks and views each time (keyed by the cell), split among the ranks and summed over them, so the score is the same
+on any number of ranks; at its own cadence; and which validation the exported model keeps.
 
 `select` names the score that picks the kept model: "val_loss" (lowest), "val_macro_f1" (highest; classifiers) or
 "last" (the last step, whatever its scores).
@@ -10,8 +11,9 @@ import math
 
 import torch
 
-from cellssl.loaders import BatchStream
+from cellssl.loaders import BatchStream, BlockShuffleSampler, CellStore
 
+from .config import TrainConfig
 from .feed import Feed
 
 VALIDATION_STEP = 1 << 62  # the randomness key of every validation pass: the same masks and views each time
@@ -28,15 +30,31 @@ def f1_from_confusion(confusion: torch.Tensor) -> dict:
             "val_micro_f1": float(tp.sum() / confusion.sum().clamp(min=1))}
 
 
+def validation_sampler(store: CellStore, cfg: TrainConfig, rank: int, world: int):
+    """(sampler, note): the first `val_batches` global batches of the validation split (all of it when smaller), in
+    the same batches whatever the ranks, each rank a slice of every batch. Only where the last, shorter batch has
+    fewer cells than there are ranks are those few cells left out (a slice may not be empty). None, and a note saying
+    why, when there is no validation split or fewer cells than ranks."""
+    if "val" not in store.splits:
+        return None, None
+    start, stop = store.split("val")
+    micro = cfg.batch_size * world
+    n = min(cfg.val_batches * micro * cfg.gradient_accumulation, stop - start)
+    if 0 < n % micro < world:
+        n -= n % micro
+    if n == 0:
+        return None, f"no validation: the val split's {stop - start} cells cannot be shared by {world} ranks"
+    return BlockShuffleSampler(start, start + n, cfg.batch_size, cfg.seed, rank, world, drop_last=False), None
+
+
 class Validator:
-    """`due(step)` says when; calling it scores the first `batches` batches of epoch 0 of the validation split;
+    """`due(step)` says when; calling it scores one pass over the stream's cells (validation_sampler);
     `improved(scores)` says whether they beat the best so far (a registered part of the checkpoint)."""
 
-    def __init__(self, stream: BatchStream, feed: Feed, every: int, batches: int, max_steps: int,
-                 select: str = "last"):
+    def __init__(self, stream: BatchStream, feed: Feed, every: int, max_steps: int, select: str = "last"):
         if select not in SELECTIONS:
             raise ValueError(f"select must be one of {SELECTIONS}, not {select!r}")
-        self.stream, self.feed, self.every, self.batches, self.max_steps = stream, feed, every, batches, max_steps
+        self.stream, self.feed, self.every, self.max_steps = stream, feed, every, max_steps
         self.select = select
         self.best = math.inf if select == "val_loss" else -math.inf
 
@@ -53,9 +71,7 @@ class Validator:
         confusion = torch.zeros(classes, classes, dtype=torch.float64, device=device)
         self.stream.set_epoch(0)
         for fed in self.feed(self.stream):
-            if fed.source.step >= self.batches:
-                break
-            loss, _ = engine(fed.x, fed.labels, VALIDATION_STEP)
+            loss, _ = engine(fed.x, fed.labels, VALIDATION_STEP, fed.source.index)
             total += torch.tensor([float(loss) * len(fed), len(fed)], dtype=torch.float64, device=device)
             if classes:
                 known = fed.labels >= 0

@@ -15,6 +15,18 @@ from pathlib import Path
 from .errors import InputError
 
 
+def _filesystem(folder: Path) -> str:
+    """The mount holding `folder` and its type, from /proc/mounts where there is one."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return "unknown"
+    target = str(Path(folder).resolve())
+    best = max((m for m in mounts if target == m[0] or target.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=None)
+    return f"{best[1]} at {best[0]}" if best else "unknown"
+
+
 class FolderLock:
     """`with FolderLock(folder / ".lock", what):` — one writer of `folder` at a time; another is refused at once."""
 
@@ -36,6 +48,11 @@ class FolderLock:
                 raise InputError(self.path.parent, f"is being written by process {holder} ({self.what})",
                                  "wait for it to finish or stop it (its lock ends with it), or choose another "
                                  "folder") from None
+            except OSError as exc:  # ENOLCK: NFS without a lock manager; EINVAL/ENOSYS: no flock at all
+                os.close(fd)
+                raise InputError(self.path.parent, f"its filesystem ({_filesystem(self.path.parent)}) refuses file "
+                                 f"locks ({exc.strerror})", "write the run to a filesystem with locking (for NFS: "
+                                 "run its lock manager, or mount without 'nolock'), or to a local folder") from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino
             except FileNotFoundError:

@@ -85,8 +85,8 @@ def _sampler(store: CellStore, split: str, sampler, batch_size, seed, rank, worl
         return BlockShuffleSampler(start, stop, **{"drop_last": split == "train", **given, **environment})
     if given:
         raise ValueError(f"pass either a sampler or {sorted(given)}, not both: the sampler holds them")
-    if (sampler.start, sampler.stop) != (start, stop):
-        raise ValueError(f"the sampler covers rows [{sampler.start}, {sampler.stop}), the {split!r} split "
+    if not start <= sampler.start <= sampler.stop <= stop:
+        raise ValueError(f"the sampler covers rows [{sampler.start}, {sampler.stop}), outside the {split!r} split "
                          f"[{start}, {stop})")
     return sampler
 

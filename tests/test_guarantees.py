@@ -145,7 +145,7 @@ def test_resume_refuses_other_settings_and_other_data(trained, synthetic_store, 
     one_line_error(done, "is not the data this run trained on")
     empty = tmp_path / "never"
     done = recipe(*recipe_args(synthetic_store, empty, 6), "--resume")
-    one_line_error(done, "no checkpoint to resume from")
+    one_line_error(done, "no complete checkpoint to resume from")
 
 
 def test_after_a_resume_the_log_holds_every_step_once(synthetic_store, tmp_path):
@@ -168,7 +168,8 @@ def test_truncate_log_drops_steps_after_the_checkpoint_and_cut_lines(tmp_path):
 # --- 3. every failure a user can cause is one line ---------------------------------------------------------------
 def test_batch_larger_than_a_ranks_share(synthetic_store, tmp_path):
     done = recipe("--data", str(synthetic_store), "--out", str(tmp_path / "x"), "--batch-size", "100000")
-    one_line_error(done, "--batch-size: 100000 exceeds the 1,200 cells", "use --batch-size 1200 or less")
+    one_line_error(done, "--batch-size: 100000 × 1 rank(s) × 1 accumulated = 100,000 cells a step exceeds the "
+                   "1,200 cells", "use --batch-size 1200 or less")
 
 
 def test_port_in_use(synthetic_store, tmp_path):

@@ -289,7 +289,8 @@ def test_a_non_finite_validation_loss_stops_the_run_without_a_model(synthetic_st
                                          ({"RANK": "0"}, "only RANK is set"),
                                          ({"RANK": "0", "WORLD_SIZE": "x"}, "is not an integer"),
                                          ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                                           "CELLSSL_RENDEZVOUS_TIMEOUT": "3"}, "not all 2 ranks arrived within 3 s")])
+                                           "LOCAL_RANK": "0", "CELLSSL_RENDEZVOUS_TIMEOUT": "3"},
+                                          "not all 2 ranks arrived within 3 s")])
 def test_an_environment_that_cannot_start_is_one_line(synthetic_store, tmp_path, env, message):
     clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     done = subprocess.run([sys.executable, "recipes/mae_random.py", *recipe_args(synthetic_store, tmp_path / "r", 1)],

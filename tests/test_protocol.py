@@ -78,7 +78,7 @@ def test_lars_scales_by_batch_and_keeps_its_state():
 def test_contrastive_heads_and_the_ema(synthetic_store):
     store = CellStore(synthetic_store)
     byol = build_objective(TrainConfig(objective=EXPERIMENTS["byol"].objective, model=SMALL), store)
-    kinds = [type(m).__name__ for m in byol.projector]
+    kinds = [_torch_name(m) for m in byol.projector]
     assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear"] and byol.projector[0].out_features == 4096
     bt = build_objective(TrainConfig(objective=EXPERIMENTS["barlow_twins"].objective, model=SMALL), store)
     assert [m.out_features for m in bt.projector if isinstance(m, torch.nn.Linear)] == [256, 256, 512, 512]
@@ -169,9 +169,13 @@ def _structure(modules, genes: int, classes: int) -> list[tuple]:
             continue
         if isinstance(m, torch.nn.Linear):
             out.append(("Linear", names.get(m.in_features, m.in_features), names.get(m.out_features, m.out_features)))
-        else:
-            out.append((type(m).__name__,))
+        else:  # our keyed dropout and global BatchNorm are torch's layers with other statistics: named as those
+            out.append((_torch_name(m),))
     return out
+
+
+def _torch_name(m) -> str:
+    return next(c.__name__ for c in type(m).__mro__ if c.__module__.startswith("torch.nn"))
 
 
 def test_the_registry_classifier_is_the_reference_network(tmp_path):

@@ -12,7 +12,7 @@ from cellssl import kernels
 from cellssl.engine.setup import build_objective
 from cellssl.kernels import SparseRows
 from cellssl.kernels.masking import pack_bits
-from cellssl.loaders import TARGET_SUM, BatchStream, CellStore
+from cellssl.loaders import TARGET_SUM, BatchStream, BlockShuffleSampler, CellStore
 
 
 def sparse_rows(batch, n_genes) -> SparseRows:
@@ -156,7 +156,7 @@ def test_feed_hands_the_model_csr_or_dense(synthetic_store):
     got = {}
     for kind in ("csr", "dense"):
         feed = Feed(kind, torch.device("cpu"), store, label="cell_type")
-        fed = next(feed(feed.stream(store, "train", 32, 0, 0, 1)))
+        fed = next(feed(feed.stream(store, "train", BlockShuffleSampler(*store.split("train"), 32))))
         assert torch.equal(fed.labels, fed.source.obs["cell_type"])
         got[kind] = fed.x
     assert isinstance(got["csr"], SparseRows) and not got["csr"].counts

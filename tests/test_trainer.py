@@ -101,7 +101,7 @@ def test_batch_larger_than_split_is_a_clear_error(synthetic_store, tmp_path):
                            str(tmp_path / "x"), "--batch-size", "100000", "--max-steps", "1"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "MASTER_PORT": str(free_port())})
-    assert done.returncode == 2 and "--batch-size: 100000 exceeds" in done.stderr
+    assert done.returncode == 2 and "--batch-size: 100000 × 1 rank(s) × 1 accumulated" in done.stderr
 
 
 def test_non_finite_loss_stops_with_last_good_checkpoint(synthetic_store, tmp_path):
