@@ -94,6 +94,9 @@ def test_two_ranks_train_like_one_rank_with_twice_the_batch(runs, name):
         mine, theirs = _weights(one), _weights(other)
         assert mine.keys() == theirs.keys()
         for key in mine:
+            if not mine[key].dtype.is_floating_point:  # BatchNorm's step counter
+                assert torch.equal(mine[key], theirs[key]), key
+                continue
             diff = float((mine[key] - theirs[key]).norm() / mine[key].norm().clamp(min=1e-12))
             assert diff <= WEIGHTS.get(name, 1e-3), (other, key, diff)
 
