@@ -20,6 +20,7 @@ from ..embed import check_genes, device, map_split
 from ..objectives import Supervised
 from .inputs import labels
 from .metrics import f1_scores
+from .neighbours import nearest, vote
 
 
 def _labelled(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -41,12 +42,15 @@ def linear_probe(z_train, y_train, z_test, y_test, names=None, seed: int = 0) ->
 
 
 def knn(z_train, y_train, z_test, y_test, names=None, k: int = 5) -> dict:
-    """Zero-shot: each test cell takes the majority label of its k nearest train cells (Euclidean)."""
-    from sklearn.neighbors import KNeighborsClassifier
-
+    """Zero-shot: each test cell takes the majority label of its k nearest train cells (Euclidean, exact and
+    blocked: evaluate/neighbours.py)."""
     (z_train, y_train), (z_test, y_test) = _labelled(z_train, y_train), _labelled(z_test, y_test)
-    model = KNeighborsClassifier(n_neighbors=min(k, len(z_train)))
-    return f1_scores(y_test, model.fit(z_train, y_train).predict(z_test), names)
+    found = nearest(z_train, z_test, min(k, len(z_train)))
+    return f1_scores(y_test, vote(y_train, found, _classes(y_train, y_test)), names)
+
+
+def _classes(*labels: np.ndarray) -> int:
+    return int(max(y.max() for y in labels if len(y))) + 1
 
 
 def hierarchy_corrected(y_true: np.ndarray, y_pred: np.ndarray, children: list[list[int]] | None) -> np.ndarray:
@@ -70,16 +74,11 @@ def paper_knn(z_val, y_val, z_test, y_test, names=None, k: int = 5, children: li
     as if it were the cell itself (it is not: validation and test cells are disjoint), a majority vote of the other
     k (ties to the lowest label code, as numpy's bincount-argmax), then the hierarchy correction and scikit-learn's
     macro average."""
-    from sklearn.neighbors import NearestNeighbors
-
     (z_val, y_val), (z_test, y_test) = _labelled(z_val, y_val), _labelled(z_test, y_test)
     if len(z_val) < 2:
         raise ValueError(f"the paper's kNN needs at least 2 labelled validation cells, got {len(z_val)}")
-    index = NearestNeighbors(n_neighbors=min(k + 1, len(z_val)), algorithm="brute").fit(z_val)
-    votes = y_val[index.kneighbors(z_test, return_distance=False)[:, 1:]]
-    counts = np.zeros((len(votes), int(max(y_val.max(), y_test.max())) + 1), np.int64)
-    np.add.at(counts, (np.repeat(np.arange(len(votes)), votes.shape[1]), votes.ravel()), 1)
-    predicted = hierarchy_corrected(y_test, counts.argmax(1), children)
+    found = nearest(z_val, z_test, min(k + 1, len(z_val)))[:, 1:]
+    predicted = hierarchy_corrected(y_test, vote(y_val, found, _classes(y_val, y_test)), children)
     return {**f1_scores(y_test, predicted, names), "k": k, "hierarchy_corrected": bool(children)}
 
 

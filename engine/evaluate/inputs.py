@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 from cellssl.loaders import CellStore, InputError
-from cellssl.loaders.densify import log1p_per_10k
 
 
 def split_range(store: CellStore, split: str) -> tuple[int, int]:
@@ -56,12 +55,3 @@ def modality(store: CellStore, columns: list[str], split: str) -> np.ndarray:
         raise InputError(store.path / "obs.parquet", "paired-modality columns hold NaN or infinite values",
                          "drop or impute those cells before converting")
     return values
-
-
-def expression(store: CellStore, split: str):
-    """The split's log1p(per-10k) expression as scipy CSR (what the loader feeds the networks)."""
-    start, stop = split_range(store, split)
-    x = store.to_scipy(start, stop).astype(np.float32)
-    if store.value_kind == "counts":
-        x.data = log1p_per_10k(x.indptr, x.data)
-    return x

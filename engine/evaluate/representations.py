@@ -12,7 +12,7 @@ from cellssl.loaders import CellStore
 
 from ..checkpoint import load_model
 from ..embed import check_genes, device, load_autoencoder, map_split
-from .inputs import expression
+from .pca import StreamedPCA
 
 
 class ModelRepresentation:
@@ -43,22 +43,19 @@ class ModelRepresentation:
 
 
 class PCARepresentation:
-    """PCA (50 components) of log1p expression, fitted on the store's train split: the paper's linear baseline."""
+    """PCA (50 components) of log1p expression, fitted on the store's train split: the paper's linear baseline, in
+    streamed passes (evaluate/pca.py: memory O(genes × components) however many cells)."""
 
     kind = "baseline"
     path = None  # fitted here, not read from a file
     config = trained = None
 
     def __init__(self, store: CellStore, n_components: int = 50, seed: int = 0, fit_split: str = "train"):
-        from sklearn.decomposition import PCA
-
-        x = expression(store, fit_split)
-        n = min(n_components, x.shape[0] - 1, x.shape[1] - 1)
         self.name, self.store_path = "PCA", store.path
-        self.pca = PCA(n, svd_solver="arpack", random_state=seed).fit(x)  # sparse input: centred implicitly
+        self.pca = StreamedPCA(n_components, seed=seed).fit(store, fit_split)
 
     def embed(self, store: CellStore, split: str) -> np.ndarray:
-        return self.pca.transform(expression(store, split)).astype(np.float32)
+        return self.pca.transform(store, split)
 
     @property
     def reconstructor(self) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -1,0 +1,47 @@
+"""Exact k nearest neighbours in bounded memory, on the device when there is one: query blocks × reference blocks,
+each block's candidates merged into a running top-k. Memory O(block² + queries × k), whatever the cells; the
+O(queries × references) distance work runs as matrix products (a GPU does scTab's test split against its validation
+split, ~10¹³ pairs, in minutes; bench/gpu_check.py times it). Distances in float64, as scikit-learn's brute force
+computes them for float32 input, ties to the lower reference index.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..embed import device as default_device
+
+BLOCK = 8192
+
+
+def nearest(reference: np.ndarray, query: np.ndarray, k: int, block: int = BLOCK, device=None) -> np.ndarray:
+    """int64 [len(query), k]: each query row's k nearest reference rows by Euclidean distance, nearest first."""
+    if k < 1 or k > len(reference):
+        raise ValueError(f"k must be in [1, {len(reference)}] (the reference rows), got {k}")
+    dev = torch.device(device) if device is not None else default_device()
+    ref = torch.from_numpy(np.ascontiguousarray(reference, np.float64))
+    out = np.empty((len(query), k), np.int64)
+    ref_norms = ref.square().sum(1)
+    for a in range(0, len(query), block):
+        q = torch.from_numpy(np.ascontiguousarray(query[a:a + block], np.float64)).to(dev)
+        q_norms = q.square().sum(1, keepdim=True)
+        best_d = torch.full((len(q), 0), 0.0, dtype=torch.float64, device=dev)
+        best_i = torch.zeros((len(q), 0), dtype=torch.int64, device=dev)
+        for b in range(0, len(ref), block):
+            r = ref[b:b + block].to(dev)
+            d = (q_norms - 2 * q @ r.T + ref_norms[b:b + block].to(dev)).clamp_(min=0)
+            idx = torch.arange(b, b + len(r), device=dev).expand(len(q), -1)
+            d, idx = torch.cat([best_d, d], 1), torch.cat([best_i, idx], 1)
+            order = torch.sort(d, dim=1, stable=True).indices[:, :k]  # equal distances: the earlier, lower index
+            best_d, best_i = d.gather(1, order), idx.gather(1, order)
+        out[a:a + len(q)] = best_i.cpu().numpy()
+    return out
+
+
+def vote(labels: np.ndarray, neighbours: np.ndarray, n_classes: int) -> np.ndarray:
+    """Each row's most frequent neighbour label, ties to the lowest code (numpy's bincount-argmax; scikit-learn's
+    KNeighborsClassifier decides ties the same way)."""
+    votes = labels[neighbours]
+    counts = np.zeros((len(votes), n_classes), np.int64)
+    np.add.at(counts, (np.repeat(np.arange(len(votes)), votes.shape[1]), votes.ravel()), 1)
+    return counts.argmax(1)

@@ -1,0 +1,71 @@
+"""Evaluation in bounded memory: the streamed randomized PCA against scikit-learn's exact PCA, and the blocked exact
+kNN against scikit-learn's brute force, at small sizes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cellssl.engine.evaluate.pca import StreamedPCA
+from cellssl.loaders import CellStore
+from cellssl.loaders.densify import log1p_per_10k
+
+
+def _whole_split(store: CellStore, split: str):
+    """The split in memory, as the old baseline read it: the reference to compare with."""
+    start, stop = store.split(split)
+    x = store.to_scipy(start, stop).astype(np.float32)
+    x.data = log1p_per_10k(x.indptr, x.data)
+    return x
+
+
+def test_streamed_pca_matches_scikit_learn(synthetic_store):
+    from sklearn.decomposition import PCA
+
+    store = CellStore(synthetic_store)
+    x = _whole_split(store, "train")
+    exact = PCA(20, svd_solver="arpack", random_state=0).fit(x)
+    ours = StreamedPCA(20, seed=0).fit(store, "train")
+    np.testing.assert_allclose(ours.mean_, np.asarray(x.mean(0)).ravel(), rtol=1e-5, atol=1e-6)
+    # explained variance: the leading components to 0.1 %, all 20 to 2 %
+    np.testing.assert_allclose(ours.explained_variance_[:10], exact.explained_variance_[:10], rtol=1e-3)
+    np.testing.assert_allclose(ours.explained_variance_, exact.explained_variance_, rtol=2e-2)
+    np.testing.assert_allclose(ours.explained_variance_ratio_, exact.explained_variance_ratio_, rtol=2e-2)
+    # the subspace of the leading 10: every principal angle's cosine above 0.999
+    cosines = np.linalg.svd(ours.components_[:10] @ exact.components_[:10].T, compute_uv=False)
+    assert cosines.min() > 0.999, cosines
+    z, ref = ours.transform(store, "test"), exact.transform(_whole_split(store, "test"))
+    for j in range(5):  # the same coordinates on the leading components (signs as svd_flip sets them)
+        assert abs(np.corrcoef(z[:, j], ref[:, j])[0, 1]) > 0.999
+
+
+def test_streamed_pca_refuses_a_split_too_small(synthetic_store, monkeypatch):
+    from cellssl.engine.evaluate import pca
+
+    store = CellStore(synthetic_store)
+    monkeypatch.setattr(pca, "_batches", lambda store, split: iter([]))
+    with pytest.raises(ValueError, match="at least 2 cells"):
+        StreamedPCA(5).fit(store, "train")
+
+
+@pytest.mark.parametrize("block", [7, 4096])
+def test_blocked_knn_finds_what_scikit_learn_finds(block):
+    from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
+
+    from cellssl.engine.evaluate.neighbours import nearest, vote
+
+    rng = np.random.default_rng(0)
+    ref, query = rng.standard_normal((300, 8)).astype(np.float32), rng.standard_normal((50, 8)).astype(np.float32)
+    ref[7] = ref[3]  # a tie: the lower index first
+    query[0] = ref[3] + 1e-3
+    ours = nearest(ref, query, 6, block=block)
+    theirs = NearestNeighbors(n_neighbors=6, algorithm="brute").fit(ref).kneighbors(query, return_distance=False)
+    # the same neighbours at the same distances; scikit-learn leaves the order of equal distances to argpartition,
+    # ours puts the lower index first
+    dist = lambda found: np.linalg.norm(ref[found] - query[:, None].astype(np.float64), axis=2)  # noqa: E731
+    np.testing.assert_allclose(dist(ours), dist(theirs), rtol=1e-12)
+    assert list(ours[0, :2]) == [3, 7]
+    labels = rng.integers(0, 4, 300)
+    expected = KNeighborsClassifier(n_neighbors=6).fit(ref, labels).predict(query)
+    assert np.array_equal(vote(labels, ours, 4), expected)
+    with pytest.raises(ValueError, match="k must be in"):
+        nearest(ref, query, 301)
