@@ -222,3 +222,36 @@ def test_the_eta_counts_every_stage_once_where_it_runs(small_store, tmp_path, mo
     assert len(per_rep) == 2 and all(work > 0 for work in per_rep.values())  # PCA and the from-scratch baseline
     assert per_rep["cross-modality: no pretraining"] > per_rep["cross-modality: PCA"]  # it trains end to end
     assert dict(announced)["[3/3] cross modality"] == 0
+
+
+def test_partial_results_resume_and_zero_step_budgets(small_store, tmp_path, capsys):
+    """results.json is whole after each (task, representation) with what is missing; --resume does only the rest
+    and keeps what was there; other settings are refused; --finetune-steps 0 and --crossmodal-steps 0 skip those
+    parts, saying so."""
+    from cellssl.engine.cli import main
+
+    model = tmp_path / "mae"
+    run([sys.executable, "recipes/mae_random.py", *recipe_args(small_store, model, 2)])
+    out = tmp_path / "eval"
+    args = ["eval", f"mae={model}", "--data", str(small_store), "--out", str(out), "--tasks",
+            "cell_type,reconstruction,cross_modality", "--finetune-steps", "0", "--crossmodal-steps", "0",
+            "--no-plots"]
+    assert main(args) == 0
+    assert "--finetune-steps 0: no fine-tuning" in capsys.readouterr().err
+    first = json.loads((out / "results.json").read_text())
+    assert first["missing"] == [] and set(first["representations"]) == {"mae", "PCA"}
+    assert "finetune" not in first["cell_type"]["mae"] and "finetuned" not in first["cross_modality"]["mae"]
+    assert "cross_modality_end_to_end" in first["skipped"]
+    partial = {**json.loads(json.dumps(first)), "missing": ["cell_type: mae", "reconstruction: PCA"]}
+    del partial["cell_type"]["mae"], partial["reconstruction"]["PCA"]
+    partial["cell_type"]["PCA"]["knn"]["macro_f1"] = -1.0  # a mark: a resume keeps what was there
+    (out / "results.json").write_text(json.dumps(partial))
+    assert main([*args, "--overwrite"][:-1] + ["--no-plots", "--resume"]) == 0
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["missing"] == [] and resumed["cell_type"]["PCA"]["knn"]["macro_f1"] == -1.0
+    assert resumed["cell_type"]["mae"] == first["cell_type"]["mae"]
+    assert resumed["reconstruction"]["PCA"] == first["reconstruction"]["PCA"]
+    assert main([*args, "--knn", "7", "--resume"]) == 2
+    assert "knn: the evaluation was started with 5, this resume asks for 7" in capsys.readouterr().err
+    assert main(args) == 2
+    assert "pass --resume to finish an interrupted one" in capsys.readouterr().err

@@ -88,6 +88,8 @@ def markdown(results: dict) -> str:
              *score_table(results, "Fine-tuned (the encoder trained further on the target's train split):", FINETUNED)]
     for task, why in results.get("skipped", {}).items():
         lines.append(f"\n{task} skipped: {why}")
+    if results.get("missing"):
+        lines.append(f"\n**Unfinished** (`cellssl eval … --resume` completes it): {', '.join(results['missing'])}")
     lines += per_class_table(results)
     return "\n".join(lines) + "\n"
 

@@ -1,5 +1,9 @@
 """One evaluation run: every requested task for every model and baseline on one labelled store, written as
-results.json, results.md and PNG plots. What `cellssl eval` and `recipes/evaluate.py` run."""
+results.json, results.md and PNG plots. What `cellssl eval` and `recipes/evaluate.py` run.
+
+results.json and results.md are rewritten (atomically: a temporary file renamed) after each (task, representation)
+finishes, with `missing` naming what is still to come, so a killed evaluation leaves a valid partial record;
+`--resume` keeps what it holds (the same settings only) and does the rest."""
 from __future__ import annotations
 
 import json
@@ -13,7 +17,7 @@ from cellssl.loaders.lock import FolderLock
 
 from ..models import AutoEncoder, ModelConfig
 from . import celltype, crossmodal, integration, report
-from .config import NO_PRETRAINING, TASKS, EvalConfig
+from .config import NO_PRETRAINING, RESUMABLE, TASKS, EvalConfig
 from .inputs import labels, modality, modality_columns
 from .reconstruction import reconstruction_scores
 from .representations import ModelRepresentation, PCARepresentation
@@ -91,21 +95,49 @@ class _Run:
         self.clock.stage("PCA of the train split (the linear baseline)", self.work["pca"])
         self.pca = PCARepresentation(store, seed=cfg.seed)
         self.finetuned: dict[str, Path] = {}
-        if cfg.baselines:
+        if cfg.baselines and cfg.finetune_steps:
             self.clock.stage("baseline: the supervised model from scratch (fine-tuning protocol)",
                              self.work["finetune"])
-            self.finetuned[NO_PRETRAINING] = celltype.finetune(store, cfg.label, out / "no_pretraining", None,
-                                                               cfg.finetune_steps, cfg.finetune_batch_size, cfg.seed,
-                                                               cfg.precision, cfg.classifier)
+            self.finetuned[NO_PRETRAINING] = self.finetune(out / "no_pretraining", None)
             scratch = ModelRepresentation(self.finetuned[NO_PRETRAINING], NO_PRETRAINING)
             scratch.kind = "baseline"
             self.reps += [self.pca, scratch]
+        elif cfg.baselines:
+            print("cellssl eval: --finetune-steps 0: no fine-tuning, and no from-scratch baseline", file=sys.stderr)
+            self.reps.append(self.pca)
         self.clock.stage(f"embedding the train and test cells with {len(self.reps)} representation(s)",
                          self.work["embed"] * len(self.reps))
         self.splits = ("train", "val", "test") if "val" in store.splits else ("train", "test")
         self.z = {rep.name: {s: rep.embed(store, s) for s in self.splits} for rep in self.reps}
         self.y = {s: labels(store, cfg.label, s) for s in self.splits}
         self.children = hierarchy(cfg, store)
+
+    def save(self, results: dict) -> None:
+        """results.json and results.md as they stand, with what is still missing, each written under a temporary
+        name and renamed: a kill at any moment leaves the previous complete file."""
+        missing = []
+        for task in getattr(self, "tasks", ()):
+            if task in results["skipped"]:
+                continue
+            if task == "integration":
+                missing += [] if "integration" in results else ["integration"]
+                continue
+            wanted = [r.name for r in self.reps if task != "reconstruction" or r.reconstructor is not None]
+            missing += [f"{task}: {name}" for name in wanted if name not in results.get(task, {})]
+        results["missing"] = missing
+        for name, text in (("results.json", json.dumps(results, indent=1)), ("results.md", report.markdown(results))):
+            tmp = self.out / f".{name}.tmp"
+            tmp.write_text(text)
+            tmp.replace(self.out / name)
+
+    def finetune(self, folder: Path, init: Path | None) -> Path:
+        """A fine-tuned model in `folder`: the one a resumed evaluation already made, else trained now."""
+        cfg = self.cfg
+        done = folder / "model.safetensors"
+        if cfg.resume and done.is_file():
+            return done
+        return celltype.finetune(self.store, cfg.label, folder, init, cfg.finetune_steps, cfg.finetune_batch_size,
+                                 cfg.seed, cfg.precision, cfg.classifier)
 
 
 def hierarchy(cfg: EvalConfig, store: CellStore) -> list[list[int]] | None:
@@ -126,22 +158,22 @@ def _paper_knn(run: "_Run", z: dict) -> dict:
 
 def cell_type(run: _Run, results: dict) -> None:
     cfg, names, y = run.cfg, run.store.categories[run.cfg.label], run.y
-    part = results["cell_type"] = {}
+    part = results.setdefault("cell_type", {})
     paper = "val" in run.splits
     if not paper:
         results["skipped"]["paper_knn"] = "the store has no validation split (the paper's kNN draws its neighbours there)"
     for rep in run.reps:
+        if rep.name in part:
+            continue
         zr = run.z[rep.name]
         part[rep.name] = {
             "linear_probe": celltype.linear_probe(zr["train"], y["train"], zr["test"], y["test"], names, cfg.seed),
             "knn": celltype.knn(zr["train"], y["train"], zr["test"], y["test"], names, cfg.knn)}
         if paper:
             part[rep.name]["paper_knn"] = _paper_knn(run, zr)
-        if rep.kind == "model":
+        if rep.kind == "model" and cfg.finetune_steps:
             run.clock.stage(f"fine-tuning {rep.name}", run.work["finetune"])
-            run.finetuned[rep.name] = celltype.finetune(run.store, cfg.label, run.out / "finetune" / rep.name,
-                                                        rep.path, cfg.finetune_steps, cfg.finetune_batch_size,
-                                                        cfg.seed, cfg.precision, cfg.classifier)
+            run.finetuned[rep.name] = run.finetune(run.out / "finetune" / rep.name, rep.path)
         if rep.name in run.finetuned:
             scores = part[rep.name]["finetune"] = celltype.finetuned_scores(run.finetuned[rep.name], run.store,
                                                                             cfg.label)
@@ -149,17 +181,19 @@ def cell_type(run: _Run, results: dict) -> None:
                 tuned = rep if rep.name == NO_PRETRAINING else ModelRepresentation(run.finetuned[rep.name])
                 scores["paper_knn"] = part[rep.name]["paper_knn"] if tuned is rep else _paper_knn(
                     run, {s: tuned.embed(run.store, s) for s in ("val", "test")})
+        run.save(results)
 
 
 def reconstruction(run: _Run, results: dict) -> None:
-    part = results["reconstruction"] = {}
+    part = results.setdefault("reconstruction", {})
     for rep in run.reps:
-        if (fn := rep.reconstructor) is None:
+        if (fn := rep.reconstructor) is None or rep.name in part:
             continue
         part[rep.name] = {"all": reconstruction_scores(fn, run.store, seed=run.cfg.seed)}
         if run.cfg.mask_rate:
             part[rep.name]["masked"] = reconstruction_scores(fn, run.store, mask_rate=run.cfg.mask_rate,
                                                              seed=run.cfg.seed)
+        run.save(results)
     if not part:
         results["skipped"]["reconstruction"] = "no model with a decoder (and no PCA baseline)"
 
@@ -173,25 +207,34 @@ def cross_modality(run: _Run, results: dict) -> None:
             raise
         results["skipped"]["cross_modality"] = str(exc)
         return
-    part = results["cross_modality"] = {}
+    part = results.setdefault("cross_modality", {})
     m = {s: modality(store, columns, s) for s in ("train", "test")}
+    if not cfg.crossmodal_steps:
+        results["skipped"]["cross_modality_end_to_end"] = "--crossmodal-steps 0: frozen heads only"
     for rep in run.reps:
+        if rep.name in part:
+            continue
         zr = run.z[rep.name]
-        trains = rep.kind == "model" or rep.name == NO_PRETRAINING
+        trains = (rep.kind == "model" or rep.name == NO_PRETRAINING) and cfg.crossmodal_steps > 0
         run.clock.stage(f"cross-modality: {rep.name}", run.work["crossmodal_frozen"] + run.work["crossmodal"] * trains)
         part[rep.name] = {"frozen": crossmodal.frozen(zr["train"], m["train"], zr["test"], m["test"], columns,
                                                       seed=cfg.seed)}
         encoder = None
-        if rep.kind == "model":
+        if not trains:
+            pass
+        elif rep.kind == "model":
             encoder, latent = rep.autoencoder.encoder, rep.config.model.latent
         elif rep.name == NO_PRETRAINING:  # trained from random weights for this task
             encoder, latent = AutoEncoder(store.n_genes, ModelConfig()).encoder, ModelConfig().latent
         if encoder is not None:
             part[rep.name]["finetuned"] = crossmodal.end_to_end(encoder, latent, store, columns, cfg.crossmodal_steps,
                                                                 cfg.batch_size, seed=cfg.seed)
+        run.save(results)
 
 
 def integration_task(run: _Run, results: dict) -> None:
+    if "integration" in results:
+        return
     if not integration.available():  # default tasks only: _check refused an explicit request
         results["skipped"]["integration"] = 'scib-metrics is not installed (pip install "cellssl[eval]")'
         return
@@ -199,6 +242,7 @@ def integration_task(run: _Run, results: dict) -> None:
     results["integration"] = integration.scib_scores({r.name: run.z[r.name]["test"] for r in run.reps},
                                                      labels(run.store, run.cfg.batch, "test"), run.y["test"],
                                                      unintegrated, run.cfg.integration_cells, run.cfg.seed)
+    run.save(results)
 
 
 def _task_work(run: _Run, task: str) -> float:
@@ -217,24 +261,53 @@ def evaluate(cfg: EvalConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     with FolderLock(out / ".lock", "an evaluation"):
-        if (out / "results.json").exists() and not cfg.overwrite:
-            raise InputError(out, "already holds evaluation results", "pass --overwrite to replace them, or choose "
-                             "another --out")
-        return _evaluate(cfg, store, out)
+        earlier = _earlier(cfg, out)
+        return _evaluate(cfg, store, out, earlier)
 
 
-def _evaluate(cfg: EvalConfig, store: CellStore, out: Path) -> dict:
+def _settings(config: dict) -> dict:
+    return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in RESUMABLE}
+
+
+def _earlier(cfg: EvalConfig, out: Path) -> dict | None:
+    """The results a --resume continues (its settings checked), or None; results in the way without --resume or
+    --overwrite are refused."""
+    path = out / "results.json"
+    if not path.exists():
+        return None
+    if cfg.resume:
+        try:
+            earlier = json.loads(path.read_text())
+        except ValueError as exc:
+            raise InputError(path, f"is not readable ({exc})", "start again with --overwrite") from None
+        mine, theirs = _settings(asdict(cfg)), _settings(earlier.get("config", {}))
+        differs = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+        if differs:
+            raise InputError(f"{path}: {differs[0]}", f"the evaluation was started with {theirs.get(differs[0])!r}, "
+                             f"this resume asks for {mine.get(differs[0])!r}", "resume with its own settings, or "
+                             "start again with --overwrite (or in another --out)")
+        return earlier
+    if not cfg.overwrite:
+        raise InputError(out, "already holds evaluation results", "pass --resume to finish an interrupted one, "
+                         "--overwrite to replace them, or choose another --out")
+    return None
+
+
+def _evaluate(cfg: EvalConfig, store: CellStore, out: Path, earlier: dict | None = None) -> dict:
     run = _Run(cfg, store, out)
     results: dict = {"store": str(store.path), "label": cfg.label, "config": asdict(cfg), "skipped": {},
                      "representations": {r.name: {"kind": r.kind, "path": str(r.path or ""), "trained": r.trained,
                                                   "objective": r.config.objective.name if r.config else "pca"}
                                          for r in run.reps}}
+    if earlier:
+        results.update({t: earlier[t] for t in TASKS if t in earlier})
+        results["skipped"].update(earlier.get("skipped", {}))
     tasks = [t for t in TASKS if t in cfg.tasks]
+    run.tasks = tasks
     for i, task in enumerate(tasks, 1):
         run.clock.stage(f"[{i}/{len(tasks)}] {task.replace('_', ' ')}", _task_work(run, task))
         TASK_RUNNERS[task](run, results)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(report.markdown(results))
+    run.save(results)
     if cfg.plots:
         run.clock.stage("plots", run.work["plots"])
         names = store.categories[cfg.label]
@@ -242,5 +315,5 @@ def _evaluate(cfg: EvalConfig, store: CellStore, out: Path) -> dict:
         results["plots"] = report.plots(results, {r: v["test"] for r, v in run.z.items()}, run.y["test"], names,
                                         batches, out / "plots", cfg.seed,
                                         batch_names=store.categories.get(cfg.batch))
-        (out / "results.json").write_text(json.dumps(results, indent=1))
+        run.save(results)
     return results
