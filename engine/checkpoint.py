@@ -201,6 +201,35 @@ def _is_pickle(path: Path) -> bool:
     return head[:2] == b"PK" or head[:1] == b"\x80"  # torch's zip format, or a bare pickle
 
 
+METADATA_KEYS = {"format", "format_version", "config", "gene_ids", "gene_names", "trained", "classes"}
+METADATA_BYTES = 16 << 20  # per value: gene lists of ~60,000 ids are ~1.5 MB
+
+
+def check_metadata(path: Path, meta: dict) -> None:
+    """A model's metadata against what cellssl writes: known keys, sizes in reason, a config whose objective
+    exists. A file that fails is one line naming the field, never a crash later."""
+    from .config import ObjectiveConfig
+    from .fields import check_values
+
+    unknown = sorted(set(meta) - METADATA_KEYS)
+    if unknown:
+        raise InputError(path, f"model metadata has unknown field(s) {unknown[:5]}", "pass a model written by cellssl")
+    for key, value in meta.items():
+        if len(value) > METADATA_BYTES:
+            raise InputError(f"{path}: {key}", f"metadata of {len(value):,} bytes (at most {METADATA_BYTES:,})",
+                             "pass a model written by cellssl")
+    try:
+        config = json.loads(meta.get("config", ""))
+        objective = ObjectiveConfig(**config.get("objective", {}))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise InputError(f"{path}: config", f"not a cellssl run config ({str(exc)[:200]})",
+                         "pass a model written by cellssl") from None
+    try:
+        check_values(objective)
+    except InputError as exc:
+        raise InputError(f"{path}: config.objective", exc.problem, "pass a model written by cellssl") from None
+
+
 def load_model(path: str | Path) -> dict:
     """{"config": JSON text, "gene_ids": [...], "gene_names": [...], "trained": {steps, epochs, cells_seen}, "classes":
     [...] (classifiers; both None for models of older cellssl), "state_dict": {name: tensor}} of an exported model."""
@@ -223,6 +252,7 @@ def load_model(path: str | Path) -> dict:
     if meta.get("format_version") != MODEL_FORMAT_VERSION:
         raise InputError(path, f"model format_version {meta.get('format_version')!r}; this cellssl reads "
                          f"{MODEL_FORMAT_VERSION}", "use the cellssl version that wrote it")
+    check_metadata(path, meta)
     try:
         names = json.loads(meta["gene_names"]) if "gene_names" in meta else None
         trained = json.loads(meta["trained"]) if "trained" in meta else None

@@ -150,9 +150,15 @@ class Trainer:
         with startup.agreed():
             self.objective = objective if objective is not None else build_objective(cfg, self.store)
             self._check_accumulation()
+            if cfg.select == "val_macro_f1" and not hasattr(self.objective, "classifier"):
+                raise InputError("--select val_macro_f1", f"{cfg.objective.name} has no classifier, so no macro F1 "
+                                 "to select by", "use --select val_loss (or last)")
             sampler = BlockShuffleSampler(start, stop, cfg.batch_size, cfg.seed, self.rank, self.world,
                                           accumulation=cfg.gradient_accumulation)
             val_sampler, self.val_note = validation_sampler(self.store, cfg, self.rank, self.world)
+            if val_sampler is None and cfg.select != "last":
+                self.val_note = (f"{self.val_note or 'the store has no validation split'}: --select {cfg.select} "
+                                 "cannot choose, so the last step's model is exported")
         reserve = self._device_reserve()
         resident, self.residence_reason = ("off", "streaming from disk (--resident off)") if cfg.resident == "off" \
             else startup.decide_residence(cfg.resident, self.store, start, stop,
@@ -283,6 +289,8 @@ class Trainer:
             last = self.validator is None or self.validator.select == "last"
             self._check_weights(self.progress.step)
             self._export(out / (checkpoint.MODEL_FILE if last else checkpoint.LAST_MODEL_FILE))
+            if not (out / checkpoint.MODEL_FILE).is_file():  # no validation was ever finite: the last step it is
+                self._export(out / checkpoint.MODEL_FILE)
         return out / checkpoint.MODEL_FILE
 
     def _checkpointer(self, out: Path) -> checkpoint.Checkpointer:

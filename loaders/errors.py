@@ -11,6 +11,10 @@ class InputError(ValueError):
         self.where, self.problem, self.fix = str(where), problem, fix
         super().__init__(f"{where}: {problem}" + (f". Fix: {fix}" if fix else ""))
 
+    def __reduce__(self):
+        """Rebuilt from its three parts: raised in a worker process, it reaches the parent as itself."""
+        return type(self), (self.where, self.problem, self.fix)
+
 
 class CellStoreError(InputError):
     """A store that is missing, corrupt, of another format or version, or inconsistent."""

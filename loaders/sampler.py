@@ -52,10 +52,13 @@ class BlockShuffleSampler:
         if self.stop < self.start:
             raise ValueError(f"empty or inverted cell range [{self.start}, {self.stop})")
         if self.drop_last and self.n_cells and self.steps() == 0:
+            most = self.n_cells // (self.world_size * self.accumulation)
+            fix = (f"use --batch-size {most} or less (or fewer ranks, or less accumulation)" if most else
+                   f"use fewer ranks and less accumulation: their product may be at most {self.n_cells:,}, one cell "
+                   "a rank and micro-batch")
             raise InputError("--batch-size", f"{self.batch_size} × {self.world_size} rank(s) × {self.accumulation} "
                              f"accumulated = {self.global_batch:,} cells a step exceeds the {self.n_cells:,} cells of "
-                             f"this split", f"use --batch-size {self.n_cells // (self.world_size * self.accumulation)}"
-                             " or less (or fewer ranks, or less accumulation)")
+                             "this split", fix)
 
     @property
     def n_cells(self) -> int:

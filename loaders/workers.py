@@ -4,7 +4,9 @@ task's exception reaches the caller as itself, and an interruption stops everyth
 
 Ctrl-C reaches every process of the terminal's group; the workers ignore it and the parent, which turns it (and
 SIGTERM) into KeyboardInterrupt, terminates them: an interrupted conversion ends in one line, its temporary files
-removed by the caller's cleanup, whatever pass it was in. Never imports engine or kernels.
+removed by the caller's cleanup, whatever pass it was in. A parent killed outright (kill -9) takes its workers with
+it: each asks the kernel for SIGKILL when its parent dies (Linux's parent-death signal). A worker that dies is one
+line naming it, never a BrokenProcessPool traceback. Never imports engine or kernels.
 """
 from __future__ import annotations
 
@@ -18,8 +20,22 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _quiet_worker() -> None:
+def _quiet_worker(parent: int | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides, and terminates us
+    _die_with_parent(parent)
+
+
+def _die_with_parent(parent: int | None) -> None:
+    """SIGKILL this process when the process that started it dies (Linux); if it died already, exit now."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent's cleanup still terminates us on any exit but kill -9
+        return
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
 
 
 class Workers:
@@ -33,9 +49,13 @@ class Workers:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
+            from multiprocessing.managers import SyncManager
+
             context = multiprocessing.get_context("spawn")
-            self.manager = context.Manager()
-            self.pool = ProcessPoolExecutor(self.n, mp_context=context, initializer=_quiet_worker)
+            self.manager = SyncManager(ctx=context)
+            self.manager.start(_quiet_worker, (os.getpid(),))
+            self.pool = ProcessPoolExecutor(self.n, mp_context=context, initializer=_quiet_worker,
+                                            initargs=(os.getpid(),))
         return self
 
     def __exit__(self, kind, exc, tb) -> None:
@@ -56,7 +76,16 @@ class Workers:
         while not all(f.done() for f in futures):
             _drain(ticks, tick, timeout=0.2)
         _drain(ticks, tick)
-        return [f.result() for f in futures]  # re-raises a task's exception as itself
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return [f.result() for f in futures]  # re-raises a task's exception as itself
+        except BrokenProcessPool:
+            from .errors import InputError
+
+            raise InputError("conversion worker", "a worker process died (killed, or out of memory)",
+                             "run the conversion again (with fewer --workers if memory is short); nothing partial "
+                             "was kept") from None
 
 
 def _drain(ticks, tick: Callable[[int], None], timeout: float | None = None) -> None:

@@ -326,3 +326,17 @@ def test_resume_of_a_moved_edited_or_changed_run(synthetic_store, tmp_path):
     assert code == 2 and "values_checksum was" in err
     run([sys.executable, "recipes/mae_random.py", *recipe_args(synthetic_store, moved, 6), "--resume"])
     assert losses(moved) == losses(straight)
+
+
+def test_options_the_data_or_objective_cannot_honour_are_refused(synthetic_store, tmp_path):
+    """--select val_macro_f1 without a classifier; a step larger than the split (batch × accumulation × ranks);
+    more ranks than cells gets a fix that makes sense."""
+    from cellssl.loaders.sampler import BlockShuffleSampler
+
+    code, err = recipe(*recipe_args(synthetic_store, tmp_path / "a", 2), "--select", "val_macro_f1")
+    assert code == 2 and "--select val_macro_f1: mae has no classifier" in err
+    code, err = recipe(*recipe_args(synthetic_store, tmp_path / "b", 2), "--batch-size", "32",
+                       "--gradient-accumulation", "1000000")
+    assert code == 2 and "= 32,000,000 cells a step exceeds the 1,200 cells" in err
+    with pytest.raises(InputError, match="use fewer ranks and less accumulation: their product may be at most 1,200"):
+        BlockShuffleSampler(0, 1200, 1, rank=0, world_size=5000)
