@@ -1,5 +1,6 @@
 """The process group a run trains in: defaults for a one-process run, DeepSpeed's init (NCCL on GPUs, gloo on
-CPUs), the one-time build of DeepSpeed's CPU communication op announced before it starts, the timeout of every
+CPUs), the one-time build of DeepSpeed's CPU communication op announced before it starts (several ranks only: a
+one-process run skips it, and the build is cached in TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions), the timeout of every
 collective, and the start-up verdicts all ranks agree on.
 
 `python recipes/X.py` or `cellssl train X` is one process: it gets RANK 0 of WORLD_SIZE 1 and a free port, so
@@ -121,7 +122,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
         os.environ.setdefault(key, value)
     quiet_deepspeed()
     if not torch.distributed.is_initialized():
-        announce_op_build(rank)
+        if world > 1:
+            announce_op_build(rank)
         if world > 1 and rank == 0:
             print(f"cellssl: waiting for {world} ranks at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
                   f"(up to {RENDEZVOUS_SECONDS} s)", file=sys.stderr, flush=True)
@@ -153,6 +155,11 @@ def _init_group(world: int) -> None:
     import deepspeed
 
     where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    if world == 1:  # one process talks to nobody: DeepSpeed's CPU shared-memory op would be built (minutes) for nothing
+        import importlib
+
+        # by module name: the package's attribute `deepspeed.comm.torch` is torch itself
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # "… shm_comm_op built successfully" on every start
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",

@@ -340,3 +340,11 @@ def test_options_the_data_or_objective_cannot_honour_are_refused(synthetic_store
     assert code == 2 and "= 32,000,000 cells a step exceeds the 1,200 cells" in err
     with pytest.raises(InputError, match="use fewer ranks and less accumulation: their product may be at most 1,200"):
         BlockShuffleSampler(0, 1200, 1, rank=0, world_size=5000)
+
+
+def test_a_one_process_run_builds_no_communication_op(synthetic_store, tmp_path):
+    """One process talks to nobody: a fresh extensions cache stays without DeepSpeed's shared-memory comm op."""
+    cache = tmp_path / "extensions"
+    code, err = recipe(*recipe_args(synthetic_store, tmp_path / "r", 1), env={"TORCH_EXTENSIONS_DIR": str(cache)})
+    assert code == 0, err[-2000:]
+    assert not list(cache.rglob("*shm*")) and "building DeepSpeed's CPU communication op" not in err
