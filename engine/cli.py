@@ -99,10 +99,11 @@ def _add_info(sub) -> None:
 
 
 def _add_embed(sub) -> None:
-    p = _command(sub, "embed", "write embeddings of every cell of a store, in its source's cell order and "
-                 "under its cell names (parquet, or obsm of an .h5ad)")
+    p = _command(sub, "embed", "write embeddings of every cell of a store, an .h5ad or a 10x folder, in the source's "
+                 "cell order and under its cell names (parquet, or obsm of an .h5ad), with the model that made them")
     p.add_argument("model", help="a model written by a recipe (model.safetensors), or its run folder")
-    p.add_argument("store", help="a cell store ('default': the embedded synthetic store)")
+    p.add_argument("store", help="a cell store ('default': the embedded synthetic store), an .h5ad or a 10x folder "
+                   "(genes matched to the model's)")
     p.add_argument("out", help="OUT.parquet (cell_id, obs columns, z0…) or OUT.h5ad (obsm['X_cellssl'])")
     p.add_argument("--batch-size", type=_at_least(1), default=8192)
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -187,11 +188,13 @@ def run_upgrade(args) -> None:
 
 
 def run_embed(args) -> None:
-    from .embed import check_output, embed, write_embeddings
+    from .embed import check_output, embed_data, provenance, write_embeddings
 
     check_output(args.out, args.overwrite)
-    embeddings, obs = embed(args.model, default_store() if args.store == "default" else args.store, args.batch_size)
-    write_embeddings(embeddings, obs, args.out)
+    made_by = provenance(args.model)
+    embeddings, obs = embed_data(args.model, default_store() if args.store == "default" else args.store,
+                                 args.batch_size)
+    write_embeddings(embeddings, obs, args.out, made_by)
     print(f"wrote {args.out}: {embeddings.shape[0]:,} cells x {embeddings.shape[1]} dimensions", file=sys.stderr)
 
 

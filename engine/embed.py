@@ -1,10 +1,12 @@
 """Embeddings of cells by a trained model's encoder, in the order and under the names the cells have in their source:
-`cellssl embed MODEL STORE OUT` (a store's cells come back in the order of the file it was converted from, named as
-there) and `cellssl.embed(data, model)` (an AnnData or .h5ad read straight, no store needed). `map_split` runs any
-network over a split's cells in store order (what the evaluators use).
+`cellssl embed MODEL DATA OUT` (DATA a store, whose cells come back in the order of the file it was converted from,
+named as there; or an .h5ad or a 10x folder, read straight) and `cellssl.embed(data, model)` (an AnnData too). The
+written file says which model made it (`provenance`). `map_split` runs any network over a split's cells in store
+order (what the evaluators use).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -99,23 +101,72 @@ def _is_store(data) -> bool:
 
 def _source(data, layer: str):
     from cellssl.loaders.sources import AnnDataSource, H5adSource
+    from cellssl.loaders.sources.tenx import TenxSource
 
+    if isinstance(data, (str, Path)) and Path(data).is_dir():
+        return TenxSource(data)
     if isinstance(data, (str, Path)):
         return H5adSource(data, layer)
     if hasattr(data, "obs_names") and hasattr(data, "X"):
         return AnnDataSource(data, layer)
-    raise InputError(type(data).__name__, "cannot be embedded", "pass an AnnData, an .h5ad path or a cell store")
+    raise InputError(type(data).__name__, "cannot be embedded", "pass an AnnData, an .h5ad path, a 10x folder or a "
+                     "cell store")
+
+
+def source_obs(source) -> pd.DataFrame:
+    """A source's cell table as it is there, indexed by its cell names: an h5ad's own obs (read alone, the matrix
+    left on disk); else the columns the format has (10x: none) as labels."""
+    if Path(source.path).suffix == ".h5ad":
+        import anndata as ad
+
+        obs = ad.read_h5ad(source.path, backed="r").obs.copy()
+        obs.index.name = "cell_id"
+        return obs
+    names = source.cell_names if source.cell_names is not None else np.arange(source.n_cells).astype(str)
+    return pd.DataFrame({name: source.column(name) for name in source.columns()},
+                        index=pd.Index(names, name="cell_id"))
+
+
+def embed_data(model: str | Path, data: str | Path, batch_size: int = 8192) -> tuple[np.ndarray, pd.DataFrame]:
+    """(embeddings, obs indexed by cell name) of a store, an .h5ad or a 10x folder, in the source's cell order."""
+    if _is_store(data):
+        return embed(model, data, batch_size)
+    source = _source(data, "auto")
+    return embed_cells(source, model, batch_size), source_obs(source)
+
+
+def provenance(model: str | Path) -> dict[str, str]:
+    """What made an embedding: the model file and its checksum, the run, its experiment and steps, the checksum of
+    its gene space, and this cellssl's version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    saved = load_model(model)
+    path = Path(saved["path"]).resolve()
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    cfg = TrainConfig.from_dict(json.loads(saved["config"]))
+    try:
+        ours = version("cellssl")
+    except PackageNotFoundError:  # pragma: no cover - a source tree never installed
+        ours = "unknown"
+    return {"model": str(path), "model_sha256": digest.hexdigest(), "run": str(path.parent),
+            "objective": cfg.objective.name, "mask": str(cfg.objective.mask), "steps": str((saved["trained"] or {})
+                                                                                      .get("steps", "unknown")),
+            "genes_sha256": hashlib.sha256("\n".join(saved["gene_ids"]).encode()).hexdigest(),
+            "cellssl_version": ours}
 
 
 @torch.no_grad()
 def embed_cells(data, model: str | Path, batch_size: int = 8192, layer: str = "auto") -> np.ndarray:
-    """cellssl.embed: see its docstring (api/__init__.py)."""
+    """cellssl.embed: see its docstring (api/__init__.py). `data` may also be a loaders Source."""
     if _is_store(data):
         return embed(model, data.path if isinstance(data, CellStore) else data, batch_size)[0]
     saved = load_model(model)
     encoder, gene_ids = load_encoder(model)
     encoder.to(device())
-    source = _source(data, layer)
+    source = data if hasattr(data, "chunks") and hasattr(data, "genes") else _source(data, layer)
     target = GeneSpace.from_lists(gene_ids, saved.get("gene_names"))
     alignment = align_genes(source.genes, target, source.describe())
     print(f"cellssl.embed: {source.describe()}: {alignment.report()}", file=sys.stderr)
@@ -151,21 +202,31 @@ def check_output(path: str | Path, overwrite: bool = False) -> None:
         raise InputError(path, "is a folder", "name a file OUT.parquet or OUT.h5ad")
 
 
-def write_embeddings(embeddings: np.ndarray, obs: pd.DataFrame, path: str | Path) -> None:
-    """h5ad: obs (indexed by cell name) and obsm["X_cellssl"]; parquet: cell_id, the obs columns, z0…; written under
-    a temporary name and renamed, so an interrupted write leaves no half file."""
+def write_embeddings(embeddings: np.ndarray, obs: pd.DataFrame, path: str | Path,
+                     made_by: dict[str, str] | None = None) -> None:
+    """h5ad: obs (indexed by cell name), obsm["X_cellssl"] and uns["cellssl"] (`made_by`: provenance); parquet:
+    cell_id, the obs columns, z0… and `made_by` as the file's metadata under b"cellssl"; written under a temporary
+    name and renamed, so an interrupted write leaves no half file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         if path.suffix == ".h5ad":
             import anndata as ad
 
-            ad.AnnData(obs=obs, obsm={"X_cellssl": embeddings}).write_h5ad(tmp)
+            ad.AnnData(obs=obs, obsm={"X_cellssl": embeddings},
+                       uns={"cellssl": made_by} if made_by else None).write_h5ad(tmp)
         else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
             frame = obs.reset_index()
             frame = pd.concat([frame, pd.DataFrame(embeddings, columns=[f"z{j}" for j in range(embeddings.shape[1])])],
                               axis=1)
-            frame.to_parquet(tmp)
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if made_by:
+                table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                                       b"cellssl": json.dumps(made_by).encode()})
+            pq.write_table(table, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -81,3 +81,30 @@ def test_python_embed_reads_anndata_h5ad_and_stores_in_their_own_order(converted
     shuffled = shuffled[:, np.random.default_rng(1).permutation(shuffled.n_vars)].copy()
     np.testing.assert_allclose(cellssl.embed(shuffled, model), direct(shuffled[:, adata.var_names], model),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_cellssl_embed_reads_an_h5ad_and_a_10x_folder_and_names_its_model(converted, tmp_path, counts):
+    """`cellssl embed RUN cells.h5ad out.h5ad` works like the store form: the source's obs and names, the embedding
+    in obsm, and in uns the model that made it (path, checksum, objective, steps, gene space, version)."""
+    import hashlib
+    import json
+
+    import pyarrow.parquet as pq
+    from conftest import write_10x
+
+    root, adata, _ = converted
+    model = root / "model.safetensors"
+    assert main(["embed", str(model), str(root / "src.h5ad"), str(tmp_path / "h.h5ad")]) == 0
+    emb = ad.read_h5ad(tmp_path / "h.h5ad")
+    assert list(emb.obs_names) == list(adata.obs_names)
+    assert list(emb.obs["cell_type"]) == list(adata.obs["cell_type"])
+    np.testing.assert_allclose(emb.obsm["X_cellssl"], direct(adata, model), rtol=1e-4, atol=1e-5)
+    made = emb.uns["cellssl"]
+    assert made["model_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert made["objective"] == "mae" and made["cellssl_version"] and len(made["genes_sha256"]) == 64
+    folder = write_10x(tmp_path / "tenx", counts, n_antibody=0)
+    assert main(["embed", str(model), str(folder), str(tmp_path / "t.parquet")]) == 0
+    frame = pd.read_parquet(tmp_path / "t.parquet")
+    assert len(frame) == counts.shape[0] and frame["cell_id"].iloc[0] == "bc0-1"
+    meta = json.loads(pq.read_schema(tmp_path / "t.parquet").metadata[b"cellssl"])
+    assert meta["model_sha256"] == made["model_sha256"]
