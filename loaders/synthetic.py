@@ -176,21 +176,27 @@ class SyntheticAtlas:
     def protein_names(self) -> list[str]:
         return [f"protein_{self.genes.gene_name[g]}" for g in self.protein_genes]
 
-    def write_truth(self, folder: Path) -> None:
-        """tf_targets.gmt (planted TF → targets), programmes.gmt (what shaped each type), cell_types.tsv, proteins.tsv."""
-        folder.mkdir(parents=True, exist_ok=True)
+    def truth_files(self) -> dict[str, str]:
+        """tf_targets.gmt (planted TF → targets), programmes.gmt (what shaped each type), cell_types.tsv, proteins.tsv
+        and config.json, as file name → text."""
         ids = self.genes.gene_id
-        with open(folder / "tf_targets.gmt", "w") as fh:
-            for tf, targets in zip(self.tfs, self.tf_targets):
-                fh.write("\t".join([f"{self.genes.gene_name[tf]}_targets", ids[tf], *ids[targets]]) + "\n")
-        with open(folder / "programmes.gmt", "w") as fh:
-            for k, (role, cols) in enumerate(self.programme_sets):
-                fh.write("\t".join([f"planted_{k}", role, *ids[cols]]) + "\n")
-        (folder / "cell_types.tsv").write_text("cell_type\tlineage\tfrequency\n" + "".join(
-            f"{t}\t{LINEAGES[li]}\t{f:.6f}\n" for t, li, f in zip(self.type_names, self.type_lineage, self.type_freq)))
-        (folder / "proteins.tsv").write_text("protein\tgene_id\tgene_name\n" + "".join(
-            f"{p}\t{ids[g]}\t{self.genes.gene_name[g]}\n" for p, g in zip(self.protein_names(), self.protein_genes)))
-        (folder / "config.json").write_text(json.dumps(self.config.__dict__, indent=1))
+        return {
+            "tf_targets.gmt": "".join("\t".join([f"{self.genes.gene_name[tf]}_targets", ids[tf], *ids[targets]]) + "\n"
+                                      for tf, targets in zip(self.tfs, self.tf_targets)),
+            "programmes.gmt": "".join("\t".join([f"planted_{k}", role, *ids[cols]]) + "\n"
+                                      for k, (role, cols) in enumerate(self.programme_sets)),
+            "cell_types.tsv": "cell_type\tlineage\tfrequency\n" + "".join(
+                f"{t}\t{LINEAGES[li]}\t{f:.6f}\n" for t, li, f in zip(self.type_names, self.type_lineage,
+                                                                    self.type_freq)),
+            "proteins.tsv": "protein\tgene_id\tgene_name\n" + "".join(
+                f"{p}\t{ids[g]}\t{self.genes.gene_name[g]}\n" for p, g in zip(self.protein_names(), self.protein_genes)),
+            "config.json": json.dumps(self.config.__dict__, indent=1)}
+
+    def write_truth(self, folder: Path) -> None:
+        """The truth files (truth_files) into `folder`."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in self.truth_files().items():
+            (folder / name).write_text(text)
 
 
 def sample_nb(rng, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

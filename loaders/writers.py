@@ -28,7 +28,8 @@ def _split_of(rng_seed: int, n: int, val_frac: float, test_frac: float) -> np.nd
 
 
 def write_h5ad(atlas: SyntheticAtlas, n_cells: int, path: Path, val_frac=0.1, test_frac=0.1, progress=True) -> None:
-    """Counts in a CSR X appended chunk by chunk; obs categoricals (with a `split` column); proteins in obsm."""
+    """Counts in a CSR X appended chunk by chunk; obs categoricals (with a `split` column); proteins in obsm; the
+    planted truth in uns["synthetic_truth"] (file name → text, as the other forms write it beside the data)."""
     cats = atlas.categories()
     codes = {k: [] for k in ("cell_type", "lineage", "dataset_id", "donor_id", "assay")}
     proteins = []
@@ -54,7 +55,8 @@ def write_h5ad(atlas: SyntheticAtlas, n_cells: int, path: Path, val_frac=0.1, te
         write_elem(f, "obs", frame)
         write_elem(f, "var", atlas.genes.to_frame().set_index("gene_id", drop=False).rename_axis(None))
         write_elem(f, "obsm", {"protein": np.concatenate(proteins)})
-        write_elem(f, "uns", {"protein_names": np.array(atlas.protein_names(), dtype=object)})
+        write_elem(f, "uns", {"protein_names": np.array(atlas.protein_names(), dtype=object),
+                              "synthetic_truth": atlas.truth_files()})  # what the store form keeps in synthetic_truth/
         for key in ("layers", "varm", "obsp", "varp"):
             write_elem(f, key, {})
         f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"

@@ -103,3 +103,15 @@ def test_default_store_built_once(tmp_path, monkeypatch):
     assert path.parent == tmp_path and CellStore(path).n_cells == 400
     mtime = (path / "zarr.json").stat().st_mtime
     assert default_store(progress=False) == path and (path / "zarr.json").stat().st_mtime == mtime
+
+
+def test_the_h5ad_form_carries_the_planted_truth(tmp_path, synthetic_store):
+    import anndata as ad
+
+    from cellssl.loaders.synth import synth
+
+    path = synth(tmp_path / "a.h5ad", 200, "h5ad", progress=False)
+    truth = ad.read_h5ad(path, backed="r").uns["synthetic_truth"]
+    stored = synthetic_store / "synthetic_truth"
+    assert set(truth) == {p.name for p in stored.iterdir()}
+    assert truth["tf_targets.gmt"] == (stored / "tf_targets.gmt").read_text()
