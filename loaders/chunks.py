@@ -43,6 +43,18 @@ def _decoder(codecs: list[dict], dtype: np.dtype):
     return codec, checksum
 
 
+def check_chunk_keys(array_dir: Path, meta: dict | None = None) -> None:
+    """The array's chunk keys are zarr v3's default ('c/' + index) that cellssl writes and reads; any other encoding
+    (zarr v2's, another separator) would be read from the wrong files, so it is refused."""
+    meta = meta if meta is not None else json.loads((Path(array_dir) / "zarr.json").read_text())
+    keys = meta.get("chunk_key_encoding", {"name": "default"})
+    if not isinstance(keys, dict) or keys.get("name") != "default" or \
+            keys.get("configuration", {}).get("separator", "/") != "/":
+        raise CellStoreError(Path(array_dir) / "zarr.json", f"chunk keys encoded as {keys} (cellssl writes zarr v3's "
+                             "default, 'c/' + index): its chunk files are not where this reader looks; the store is "
+                             "damaged", "reconvert the source with `cellssl convert`, or restore the store from a copy")
+
+
 class ShardedArray:
     """Element ranges of one sharded 1-D array, decoding each needed inner chunk exactly once per call."""
 
@@ -53,6 +65,7 @@ class ShardedArray:
         self.size = int(meta["shape"][0])
         self.fill = meta.get("fill_value", 0)
         self.native = None
+        check_chunk_keys(self.dir, meta)
         codecs = meta.get("codecs", [])
         if len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed":
             conf = codecs[0]["configuration"]

@@ -195,6 +195,10 @@ class CellStore:
             _fail(self.path / "X" / name, "array missing or unreadable")
 
     def _validate_arrays(self) -> None:
+        from .chunks import check_chunk_keys
+
+        for name in ("indptr", "indices", "data"):  # keys where cellssl reads them, or refused before any read
+            check_chunk_keys(self.path / "X" / name)
         indptr, self._indices, self._data = self._array("indptr"), self._array("indices"), self._array("data")
         for arr, allowed in ((self._indices, _INDEX_DTYPES), (self._data, _DATA_DTYPES)):
             if str(arr.dtype) not in allowed:

@@ -201,6 +201,22 @@ def test_an_array_layout_cellssl_does_not_write_is_refused(synthetic_store, tmp_
         ShardedArray(crafted / "X" / "data")
 
 
+def test_zarr_v2_chunk_keys_are_refused_at_open(synthetic_store, tmp_path):
+    """A store whose arrays declare zarr v2's chunk keys is refused when opened (stream, info and embed all open it
+    first), not read through as if its keys were ours."""
+    from cellssl.loaders import CellStore
+
+    crafted = tmp_path / "s.cellstore"
+    shutil.copytree(synthetic_store, crafted)
+    meta_path = crafted / "X" / "indices" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["chunk_key_encoding"] = {"name": "v2", "configuration": {"separator": "/"}}
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CellStoreError, match="chunk keys encoded as .*'v2'"):
+        CellStore(crafted)
+    assert main(["info", str(crafted)]) == 2
+
+
 # --- models and outputs ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_model(synthetic_store, tmp_path_factory):
