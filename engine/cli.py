@@ -226,8 +226,15 @@ def _add_train(sub) -> None:
              "(cellssl train EXPERIMENT --help lists them; several GPUs: deepspeed --module cellssl.train …)")
 
 
+def _add_study(sub) -> None:
+    _command(sub, "study", "the paper's transfer study: SSL pretraining on an auxiliary atlas, fine-tuning on shares "
+             "of a labelled target, against the supervised baseline, over seeds (cellssl study --help lists its "
+             "options; docs/results.md)")
+
+
 COMMANDS = {"convert": (_add_convert, run_convert), "synth": (_add_synth, run_synth), "info": (_add_info, run_info),
-            "train": (_add_train, None), "embed": (_add_embed, run_embed), "eval": (_add_eval, run_eval),
+            "train": (_add_train, None), "study": (_add_study, None), "embed": (_add_embed, run_embed),
+            "eval": (_add_eval, run_eval),
             "plot": (_add_plot, run_plot), "upgrade-model": (_add_upgrade, run_upgrade)}
 
 
@@ -244,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
             from .recipe import run_experiment
 
             run_experiment(argv[1:])
+            return 0
+        if argv[:1] == ["study"]:  # its options are the study config's: its own parser reads them
+            from .transfer import main as study
+
+            study(argv[1:], prog="cellssl study")
             return 0
         args = parser.parse_args(argv)
         COMMANDS[args.command][1](args)

@@ -248,15 +248,16 @@ def run_study(cfg: StudyConfig) -> list[dict]:
     return records
 
 
-def main(argv: list[str] | None = None) -> None:
-    """recipes/transfer_study.py: the study from a command line whose options are StudyConfig's; writes summary.md
-    naming the stores it read. A bad option or input is one line, no traceback."""
+def main(argv: list[str] | None = None, prog: str = "transfer_study.py") -> None:
+    """`cellssl study`, `python -m cellssl.engine.transfer` and recipes/transfer_study.py: the study from a command
+    line whose options are StudyConfig's; writes summary.md naming the stores it read. A bad option or input is one
+    line, no traceback."""
     import sys
 
     from .options import OneLineParser, add_options, apply
     from .study_stats import summary
 
-    parser = OneLineParser(prog="transfer_study.py", description="The paper's transfer "
+    parser = OneLineParser(prog=prog, description="The paper's transfer "
                             "study: SSL pretraining on an auxiliary atlas, fine-tuning on labelled shares of a target, "
                             "against the supervised baseline, over seeds.", allow_abbrev=False)
     paths = add_options(parser, StudyConfig())
@@ -270,3 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     table = f"{stores}\n\n" + summary(records, cfg.margin)
     (Path(cfg.out) / "summary.md").write_text(table)
     print(table)
+
+
+if __name__ == "__main__":
+    main(prog="python -m cellssl.engine.transfer")

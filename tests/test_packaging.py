@@ -66,6 +66,7 @@ def test_the_wheel_alone_runs_the_whole_flow(tmp_path):
             "--tasks", "cell_type", "--no-baselines", "--no-plots")
     results = __import__("json").loads((work / "ev" / "results.json").read_text())
     assert "finetune" in results["cell_type"]["run"]
+    assert "--label-shares" in cellssl("study", "--help").stdout  # the transfer study needs no checkout
 
 
 def test_no_top_level_engine_kernels_or_loaders_importable(tmp_path):
