@@ -178,20 +178,27 @@ def plots(results: dict, embeddings: dict[str, np.ndarray], labels: np.ndarray, 
         fig.savefig(path, dpi=110, bbox_inches="tight")  # the legends beside the axes included
         plt.close(fig)
         written.append(str(path))
-    per_class = {f"{name} ({how})": values for name, (how, values) in per_class_scores(results).items()}
-    if per_class:
-        classes = sorted({c for scores in per_class.values() for c in scores}, key=label_names.index)
-        fig, ax = plt.subplots(figsize=(max(8, 0.3 * len(classes) * len(per_class) ** 0.5), 5.5))
-        width = 0.8 / len(per_class)
-        for i, (name, scores) in enumerate(per_class.items()):
-            ax.bar(np.arange(len(classes)) + i * width, [scores.get(c, 0.0) for c in classes], width, label=name)
-        ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=60, ha="right", fontsize=8)
-        ax.set(ylabel="F1 (test)", ylim=(0, 1.05), title="per-class F1 on the test split")
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    groups: dict[str, dict[str, dict]] = {}  # fine-tuned networks and frozen-embedding probes: separate panels
+    for name, (how, values) in per_class_scores(results).items():
+        groups.setdefault(how, {})[name] = values
+    if groups:
+        classes = sorted({c for group in groups.values() for scores in group.values() for c in scores},
+                         key=label_names.index)
+        most = max(len(group) for group in groups.values())
+        fig, axes = plt.subplots(len(groups), 1, figsize=(max(8, 0.3 * len(classes) * most ** 0.5), 4.5 * len(groups)),
+                                 squeeze=False)
+        for ax, (how, group) in zip(axes[:, 0], sorted(groups.items())):
+            width = 0.8 / len(group)
+            for i, (name, scores) in enumerate(group.items()):
+                ax.bar(np.arange(len(classes)) + i * width, [scores.get(c, 0.0) for c in classes], width, label=name)
+            ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=60, ha="right", fontsize=8)
+            what = {"fine-tuned": "fine-tuned networks", "linear probe": "linear probes on the frozen embeddings"}
+            ax.set(ylabel="F1 (test)", ylim=(0, 1.05), title=f"per-class F1 on the test split: {what.get(how, how)}")
+            ax.grid(axis="y", alpha=0.3)
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         fig.tight_layout()
         path = folder / "per_class_f1.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")  # the legends beside the axes included
         plt.close(fig)
         written.append(str(path))
     return written
