@@ -6,6 +6,7 @@ objective one after another (tests/multirank.py), so the whole comparison costs 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -124,7 +125,8 @@ def test_a_checkpoint_resumes_on_any_number_of_ranks(runs, straight, synthetic_s
 def test_another_global_batch_is_refused_on_resume(runs, synthetic_store):
     target = runs / "resume-other-batch"
     shutil.copytree(runs / "two" / PRE, target / PRE)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     done = subprocess.run([sys.executable, "tests/multirank.py", str(synthetic_store), str(target), "32", "1", "6",
-                           f"{PRE}:--resume"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+                           f"{PRE}:--resume"], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert done.returncode == 2 and "global_batch=64, this launch 32" in done.stderr
     assert "Traceback" not in done.stderr
