@@ -2,9 +2,11 @@
 store row) and the global BatchNorm (moments summed explicitly so they can be all-reduced), against torch's
 nn.Dropout and nn.BatchNorm1d in the same networks, per objective, through the Trainer's own `train_step`.
 
-In one process the all-reduces are skipped, so this times the layers' own work; the bytes they all-reduce per step
-on several ranks are printed beside it (the gradients' all-reduce, which DeepSpeed does either way, for scale).
-Usage: python bench/global_batch.py [--steps 3] [--batch-size 8192] [--data STORE] [--only byol,...]
+In one process the global statistics are the local ones and torch's fused layers compute them; `--as-ranks` makes the
+layers take their several-rank path (moments summed and all-reduced, here over a group of one), which times the work
+a rank does beyond torch's layers on a real launch. The bytes they all-reduce per step on several ranks are printed
+beside (the gradients' all-reduce, which DeepSpeed does either way, for scale).
+Usage: python bench/global_batch.py [--steps 3] [--batch-size 8192] [--data STORE] [--only byol,...] [--as-ranks]
 """
 from __future__ import annotations
 
@@ -57,7 +59,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8192)
     parser.add_argument("--data", default=None)
     parser.add_argument("--only", default=None)
+    parser.add_argument("--as-ranks", action="store_true", help="the layers' several-rank path")
     args = parser.parse_args()
+    if args.as_ranks:
+        from cellssl.engine import collective, models
+
+        collective.world_size = models.world_size = lambda: 2  # the path of a launch; the group is this process
     data = str(args.data or default_store())
     store = CellStore(data)
     print(f"{store.path.name}: batch {args.batch_size} x {store.n_genes} genes, {args.steps} timed steps after one, "

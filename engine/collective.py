@@ -55,12 +55,14 @@ def mean_over_ranks(values: dict[str, float], device: torch.device | str = "cpu"
 
 def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean, biased variance, count) of each column over the global batch, differentiable; float32 whatever the
-    input's dtype (autocast leaves normalisation in float32 too)."""
+    input's dtype (autocast leaves normalisation in float32 too). Each rank's moments come from one fused pass
+    (var_mean), are turned into sums, all-reduced, and turned back."""
     x = x.float()
-    local = torch.cat([x.sum(0), x.square().sum(0), x.new_tensor([x.shape[0]])])
-    total = global_sum(local)
+    n = x.new_tensor([float(x.shape[0])])
+    var, mean = torch.var_mean(x, 0, correction=0) if x.shape[0] else (torch.zeros_like(x[0]), torch.zeros_like(x[0]))
+    total = global_sum(torch.cat([mean * n, (var + mean.square()) * n, n]))
     width = x.shape[1]
-    n = total[-1]
-    mean = total[:width] / n
-    var = (total[width:2 * width] / n - mean.square()).clamp(min=0.0)
-    return mean, var, n
+    count = total[-1]
+    mean = total[:width] / count
+    var = (total[width:2 * width] / count - mean.square()).clamp(min=0.0)
+    return mean, var, count

@@ -8,8 +8,8 @@ nothing of DeepSpeed, objectives or data.
 
 Two layers differ from torch's so that a run is the same experiment on any number of ranks: `CellDropout` draws its
 mask from the cell (its global store row, set for a forward pass by `cell_draws`) instead of the process's RNG, and
-`GlobalBatchNorm` normalises with the statistics of the global batch (engine/collective.py; torch's SyncBatchNorm
-runs on GPUs only, these on gloo too).
+`GlobalBatchNorm` normalises with the statistics of the global batch (torch's SyncBatchNorm on GPUs; on gloo, where
+it refuses to run, the moments are summed across ranks by engine/collective.py).
 """
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ import zlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cellssl import kernels
 
-from .collective import batch_moments
+from .collective import batch_moments, world_size
 from .fields import at_least, dropout, opt, widths
 
 # (seed, step, cells) of the forward pass under way: what CellDropout keys its masks by
@@ -66,12 +67,14 @@ def number_dropouts(module: nn.Module) -> None:
             m.stream = 16 + zlib.crc32(name.encode())
 
 
-class GlobalBatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d over the global batch: in training the mean and variance are all ranks' (differentiable), the
-    running statistics move identically on every rank; in evaluation the running statistics, as torch's."""
+class GlobalBatchNorm(nn.SyncBatchNorm):
+    """BatchNorm1d over the global batch: in training the mean and variance are all ranks' (differentiable), and the
+    running statistics move identically on every rank; in evaluation the running statistics, as torch's. One process:
+    torch's fused BatchNorm; several on GPUs: torch's SyncBatchNorm (NCCL); several on CPUs (gloo, where
+    SyncBatchNorm refuses to run): the moments summed across ranks here."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+        if not self.training or world_size() == 1 or x.is_cuda:
             return super().forward(x)
         mean, var, n = batch_moments(x)
         with torch.no_grad():
@@ -88,6 +91,8 @@ class GlobalBatchNorm(nn.BatchNorm1d):
 def standardise(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Each column to zero mean and unit variance over the global batch (BatchNorm without affine or running
     statistics: Barlow Twins' standardisation)."""
+    if world_size() == 1:
+        return F.batch_norm(z.float(), None, None, training=True, eps=eps)
     mean, var, _ = batch_moments(z)
     return (z.float() - mean) * torch.rsqrt(var + eps)
 

@@ -175,7 +175,9 @@ def _structure(modules, genes: int, classes: int) -> list[tuple]:
 
 
 def _torch_name(m) -> str:
-    return next(c.__name__ for c in type(m).__mro__ if c.__module__.startswith("torch.nn"))
+    """The torch layer ours computes: keyed dropout is Dropout, global BatchNorm a synchronised BatchNorm1d."""
+    name = next(c.__name__ for c in type(m).__mro__ if c.__module__.startswith("torch.nn"))
+    return "BatchNorm1d" if name == "SyncBatchNorm" else name
 
 
 def test_the_registry_classifier_is_the_reference_network(tmp_path):
