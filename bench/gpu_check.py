@@ -8,6 +8,9 @@
    dense batch), and the model FLOPs utilisation against the device's measured bf16 matmul peak;
 4. times batch assembly from a shard resident on the device (`BatchStream(resident="device")`, each batch densified
    where it lies by `kernels.csr_rows_to_dense` with log1p fused): cells/s, and its share of each objective's step;
+5. times the evaluation's exact blocked kNN on the device (engine/evaluate/neighbours.py) on 64-d embeddings
+   (100,000 queries × 1,000,000 references), checked against a brute-force top-k on a sample: pairs/s, from which
+   scTab's test × validation split (~3.4 M × ~2.1 M) can be projected;
 
 and writes everything as one JSON (`--out`, default $OUT/gpu_check.json when $OUT is set, else
 bench/gpu_check.json). `--smoke` runs the same code on CPU at toy sizes (Triton through its interpreter): the test
@@ -30,6 +33,7 @@ import time  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from cellssl import kernels  # noqa: E402
@@ -162,6 +166,25 @@ def resident_assembly(device, store_path: str, batch: int, batches: int) -> dict
             "shard_gb": (shard.indptr.nbytes + shard.indices.nbytes + shard.data.nbytes) / 1e9}
 
 
+def knn_throughput(device, queries: int, references: int) -> dict:
+    """Exact blocked kNN (k = 6: the paper's 5 plus the dropped first) of random 64-d embeddings on the device."""
+    from cellssl.engine.evaluate.neighbours import nearest
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((references, 64)).astype(np.float32)
+    query = rng.standard_normal((queries, 64)).astype(np.float32)
+    sync(device)
+    started = time.perf_counter()
+    found = nearest(ref, query, 6, device=device)
+    sync(device)
+    seconds = time.perf_counter() - started
+    sample = torch.from_numpy(query[:100]).double()
+    brute = torch.cdist(sample, torch.from_numpy(ref).double()).topk(6, largest=False).values
+    ours = torch.from_numpy(np.linalg.norm(ref[found[:100]] - query[:100, None].astype(np.float64), axis=2))
+    return {"queries": queries, "references": references, "seconds": seconds,
+            "pairs_per_s": queries * references / seconds, "matches_brute_force": bool(torch.allclose(ours, brute))}
+
+
 def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -205,6 +228,7 @@ def main() -> None:
         report["resident_assembly"] = assembly = resident_assembly(device, store_path, batch, 4 * args.steps)
         for row in report["objectives"]:  # the step's time that goes to assembling its batch
             row["assembly_share_of_step"] = row["cells_per_s"] / assembly["cells_per_s"]
+    report["knn"] = knn_throughput(device, *((200, 1000) if args.smoke else (100_000, 1_000_000)))
     report["seconds"] = time.perf_counter() - t0
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

@@ -74,7 +74,9 @@ class GlobalBatchNorm(nn.SyncBatchNorm):
     SyncBatchNorm refuses to run): the moments summed across ranks here."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or world_size() == 1 or x.is_cuda:
+        if not self.training or world_size() == 1:  # (SyncBatchNorm's own fallback refuses CPU tensors first)
+            return nn.modules.batchnorm._BatchNorm.forward(self, x)
+        if x.is_cuda:
             return super().forward(x)
         mean, var, n = batch_moments(x)
         with torch.no_grad():
