@@ -364,3 +364,18 @@ def test_a_one_process_run_builds_no_communication_op(synthetic_store, tmp_path)
     code, err = recipe(*recipe_args(synthetic_store, tmp_path / "r", 1), env={"TORCH_EXTENSIONS_DIR": str(cache)})
     assert code == 0, err[-2000:]
     assert not list(cache.rglob("*shm*")) and "building DeepSpeed's CPU communication op" not in err
+
+
+def test_bad_data_found_in_a_worker_process_is_the_same_one_line(tmp_path):
+    """With several worker processes (the default `--workers auto`), a malformed row late in the file is refused with
+    the line one worker gives (file, cell, fix), never a BrokenProcessPool traceback; nothing partial stays."""
+    path = tmp_path / "bad.h5ad"
+    counts = random_counts(n=3000)
+    make_anndata(counts).write_h5ad(path)
+    with h5py.File(path, "r+") as f:
+        f["X/indices"][f["X/indptr"][2700] + 1] = 60
+    for workers in (1, 2):
+        with pytest.raises(InputError, match="gene column 60 outside .* cell 2700") as caught:
+            convert(open_source("h5ad", path), tmp_path / "out", genes="keep", progress=False, workers=workers)
+        assert type(caught.value).__name__ in ("InputError", "CellStoreError")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.h5ad"]

@@ -75,9 +75,10 @@ def check_ranks(out: Path) -> None:
 
 def test_two_ranks_with_the_deepspeed_launcher(synthetic_store, tmp_path):
     out = tmp_path / "two_ranks"
-    run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "recipes/mae_random.py",
-         *recipe_args(synthetic_store, out, 3, "--trace")])
+    done = run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "recipes/mae_random.py",
+                *recipe_args(synthetic_store, out, 3, "--trace")])
     check_ranks(out)
+    assert (done.stdout + done.stderr).count("model: ") == 1  # rank 0 exports, rank 0 says so
 
 
 def test_two_nodes_without_ssh(synthetic_store, tmp_path):
