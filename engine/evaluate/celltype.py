@@ -101,7 +101,8 @@ def finetune(store: CellStore, label: str, out: Path, init: Path | None, steps: 
     cfg = replace(base, data=str(store.path), out=str(out), objective=replace(base.objective, label=label),
                   batch_size=min(batch_size, stop - start), max_steps=steps, seed=seed, precision=precision,
                   init_encoder=str(init) if init else None, log_every=max(1, steps // 10),
-                  val_every=max(1, steps // 10), checkpoint_every=steps, overwrite=True)
+                  val_every=max(1, steps // 10), checkpoint_every=steps, overwrite=True,
+                  resident="off")  # streamed: a few steps must not first read the whole split into memory
     if init is not None:  # the pretrained encoder's widths and norm; the classifier's activation, block and dropout
         model = TrainConfig.from_dict(json.loads(load_model(init)["config"])).model
         cfg = replace(cfg, model=replace(base.model, hidden=model.hidden, latent=model.latent, norm=model.norm))
