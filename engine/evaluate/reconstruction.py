@@ -13,7 +13,7 @@ from .metrics import ExplainedVariance
 
 
 def reconstruction_scores(reconstruct, store: CellStore, split: str = "test", mask_rate: float | None = None,
-                          seed: int = 0, batch_size: int = 4096) -> dict:
+                          seed: int = 0, batch_size: int = 1024) -> dict:
     score = ExplainedVariance(store.n_genes)
     start = store.split(split)[0]
 
