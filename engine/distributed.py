@@ -237,6 +237,6 @@ def lost_rank(exc: BaseException) -> str | None:
     peer = re.search(r"\[([^\]\s]+)\]:\d+", text)
     what = "stalled" if "timed out" in text.lower() else "stopped"
     return (f"rank {torch.distributed.get_rank()} on {host()}: another rank of this launch {what}"
-            + (f" (the one at {peer.group(1)})" if peer else "") + f"; the launch ends here. Fix: look for that "
+            + (f" (the one at {peer.group(1)})" if peer else "") + "; the launch ends here. Fix: look for that "
             "rank's own error (or the node that died), then run the same command with --resume: it continues from "
             "the last complete checkpoint on any number of ranks")

@@ -36,7 +36,7 @@ from .feed import Fed, Feed
 from .flops import flops_per_cell, matmul_peak
 from .runlog import LOG_FILE, RunLog, truncate_log
 from .setup import build_objective
-from .validation import validation_sampler, Validator
+from .validation import Validator, validation_sampler
 
 DEFAULT_DEEPSPEED = Path(__file__).with_name("deepspeed.json")
 

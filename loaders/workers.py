@@ -48,7 +48,6 @@ class Workers:
         if self.n > 1:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
-
             from multiprocessing.managers import SyncManager
 
             context = multiprocessing.get_context("spawn")

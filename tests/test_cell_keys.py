@@ -4,11 +4,10 @@ train like 1 rank × 2B. Each op, each backend (torch reference, CPU path, Trito
 from __future__ import annotations
 
 import torch
+from conftest import block_programmes
 
 from cellssl import kernels
 from cellssl.kernels.nb_augment import nb_noise
-
-from conftest import block_programmes
 
 N, G = 8, 40
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import time
 
-from cellssl.loaders.errors import CellStoreError, InputError
+from cellssl.loaders.errors import CellStoreError
 
 
 def refuse(i, ticks):
