@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             run_experiment(argv[1:])
             return 0
         if argv[:1] == ["study"]:  # its options are the study config's: its own parser reads them
-            from .transfer import main as study
+            from .evaluate.transfer import main as study
 
             study(argv[1:], prog="cellssl study")
             return 0

@@ -27,6 +27,15 @@ _CLASSIFIER = TrainConfig(objective=ObjectiveConfig(name="supervised", class_wei
 # our variant: the SSL encoder's own SELU network (no block after the embedding), kept by validation macro F1
 _CLASSIFIER_SELU = replace(_CLASSIFIER, model=ModelConfig(dropout=0.1), select="val_macro_f1")
 
+# BYOL (reference: trainer/contrastive/train.py with scripts/pretraining/contrastive/BYOL/BYOL.sh): AdamW lr 1e-2,
+# weight decay 1e-5, no scheduler, encoder dropout 0, clipping 1.0; projector on the 256-unit block, 4,096
+# hidden, 256 out; EMA 0.99 (the reference's target never moves: --byol-target frozen); NB noise 0.2 and dropout
+# 0.1, each with p = 0.3 (the script)
+_BYOL = TrainConfig(objective=ObjectiveConfig(name="byol", augment_p=0.3, noise_intensity=0.2,
+                                              dropout_intensity=0.1, ema=0.99),
+                    optimizer="adamw", lr=1e-2, weight_decay=1e-5, scheduler="none", gradient_clipping=1.0,
+                    model=ModelConfig(dropout=0.0), select="val_loss", out="runs/byol")
+
 EXPERIMENTS: dict[str, TrainConfig] = {
     "mae_random": replace(_MAE, objective=ObjectiveConfig(name="mae", mask="random", rate=0.5), out="runs/mae_random"),
     # reference scripts: 50 % of the programmes, drawn once per batch
@@ -42,14 +51,9 @@ EXPERIMENTS: dict[str, TrainConfig] = {
                             model=ModelConfig(dropout=0.05), weight_decay=0.0, batch_size=16384,
                             out="runs/mae_gp_to_tf"),
     "reconstruction": replace(_MAE, objective=ObjectiveConfig(name="reconstruction"), out="runs/reconstruction"),
-    # BYOL (reference: trainer/contrastive/train.py with scripts/pretraining/contrastive/BYOL/BYOL.sh): AdamW lr 1e-2,
-    # weight decay 1e-5, no scheduler, encoder dropout 0, clipping 1.0; projector on the 256-unit block, 4,096
-    # hidden, 256 out; EMA 0.99 (the reference's target never moves: --byol-target frozen); NB noise 0.2 and dropout
-    # 0.1, each with p = 0.3 (the script)
-    "byol": TrainConfig(objective=ObjectiveConfig(name="byol", augment_p=0.3, noise_intensity=0.2,
-                                                  dropout_intensity=0.1, ema=0.99),
-                        optimizer="adamw", lr=1e-2, weight_decay=1e-5, scheduler="none", gradient_clipping=1.0,
-                        model=ModelConfig(dropout=0.0), select="val_loss", out="runs/byol"),
+    "byol": _BYOL,
+    # BYOL as the reference's code runs it: its EMA update is never called, so the target stays at initialisation
+    "byol_frozen": replace(_BYOL, objective=replace(_BYOL.objective, byol_target="frozen"), out="runs/byol_frozen"),
     # Barlow Twins (reference: models/contrastive/bt.py with scripts/pretraining/contrastive/BarlowTwins/BT.sh): LARS
     # (momentum 0.9, η 0.001; biases and norms without decay or adaptation), rates 0.2 (weights) and 0.0048 (biases)
     # per 256 cells of the global batch, linear warm-up over 10 epochs then cosine decay to 1/1000 at epoch 1,000

@@ -67,6 +67,7 @@ def test_the_wheel_alone_runs_the_whole_flow(tmp_path):
     results = __import__("json").loads((work / "ev" / "results.json").read_text())
     assert "finetune" in results["cell_type"]["run"]
     assert "--label-shares" in cellssl("study", "--help").stdout  # the transfer study needs no checkout
+    assert "--targets" in cellssl("--help", module="cellssl.engine.evaluate.byol_check").stdout  # nor its check
 
 
 def test_no_top_level_engine_kernels_or_loaders_importable(tmp_path):

@@ -83,23 +83,29 @@ def paper_knn(z_val, y_val, z_test, y_test, names=None, k: int = 5, children: li
 
 
 def finetune(store: CellStore, label: str, out: Path, init: Path | None, steps: int, batch_size: int = 16384,
-             seed: int = 0, precision: str = "fp32", classifier: str = "reference") -> Path:
+             seed: int = 0, precision: str = "fp32", classifier: str = "reference",
+             lr_step_epochs: int | None = None) -> Path:
     """Fine-tune (or, without `init`, train from scratch) the whole network on the store's train split through the
     engine. `classifier`: "reference" — the reference's network and protocol (EXPERIMENTS["finetune"] from a
     pretrained encoder, ["supervised"] from scratch: ReLU classifier, class-weighted cross-entropy, AdamW lr 9e-4,
     weight decay 0.05, dropout 0 from a pretrained encoder and 0.1 from scratch, the step with the best validation
     loss exported); "selu" — ours (the "_selu" experiments: the encoder's own SELU network, best validation macro
-    F1). The batch is capped at the train split. An unfinished earlier attempt in `out` is started again. Returns
-    the exported model."""
+    F1). The batch is capped at the train split; the kept model is chosen on the whole validation split, however small
+    the batch (the reference validates on all of it). `lr_step_epochs`: the StepLR period, the experiment's if None.
+    An unfinished earlier attempt in `out` is started again. Returns the exported model."""
     from ..experiments import EXPERIMENTS
     from ..trainer import train
 
     if classifier not in ("reference", "selu"):
         raise ValueError(f"classifier must be 'reference' or 'selu', not {classifier!r}")
     start, stop = store.split("train")
+    batch = min(batch_size, stop - start)
+    val = store.split("val")[1] - store.split("val")[0] if "val" in store.splits else 0
     base = EXPERIMENTS[("finetune" if init else "supervised") + ("_selu" if classifier == "selu" else "")]
     cfg = replace(base, data=str(store.path), out=str(out), objective=replace(base.objective, label=label),
-                  batch_size=min(batch_size, stop - start), max_steps=steps, seed=seed, precision=precision,
+                  batch_size=batch, max_steps=steps, seed=seed, precision=precision,
+                  val_batches=max(base.val_batches, -(-val // batch)),
+                  lr_step_epochs=lr_step_epochs or base.lr_step_epochs,
                   init_encoder=str(init) if init else None, log_every=max(1, steps // 10),
                   val_every=max(1, steps // 10), checkpoint_every=steps, overwrite=True,
                   resident="off")  # streamed: a few steps must not first read the whole split into memory

@@ -25,13 +25,13 @@ from cellssl.loaders import CellStore, GeneSpace, InputError
 from cellssl.loaders.subset import subset_store
 from cellssl.loaders.synth import synth
 
-from .checkpoint import MODEL_FILE
-from .evaluate import celltype
-from .evaluate.inputs import labels
-from .evaluate.representations import ModelRepresentation
-from .experiments import EXPERIMENTS, experiment
-from .fields import at_least, opt, positive
-from .runlog import LOG_FILE, read_log
+from ..checkpoint import MODEL_FILE
+from . import celltype
+from .inputs import labels
+from .representations import ModelRepresentation
+from ..experiments import EXPERIMENTS, experiment
+from ..fields import at_least, opt, positive
+from ..runlog import LOG_FILE, read_log
 
 METHODS = ("mae_random", "mae_gene_program", "byol", "barlow_twins")  # experiment-registry names
 AUX_DATASETS = tuple(range(10))
@@ -125,11 +125,13 @@ def steps_per_epoch(store: CellStore, batch_size: int) -> int:
     return max(1, (stop - start) // min(batch_size, stop - start))
 
 
-def pretrain(cfg: StudyConfig, store: CellStore, method: str, seed: int, out: Path, decay_steps: int) -> Path:
-    """SSL pretraining with the method's settings from the experiment registry. StepLR (masked autoencoders) decays
-    every `decay_steps` optimiser steps on any store: counted in epochs, a small target would decay its learning
-    rate far faster than the auxiliary store does. A finished run is reused; an unfinished one restarts."""
-    from .trainer import train
+def pretrain(cfg: StudyConfig, store: CellStore, method: str, seed: int, out: Path, decay_steps: int,
+             **settings) -> Path:
+    """SSL pretraining with the method's settings from the experiment registry (`settings` override them). StepLR
+    (masked autoencoders) decays every `decay_steps` optimiser steps on any store: counted in epochs, a small target
+    would decay its learning rate far faster than the auxiliary store does. A finished run is reused; an unfinished
+    one restarts."""
+    from ..trainer import train
 
     if finished(out, cfg.pretrain_steps):
         return out / MODEL_FILE
@@ -139,7 +141,7 @@ def pretrain(cfg: StudyConfig, store: CellStore, method: str, seed: int, out: Pa
                   batch_size=min(cfg.batch_size, stop - start), max_steps=steps, precision=cfg.precision,
                   lr_step_epochs=max(1, round(decay_steps / steps_per_epoch(store, cfg.batch_size))),
                   log_every=max(1, steps // 20), val_every=max(1, steps // 4), checkpoint_every=steps, overwrite=True)
-    return train(run)
+    return train(replace(run, **settings))
 
 
 def epochs(store: CellStore, steps: int, batch_size: int) -> float:
@@ -168,16 +170,31 @@ def _paper_knn(cfg: StudyConfig, rep: ModelRepresentation, target: CellStore, z:
                               children=target.hierarchy(cfg.label))["macro_f1"]
 
 
-def finetune(cfg: StudyConfig, share: CellStore, target: CellStore, init: Path | None, seed: int, out: Path) -> dict:
-    """Fine-tune on a labelled share; both scores on the target's test split."""
+def finetune(cfg: StudyConfig, share: CellStore, target: CellStore, init: Path | None, seed: int, out: Path,
+             decay_steps: int) -> dict:
+    """Fine-tune on a labelled share, its StepLR decaying every `decay_steps` optimiser steps as pretraining's does
+    (counted in epochs of a share that is one batch, it would decay every 2 steps); both scores on the target's test
+    split, and the step the kept model comes from."""
     model = out / MODEL_FILE
     if not finished(out, cfg.finetune_steps):
         model = celltype.finetune(share, cfg.label, out, init, cfg.finetune_steps, cfg.finetune_batch_size, seed,
-                                  cfg.precision, cfg.classifier)
+                                  cfg.precision, cfg.classifier, lr_step_epochs=max(1, round(
+                                      decay_steps / steps_per_epoch(share, cfg.finetune_batch_size))))
     scores = celltype.finetuned_scores(model, target, cfg.label)
     return {"macro_f1": scores["macro_f1"], "micro_f1": scores["micro_f1"],
             "paper_knn_f1": _paper_knn(cfg, ModelRepresentation(model), target),
-            "finetune_epochs": epochs(share, cfg.finetune_steps, cfg.finetune_batch_size)}
+            "finetune_epochs": epochs(share, cfg.finetune_steps, cfg.finetune_batch_size),
+            "kept_step": (scores["trained"] or {}).get("steps")}
+
+
+def collapse_signs(z: np.ndarray) -> dict:
+    """The signs of a collapsed embedding: its effective rank (exp of the entropy of the centred embedding's
+    normalised singular values; at most its width) and its mean norm."""
+    z = z.astype(np.float64)
+    s = np.linalg.svd(z - z.mean(0), compute_uv=False)
+    p = s[s > 0] / s.sum()
+    return {"effective_rank": float(np.exp(-(p * np.log(p)).sum())),
+            "embedding_norm": float(np.linalg.norm(z, axis=1).mean())}
 
 
 def frozen_scores(cfg: StudyConfig, model: Path, target: CellStore, shares: dict | None = None) -> dict:
@@ -189,7 +206,8 @@ def frozen_scores(cfg: StudyConfig, model: Path, target: CellStore, shares: dict
     y = {s: labels(target, cfg.label, s) for s in ("train", "test")}
     scores = {"probe_macro_f1": celltype.linear_probe(z["train"], y["train"], z["test"], y["test"])["macro_f1"],
               "knn_macro_f1": celltype.knn(z["train"], y["train"], z["test"], y["test"], k=cfg.knn_k)["macro_f1"],
-              "frozen_paper_knn_f1": _paper_knn(cfg, rep, target, z), "probe_f1_by_share": {}}
+              "frozen_paper_knn_f1": _paper_knn(cfg, rep, target, z), **collapse_signs(z["test"]),
+              "probe_f1_by_share": {}}
     names = target.cell_names()[slice(*target.split("train"))]
     for share, labelled in (shares or {}).items():
         keep = np.isin(names, labelled.cell_names()[slice(*labelled.split("train"))])
@@ -210,19 +228,49 @@ def _check(cfg: StudyConfig) -> None:
         labels(target, cfg.label, "train")
 
 
+def share_facts(target: CellStore, labelled: CellStore, label: str) -> dict:
+    """What a share's scores rest on: its labelled cells and their types, the test split's types, and how many of
+    those the validation split (the paper's kNN neighbours, the kept model's judge) holds at most 2 cells of, or
+    none."""
+    y = {s: labels(target, label, s) for s in ("val", "test")}
+    train = labels(labelled, label, "train")
+    test_types = np.unique(y["test"][y["test"] >= 0])
+    val_cells = np.array([(y["val"] == t).sum() for t in test_types])
+    return {"labelled_cells": len(train), "labelled_types": int(len(np.unique(train[train >= 0]))),
+            "val_cells": int((y["val"] >= 0).sum()), "test_cells": int((y["test"] >= 0).sum()),
+            "test_types": int(len(test_types)), "test_types_at_most_2_val_cells": int((val_cells <= 2).sum()),
+            "test_types_without_val_cells": int((val_cells == 0).sum())}
+
+
+def atlas_facts(aux: CellStore, label: str) -> dict:
+    """The auxiliary store as the study read it (the numbers docs/results.md states come from these records)."""
+    obs = aux.obs()
+    facts = {"cells": aux.n_cells, "genes": aux.n_genes, "train_cells": aux.split("train")[1] - aux.split("train")[0],
+             "cell_types": int(obs[label].nunique())}
+    facts.update({f"{c}s": int(obs[c].nunique()) for c in ("dataset_id", "donor_id", "assay") if c in obs})
+    return facts
+
+
 def run_study(cfg: StudyConfig) -> list[dict]:
+    import time
+
     _check(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     aux = aux_store(cfg, out)
     records: list[dict] = []
     decay_steps = 2 * steps_per_epoch(aux, cfg.batch_size)  # the paper's 2 epochs, on the auxiliary store
+    started = time.perf_counter()
+    settings = {name: asdict(experiment(name)) for name in ("supervised", "finetune", *cfg.methods,
+                                                            *cfg.target_methods)}
+    facts = {"auxiliary": atlas_facts(aux, cfg.label), "lr_step_optimiser_steps": decay_steps}
 
     def record(**r):
         records.append(r)
         stores = {"aux": str(aux.path), "target": cfg.target or str(out / "target-seed*.cellstore")}
-        (out / "records.json").write_text(json.dumps({"config": asdict(cfg), "stores": stores, "records": records},
-                                                     indent=1))
+        (out / "records.json").write_text(json.dumps({
+            "config": asdict(cfg), "stores": stores, "facts": facts, "settings": settings, "records": records,
+            "wall_seconds": round(time.perf_counter() - started)}, indent=1))
         print(json.dumps(r), flush=True)
 
     for seed in cfg.seeds:
@@ -237,24 +285,25 @@ def run_study(cfg: StudyConfig) -> list[dict]:
             store, cfg.pretrain_steps, cfg.batch_size), **frozen_scores(cfg, model, target, shares)}
                   for key, (model, store) in models.items()}
         for share, labelled in shares.items():
-            n = labelled.split("train")[1] - labelled.split("train")[0]
-            record(seed=seed, share=share, labelled_cells=n, setting="a", method="supervised",
-                   **finetune(cfg, labelled, target, None, seed, run / f"share{share:g}_supervised"))
+            known = share_facts(target, labelled, cfg.label)
+            record(seed=seed, share=share, **known, setting="a", method="supervised",
+                   **finetune(cfg, labelled, target, None, seed, run / f"share{share:g}_supervised", decay_steps))
             for (setting, method), (model, _) in models.items():
                 kept = {k: v for k, v in frozen[(setting, method)].items() if k != "probe_f1_by_share"}
-                record(seed=seed, share=share, labelled_cells=n, setting=setting, method=method, **kept,
+                record(seed=seed, share=share, **known, setting=setting, method=method, **kept,
                        share_probe_macro_f1=frozen[(setting, method)]["probe_f1_by_share"][share],
-                       **finetune(cfg, labelled, target, model, seed, run / f"share{share:g}_{setting}_{method}"))
+                       **finetune(cfg, labelled, target, model, seed, run / f"share{share:g}_{setting}_{method}",
+                                  decay_steps))
     return records
 
 
 def main(argv: list[str] | None = None, prog: str = "transfer_study.py") -> None:
-    """`cellssl study`, `python -m cellssl.engine.transfer` and recipes/transfer_study.py: the study from a command
+    """`cellssl study`, `python -m cellssl.engine.evaluate.transfer` and recipes/transfer_study.py: the study from a command
     line whose options are StudyConfig's; writes summary.md naming the stores it read. A bad option or input is one
     line, no traceback."""
     import sys
 
-    from .options import OneLineParser, add_options, apply
+    from ..options import OneLineParser, add_options, apply
     from .study_stats import summary
 
     parser = OneLineParser(prog=prog, description="The paper's transfer "
@@ -274,4 +323,4 @@ def main(argv: list[str] | None = None, prog: str = "transfer_study.py") -> None
 
 
 if __name__ == "__main__":
-    main(prog="python -m cellssl.engine.transfer")
+    main(prog="python -m cellssl.engine.evaluate.transfer")
