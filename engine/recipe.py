@@ -9,7 +9,11 @@ from __future__ import annotations
 import os
 import sys
 
-from .experiments import EXPERIMENTS, experiment
+from .procenv import settle_threads
+
+settle_threads()  # before anything loads torch
+
+from .experiments import EXPERIMENTS, experiment  # noqa: E402
 
 
 def run(name: str, argv: list[str] | None = None, prog: str | None = None) -> None:

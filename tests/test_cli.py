@@ -95,9 +95,9 @@ def test_every_options_help_renders():
     import argparse
 
     from cellssl.engine.evaluate.config import EvalConfig
+    from cellssl.engine.evaluate.transfer import StudyConfig
     from cellssl.engine.experiments import EXPERIMENTS
     from cellssl.engine.options import add_options
-    from cellssl.engine.evaluate.transfer import StudyConfig
 
     for config in (*EXPERIMENTS.values(), EvalConfig(), StudyConfig()):
         parser = argparse.ArgumentParser()

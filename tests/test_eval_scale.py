@@ -58,6 +58,8 @@ def test_blocked_knn_finds_what_scikit_learn_finds(block):
     ref[7] = ref[3]  # a tie: the lower index first
     query[0] = ref[3] + 1e-3
     ours = nearest(ref, query, 6, block=block)
+    same, far = nearest(ref, query, 6, block=block, distances=True)
+    assert np.array_equal(same, ours)
     theirs = NearestNeighbors(n_neighbors=6, algorithm="brute").fit(ref).kneighbors(query, return_distance=False)
     # the same neighbours at the same distances; scikit-learn leaves the order of equal distances to argpartition,
     # ours puts the lower index first
@@ -69,3 +71,30 @@ def test_blocked_knn_finds_what_scikit_learn_finds(block):
     assert np.array_equal(vote(labels, ours, 4), expected)
     with pytest.raises(ValueError, match="k must be in"):
         nearest(ref, query, 301)
+    np.testing.assert_allclose(far, dist(ours), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("max_cells", [10**6, 1500])
+def test_blocked_lbfgs_probe_scores_as_scikit_learn_does(max_cells):
+    """The probe without scikit-learn's copies of the train split: the same objective, the same predictions (up to
+    the optimiser's stopping point), in blocks smaller than the split; a subsample where the split is too large."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from cellssl.engine.evaluate.celltype import linear_probe
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((12, 16)) * 0.5
+    y, y_test = rng.integers(0, 12, 3000), rng.integers(0, 12, 1000)
+    y[:5] = 11  # a rare class
+    z = (centres[y] + rng.standard_normal((3000, 16))).astype(np.float32)
+    z_test = (centres[y_test] + rng.standard_normal((1000, 16))).astype(np.float32)
+    z[:, 15] = z_test[:, 15] = 2.0  # a constant column: StandardScaler leaves it unscaled
+    ours = linear_probe(z, y, z_test, y_test, max_cells=max_cells, block=700)
+    assert ours["fitted_on"] == min(3000, max_cells)
+    keep = slice(None) if max_cells > 3000 else np.sort(np.random.default_rng(0).choice(3000, max_cells, False))
+    reference = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(z[keep], y[keep])
+    theirs = f1_score(y_test, reference.predict(z_test), average="macro")
+    assert abs(ours["macro_f1"] - theirs) < 0.01, (ours["macro_f1"], theirs)

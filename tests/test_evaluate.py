@@ -128,6 +128,29 @@ def test_integration_refuses_mismatched_cells():
         scib_scores({"m": np.zeros((10, 4))}, np.zeros(9, int), np.zeros(9, int), np.zeros((9, 4)))
 
 
+def test_integration_neighbours_are_exact_and_never_pynndescent(monkeypatch):
+    """scib-metrics' neighbour graphs (its prepare step and kBET's diffusion-map search) come from our exact kNN:
+    pynndescent's numba compilation took a minute of a small evaluation."""
+    import pynndescent
+
+    from cellssl.engine.evaluate.integration import _exact_neighbours, scib_scores
+
+    def refuse(*a, **k):
+        raise AssertionError("pynndescent was called")
+
+    monkeypatch.setattr(pynndescent, "NNDescent", refuse)
+    monkeypatch.setattr(pynndescent.pynndescent_, "NNDescent", refuse)
+    rng = np.random.default_rng(0)
+    labels, batch = rng.integers(0, 3, 240), rng.integers(0, 2, 240)
+    z = rng.standard_normal((240, 8)) + labels[:, None] * 3.0
+    scores = scib_scores({"m": z}, batch, labels, z, progress=False)["m"]
+    assert 0 <= scores["total"] <= 1 and np.isfinite(scores["kbet"])
+    z[7] = z[3]  # a duplicate: each is still its own first neighbour
+    found = _exact_neighbours(z.astype(np.float32), 5)
+    assert (found.indices[:, 0] == np.arange(240)).all() and (found.distances[:, 0] == 0).all()
+    assert found.indices[7, 1] == 3 and found.indices[3, 1] == 7
+
+
 def test_cellssl_eval_end_to_end(small_store, tmp_path):
     model = tmp_path / "mae"
     run([sys.executable, "recipes/mae_random.py", *recipe_args(small_store, model, 3)])
@@ -237,7 +260,9 @@ def test_partial_results_resume_and_zero_step_budgets(small_store, tmp_path, cap
             "cell_type,reconstruction,cross_modality", "--finetune-steps", "0", "--crossmodal-steps", "0",
             "--no-plots"]
     assert main(args) == 0
-    assert "--finetune-steps 0: no fine-tuning" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "--finetune-steps 0: no fine-tuning" in said
+    assert "--crossmodal-steps 0: cross-modality heads on frozen embeddings only" in said
     first = json.loads((out / "results.json").read_text())
     assert first["missing"] == [] and set(first["representations"]) == {"mae", "PCA"}
     assert "finetune" not in first["cell_type"]["mae"] and "finetuned" not in first["cross_modality"]["mae"]

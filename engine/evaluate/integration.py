@@ -1,7 +1,9 @@
 """Data integration: the scIB batch-correction and bio-conservation metrics and their weighted total
 (0.4 · batch + 0.6 · bio), computed by the community library `scib-metrics` (the `eval` extra), never re-implemented
 here. Embeddings of the same cells are compared side by side; PCA of the expression is the unintegrated
-reference the library's PCR comparison needs."""
+reference the library's PCR comparison needs. Their neighbour graphs are exact (evaluate/neighbours.py, on the device
+when there is one) instead of the library's default approximate pynndescent, whose numba compilation alone took a
+minute of a small evaluation."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,8 +18,59 @@ def available() -> bool:
     return importlib.util.find_spec("scib_metrics") is not None
 
 
+def _compile_cache() -> None:
+    """jax keeps the metrics' compiled programs in CELLSSL_CACHE_DIR/jax (default ~/.cache/cellssl/jax): the second
+    evaluation of a session or environment skips their compilation. A cache it cannot write is skipped silently."""
+    import os
+    from pathlib import Path
+
+    import jax
+
+    root = Path(os.environ.get("CELLSSL_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                / "cellssl")
+    try:
+        (root / "jax").mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(root / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def _exact_neighbours(x: np.ndarray, k: int):
+    """scib-metrics' neighbour results from our exact kNN: each cell's k nearest cells of the same set, itself
+    first at distance 0 (as pynndescent returns them; a duplicate cell of lower index could otherwise come first)."""
+    from scib_metrics.nearest_neighbors import NeighborsResults
+
+    from .neighbours import nearest
+
+    indices, distances = nearest(x, x, min(k, len(x)), distances=True)
+    rows = np.arange(len(x))
+    is_self = indices == rows[:, None]
+    order = np.argsort(~is_self, axis=1, kind="stable")
+    indices, distances = np.take_along_axis(indices, order, 1), np.take_along_axis(distances, order, 1)
+    absent = ~is_self.any(1)
+    indices[absent, 1:], distances[absent, 1:] = indices[absent, :-1], distances[absent, :-1]
+    indices[:, 0], distances[:, 0] = rows, 0.0
+    return NeighborsResults(indices=indices, distances=distances)
+
+
+def _exact_diffusion_neighbours():
+    """kBET per label finds neighbours in a diffusion map through `scib_metrics.nearest_neighbors.pynndescent` and
+    offers no hook; for the call it is our exact kNN instead (exact neighbours, and no minute of numba compilation
+    for a few thousand cells). Where a scib-metrics release moves it, its own search runs."""
+    from unittest import mock
+
+    import scib_metrics.nearest_neighbors as found
+
+    if not hasattr(found, "pynndescent"):
+        import contextlib
+
+        return contextlib.nullcontext()
+    return mock.patch.object(found, "pynndescent", lambda x, n_neighbors, **_: _exact_neighbours(x, n_neighbors))
+
+
 def scib_scores(embeddings: dict[str, np.ndarray], batch: np.ndarray, labels: np.ndarray, unintegrated: np.ndarray,
-                max_cells: int = 10_000, seed: int = 0) -> dict[str, dict]:
+                max_cells: int = 10_000, seed: int = 0, progress: bool = True) -> dict[str, dict]:
     """{embedding name: {metric: value, …, "batch_correction", "bio_conservation", "total"}} on the same cells
     (a seeded subsample of at most `max_cells`; unlabelled cells are left out)."""
     try:
@@ -28,6 +81,8 @@ def scib_scores(embeddings: dict[str, np.ndarray], batch: np.ndarray, labels: np
     import logging
 
     import anndata as ad
+
+    _compile_cache()
 
     logging.getLogger("scib_metrics").setLevel(logging.WARNING)  # one INFO line per small batch otherwise
 
@@ -49,8 +104,10 @@ def scib_scores(embeddings: dict[str, np.ndarray], batch: np.ndarray, labels: np
                              "X_unintegrated": np.ascontiguousarray(unintegrated[keep], np.float32)})
     bench = Benchmarker(adata, "batch", "label", list(embeddings), bio_conservation_metrics=BioConservation(),
                         batch_correction_metrics=BatchCorrection(),
-                        pre_integrated_embedding_obsm_key="X_unintegrated", n_jobs=2, progress_bar=False)
-    bench.benchmark()
+                        pre_integrated_embedding_obsm_key="X_unintegrated", n_jobs=2, progress_bar=progress)
+    bench.prepare(neighbor_computer=_exact_neighbours)
+    with _exact_diffusion_neighbours():
+        bench.benchmark()
     table = bench.get_results(min_max_scale=False)
     table = table.drop(index="Metric Type", errors="ignore")
     out = {}

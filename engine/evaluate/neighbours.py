@@ -14,13 +14,16 @@ from ..embed import device as default_device
 BLOCK = 8192
 
 
-def nearest(reference: np.ndarray, query: np.ndarray, k: int, block: int = BLOCK, device=None) -> np.ndarray:
-    """int64 [len(query), k]: each query row's k nearest reference rows by Euclidean distance, nearest first."""
+def nearest(reference: np.ndarray, query: np.ndarray, k: int, block: int = BLOCK, device=None,
+            distances: bool = False):
+    """int64 [len(query), k]: each query row's k nearest reference rows by Euclidean distance, nearest first; with
+    `distances`, (indices, their Euclidean distances as float64)."""
     if k < 1 or k > len(reference):
         raise ValueError(f"k must be in [1, {len(reference)}] (the reference rows), got {k}")
     dev = torch.device(device) if device is not None else default_device()
     ref = torch.from_numpy(np.ascontiguousarray(reference, np.float64))
     out = np.empty((len(query), k), np.int64)
+    far = np.empty((len(query), k), np.float64) if distances else None
     ref_norms = ref.square().sum(1)
     for a in range(0, len(query), block):
         q = torch.from_numpy(np.ascontiguousarray(query[a:a + block], np.float64)).to(dev)
@@ -35,7 +38,9 @@ def nearest(reference: np.ndarray, query: np.ndarray, k: int, block: int = BLOCK
             order = torch.sort(d, dim=1, stable=True).indices[:, :k]  # equal distances: the earlier, lower index
             best_d, best_i = d.gather(1, order), idx.gather(1, order)
         out[a:a + len(q)] = best_i.cpu().numpy()
-    return out
+        if distances:
+            far[a:a + len(q)] = best_d.sqrt().cpu().numpy()
+    return (out, far) if distances else out
 
 
 def vote(labels: np.ndarray, neighbours: np.ndarray, n_classes: int) -> np.ndarray:

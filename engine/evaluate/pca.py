@@ -55,6 +55,12 @@ def _transposed(x: sp.csr_matrix) -> sp.csr_matrix:
     return sp.csr_matrix((csc.data, csc.indices, csc.indptr), shape=(x.shape[1], x.shape[0]))
 
 
+def _orthonormal(a: np.ndarray) -> np.ndarray:
+    """Q of the reduced QR, through torch's LAPACK (its threads sleep when idle: numpy's OpenBLAS threads spun
+    against another busy process for a second per call on a loaded 2-core machine)."""
+    return torch.linalg.qr(torch.from_numpy(a)).Q.numpy()
+
+
 class StreamedPCA:
     """`fit(store, split)` then `transform(store, split)`; `components_` [k, genes], `mean_`, `explained_variance_`
     and `explained_variance_ratio_` as scikit-learn's PCA names them."""
@@ -82,9 +88,9 @@ class StreamedPCA:
         self.n_, self.mean_ = n, total / n
         self.k = min(self.k, n - 1, g - 1)
         width = min(self.k + self.oversample, g)
-        q = np.linalg.qr(np.random.default_rng(self.seed).standard_normal((g, width)))[0]
+        q = _orthonormal(np.random.default_rng(self.seed).standard_normal((g, width)))
         for _ in range(self.iterations):
-            q = np.linalg.qr(self._covariance_times(store, split, q))[0]
+            q = _orthonormal(self._covariance_times(store, split, q))
         small = q.T @ self._covariance_times(store, split, q)
         values, vectors = np.linalg.eigh((small + small.T) / 2)
         order = np.argsort(values)[::-1][:self.k]

@@ -44,13 +44,18 @@ class Clock:
     compilation) plus a few units a cell. A guide, not a promise: on a GPU training shrinks and they do not."""
 
     def __init__(self, total: float):
-        self.started, self.total, self.done, self.pending = time.perf_counter(), max(total, 1.0), 0.0, 0.0
+        import psutil
+
+        # the wall clock since the command started: imports and start-up count, as the user's watch counts them
+        self.started, self.total, self.done, self.pending = psutil.Process().create_time(), max(total, 1.0), 0.0, 0.0
+        self.begun = time.time()  # the estimate rates only the evaluation's own work
 
     def stage(self, message: str, work: float = 0.0) -> None:
         self.done += self.pending
         self.pending = work
-        elapsed = time.perf_counter() - self.started
-        left = f", about {_clock(elapsed / self.done * max(self.total - self.done, 0))} left" if self.done else ""
+        now = time.time()
+        elapsed, working = now - self.started, now - self.begun
+        left = f", about {_clock(working / self.done * max(self.total - self.done, 0))} left" if self.done else ""
         print(f"cellssl eval: {message} ({_clock(elapsed)} elapsed{left})", file=sys.stderr, flush=True)
 
 
@@ -211,6 +216,8 @@ def cross_modality(run: _Run, results: dict) -> None:
     m = {s: modality(store, columns, s) for s in ("train", "test")}
     if not cfg.crossmodal_steps:
         results["skipped"]["cross_modality_end_to_end"] = "--crossmodal-steps 0: frozen heads only"
+        print("cellssl eval: --crossmodal-steps 0: cross-modality heads on frozen embeddings only, no encoder "
+              "trained", file=sys.stderr)
     for rep in run.reps:
         if rep.name in part:
             continue

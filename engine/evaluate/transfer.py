@@ -26,12 +26,12 @@ from cellssl.loaders.subset import subset_store
 from cellssl.loaders.synth import synth
 
 from ..checkpoint import MODEL_FILE
-from . import celltype
-from .inputs import labels
-from .representations import ModelRepresentation
 from ..experiments import EXPERIMENTS, experiment
 from ..fields import at_least, opt, positive
 from ..runlog import LOG_FILE, read_log
+from . import celltype
+from .inputs import labels
+from .representations import ModelRepresentation
 
 METHODS = ("mae_random", "mae_gene_program", "byol", "barlow_twins")  # experiment-registry names
 AUX_DATASETS = tuple(range(10))
