@@ -103,6 +103,13 @@ def test_pca_baseline_embeds_and_reconstructs(small_store):
     assert z.shape == (split_range(store, "test")[1] - split_range(store, "test")[0], 50)
     ev = reconstruction_scores(pca.reconstructor, store, "test")["variance_weighted"]
     assert 0.0 < ev < 1.0
+    # the reference's form: the mean of per-batch scores; one batch holding the whole split is the split's score
+    start, stop = split_range(store, "test")
+    batches = reconstruction_scores(pca.reconstructor, store, "test", batch_size=(stop - start) // 3 + 1)
+    assert batches["batches"] == 3 and batches["variance_weighted"] == pytest.approx(ev)
+    assert batches["per_batch_mean"] != pytest.approx(ev)
+    whole = reconstruction_scores(pca.reconstructor, store, "test", batch_size=stop - start)
+    assert whole["batches"] == 1 and whole["per_batch_mean"] == pytest.approx(ev)
 
 
 def test_store_inputs_are_checked(small_store):

@@ -52,6 +52,26 @@ def check(root: Path, seeds: list[int], lrs: list[float], targets: list[str], ou
     return records
 
 
+COLUMNS = (("effective_rank", "effective rank (of 64)", 1), ("embedding_norm", "mean norm", 0),
+           ("probe_macro_f1", "linear probe F1", 3), ("knn_macro_f1", "kNN F1 (train)", 3),
+           ("frozen_paper_knn_f1", "paper kNN F1 (frozen)", 3), ("macro_f1", "fine-tuned macro F1", 3))
+
+
+def table(records: list[dict]) -> str:
+    """Markdown: per target network and learning rate, each score's mean [lowest, highest seed]."""
+    import pandas as pd
+
+    from .study_stats import over_seeds
+
+    frame = pd.DataFrame(records)
+    lines = ["| target network | lr | seeds | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+             "|---|---:|---:|" + "---:|" * len(COLUMNS)]
+    for (target, lr), group in frame.groupby(["target", "lr"], sort=False):
+        lines.append(f"| {target} | {lr:g} | {len(group)} | " + " | ".join(
+            over_seeds(group[c], digits) for c, _, digits in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m cellssl.engine.evaluate.byol_check") -> None:
     from ..options import OneLineParser
 

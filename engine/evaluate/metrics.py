@@ -52,6 +52,11 @@ class ExplainedVariance:
             for i, v in enumerate((yc, yc * yc, rc, rc * rc)):
                 self.sums[i] += (w * v).sum(0)
 
+    def add(self, other: "ExplainedVariance") -> None:
+        """Take in another accumulator's cells (of the same features)."""
+        self.n += other.n
+        self.sums += other.sums
+
     def result(self) -> dict:
         if not self.n.any():
             raise ValueError("explained variance: no values were scored")

@@ -56,7 +56,8 @@ def verdict(r: dict) -> str:
     return "inconclusive"
 
 
-def _seeds(values: pd.Series, digits: int = 3) -> str:
+def over_seeds(values: pd.Series, digits: int = 3) -> str:
+    """'mean [lowest, highest]' over seeds, or – where there is no value."""
     v = values.dropna()
     return "–" if v.empty else f"{v.mean():,.{digits}f} [{v.min():,.{digits}f}, {v.max():,.{digits}f}]"
 
@@ -67,7 +68,7 @@ def score_table(frame: pd.DataFrame, score: str, title: str) -> list[str]:
              "| setting | method | " + " | ".join(f"{s:.0%} labelled" for s in shares) + " |",
              "|---|---|" + "---:|" * len(shares)]
     for (setting, method), group in frame.groupby(["setting", "method"], sort=False):
-        cells = [_seeds(group[group.share == s][score]) if score in group else "–" for s in shares]
+        cells = [over_seeds(group[group.share == s][score]) if score in group else "–" for s in shares]
         lines.append(f"| ({setting}) {SETTINGS[setting]} | {method} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -120,8 +121,8 @@ def summary(records: list[dict], margin: float) -> str:
                   "rank | mean norm |", "|---|---|---:|---:|---:|---:|---:|---:|"]
         for (setting, method), group in frozen.groupby(["setting", "method"], sort=False):
             lines.append(f"| ({setting}) {SETTINGS[setting]} | {method} | " + " | ".join(
-                _seeds(group[c]) if c in group else "–" for c in ("frozen_paper_knn_f1", "knn_macro_f1",
+                over_seeds(group[c]) if c in group else "–" for c in ("frozen_paper_knn_f1", "knn_macro_f1",
                                                                    "probe_macro_f1", "masked_fraction")) + " | "
-                + " | ".join(_seeds(group[c], 1) if c in group else "–" for c in ("effective_rank", "embedding_norm"))
+                + " | ".join(over_seeds(group[c], 1) if c in group else "–" for c in ("effective_rank", "embedding_norm"))
                 + " |")
     return "\n".join(lines) + "\n"
