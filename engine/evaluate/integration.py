@@ -19,15 +19,13 @@ def available() -> bool:
 
 
 def _compile_cache() -> None:
-    """jax keeps the metrics' compiled programs in CELLSSL_CACHE_DIR/jax (default ~/.cache/cellssl/jax): the second
-    evaluation of a session or environment skips their compilation. A cache it cannot write is skipped silently."""
-    import os
-    from pathlib import Path
-
+    """jax keeps the metrics' compiled programs in $CELLSSL_CACHE/jax (default ~/.cache/cellssl/jax, beside the
+    default store): a later evaluation skips their compilation. A cache it cannot write is skipped silently."""
     import jax
 
-    root = Path(os.environ.get("CELLSSL_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-                / "cellssl")
+    from cellssl.loaders.synthetic import cache_dir
+
+    root = cache_dir()
     try:
         (root / "jax").mkdir(parents=True, exist_ok=True)
     except OSError:
