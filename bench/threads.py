@@ -1,7 +1,8 @@
-"""OpenMP threads that spin or sleep between parallel regions (OMP_WAIT_POLICY, which every cellssl command line sets
-to PASSIVE unless the user chose): seconds of a small MLP fit (the evaluation's frozen cross-modality head, many tiny
-steps) and of masked-autoencoder training steps (large matrix products), each in a fresh process under each policy,
-on a quiet machine or, with --load, while two busy processes share the cores.
+"""Threads for small and large work: seconds of a small MLP fit (the evaluation's frozen cross-modality head, many
+tiny steps; `frozen` runs it on one thread) and of masked-autoencoder training steps (large matrix products), each
+in a fresh process with torch's default threads (OpenMP threads spin a while between parallel regions), with
+OMP_WAIT_POLICY=PASSIVE (they sleep at once) and on one thread, on a quiet machine or, with --load, while two busy
+processes share the cores.
 Usage: python bench/threads.py [--load] [--repeats 2]"""
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import time
 
 HEAD = """
 import time, numpy as np
-from cellssl.engine.evaluate.crossmodal import frozen
+from cellssl.engine.evaluate.crossmodal import _fit_head
 rng = np.random.default_rng(0)
 z, y = rng.normal(size=(2400, 64)).astype(np.float32), rng.normal(size=(2400, 10)).astype(np.float32)
-t = time.perf_counter(); frozen(z, y, z[:800], y[:800], [str(i) for i in range(10)]); print(time.perf_counter() - t)
+t = time.perf_counter(); _fit_head(z, y, z[:800], y[:800], [str(i) for i in range(10)], 100, 512, 1e-3, 0)
+print(time.perf_counter() - t)
 """
 STEPS = """
 import time, torch
@@ -43,10 +45,12 @@ def _busy(stop) -> None:
         a = np.tanh(a @ a.T / 400)
 
 
-def _seconds(code: str, policy: str | None) -> float:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if policy:
-        env["OMP_WAIT_POLICY"] = policy
+MODES = {"default": {}, "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"}, "1 thread": {"OMP_NUM_THREADS": "1"}}
+
+
+def _seconds(code: str, mode: str) -> float:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    env.update(MODES[mode])
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
 
@@ -62,10 +66,10 @@ def main() -> None:
         hog.start()
     time.sleep(1)
     try:
-        print(f"| {'loaded' if a.load else 'quiet'} machine | OpenMP default (spin) | PASSIVE | ratio |\n|---|---:|---:|---:|")
+        print(f"| {'loaded' if a.load else 'quiet'} machine | " + " | ".join(MODES) + " |\n|---|" + "---:|" * len(MODES))
         for name, code in (("frozen head fit, s", HEAD), ("AE step, 2,048 × 4,000, s", STEPS)):
-            runs = {p: min(_seconds(code, p) for _ in range(a.repeats)) for p in (None, "PASSIVE")}
-            print(f"| {name} | {runs[None]:.2f} | {runs['PASSIVE']:.2f} | {runs[None] / runs['PASSIVE']:.2f} |")
+            runs = [min(_seconds(code, mode) for _ in range(a.repeats)) for mode in MODES]
+            print(f"| {name} | " + " | ".join(f"{r:.2f}" for r in runs) + " |")
     finally:
         stop.set()
         for hog in hogs:

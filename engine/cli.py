@@ -13,17 +13,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .procenv import settle_threads
+from cellssl.loaders import CellStore, InputError
+from cellssl.loaders.convert import convert, open_source
+from cellssl.loaders.store import Layout
+from cellssl.loaders.synth import synth
+from cellssl.loaders.synthetic import default_store
 
-settle_threads()  # before anything loads torch
-
-from cellssl.loaders import CellStore, InputError  # noqa: E402
-from cellssl.loaders.convert import convert, open_source  # noqa: E402
-from cellssl.loaders.store import Layout  # noqa: E402
-from cellssl.loaders.synth import synth  # noqa: E402
-from cellssl.loaders.synthetic import default_store  # noqa: E402
-
-from .evaluate.config import EvalConfig  # noqa: E402
+from .evaluate.config import EvalConfig
 
 
 def _command(sub, name: str, help: str, **kw):

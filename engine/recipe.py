@@ -9,11 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .procenv import settle_threads
-
-settle_threads()  # before anything loads torch
-
-from .experiments import EXPERIMENTS, experiment  # noqa: E402
+from .experiments import EXPERIMENTS, experiment
 
 
 def run(name: str, argv: list[str] | None = None, prog: str | None = None) -> None:

@@ -74,6 +74,23 @@ def test_blocked_knn_finds_what_scikit_learn_finds(block):
     np.testing.assert_allclose(far, dist(ours), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("block,query_block", [(64, 16), (50, 7), (4096, 2048)])
+def test_blocked_knn_keeps_the_lower_index_among_ties_past_the_slack(block, query_block):
+    """Each block is cut to its k + 8 nearest by a selection; where more than that tie at the k-th distance (20
+    duplicate cells), the row is merged whole: the same neighbours as a stable sort of every distance."""
+    from cellssl.engine.evaluate.neighbours import nearest
+
+    rng = np.random.default_rng(1)
+    ref = rng.integers(0, 3, (300, 4)).astype(np.float32)  # few distinct points: ties everywhere
+    ref[100:120] = ref[5]
+    query = np.concatenate([ref[[5, 0, 299]], rng.integers(0, 3, (40, 4)).astype(np.float32)])
+    d = ((query[:, None].astype(np.float64) - ref[None]) ** 2).sum(2)
+    expected = np.argsort(d, axis=1, kind="stable")[:, :6]
+    found, far = nearest(ref, query, 6, block=block, query_block=query_block, distances=True)
+    assert np.array_equal(found, expected)
+    np.testing.assert_allclose(far, np.sqrt(np.take_along_axis(d, expected, 1)), atol=1e-9)
+
+
 @pytest.mark.parametrize("max_cells", [10**6, 1500])
 def test_blocked_lbfgs_probe_scores_as_scikit_learn_does(max_cells):
     """The probe without scikit-learn's copies of the train split: the same objective, the same predictions (up to

@@ -5,6 +5,7 @@ started from a pretrained model, or from scratch: the no-pretraining baseline), 
 has a cell-type hierarchy). Macro F1 is the headline."""
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..objectives import Supervised
 from .inputs import labels
 from .metrics import f1_scores
 from .neighbours import nearest, vote
+from .threads import one_thread
 
 
 def _labelled(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +74,8 @@ def linear_probe(z_train, y_train, z_test, y_test, names=None, seed: int = 0, ma
     optimiser = torch.optim.LBFGS([w, b], lr=1, max_iter=2000, tolerance_grad=1e-5, tolerance_change=1e-12,
                                   history_size=10, line_search_fn="strong_wolfe")
     if len(classes) > 1:
-        optimiser.step(objective)
+        with one_thread() if dev.type == "cpu" else contextlib.nullcontext():
+            optimiser.step(objective)
     with torch.no_grad():
         predicted = np.concatenate([(rows(z_test, a) @ w + b).argmax(1).cpu().numpy()
                                     for a in range(0, len(z_test), block)]) if len(z_test) else np.zeros(0, np.int64)

@@ -15,6 +15,7 @@ from ..embed import device, map_split
 from ..models import MLP
 from .inputs import modality
 from .metrics import pearson
+from .threads import one_thread
 
 
 class _Standardise:
@@ -39,6 +40,11 @@ def frozen(z_train: np.ndarray, y_train: np.ndarray, z_test: np.ndarray, y_test:
         raise ValueError(f"cross-modality: {len(z_train):,}/{len(z_test):,} embeddings but "
                          f"{len(y_train):,}/{len(y_test):,} paired measurements (train/test)")
     torch.manual_seed(seed)
+    with one_thread():
+        return _fit_head(z_train, y_train, z_test, y_test, names, epochs, batch_size, lr, seed)
+
+
+def _fit_head(z_train, y_train, z_test, y_test, names, epochs, batch_size, lr, seed) -> dict:
     zs, ys = _Standardise(z_train), _Standardise(y_train)
     x, y = torch.from_numpy(zs(z_train)).float(), torch.from_numpy(ys(y_train)).float()
     head = head_for(x.shape[1], y.shape[1])

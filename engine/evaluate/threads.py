@@ -1,0 +1,19 @@
+"""Work made of many tiny steps (a small MLP's training, L-BFGS on a probe) runs on one CPU thread: torch's OpenMP
+threads spin between parallel regions, and when another process keeps the cores busy they wait on each other's time
+slices — a frozen head's fit took 45 s on two threads of a loaded 2-core machine, a few on one (bench/README.md,
+"Threads"). Large matrix products (training, embedding) keep every thread."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+@contextlib.contextmanager
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
