@@ -32,6 +32,7 @@ def _cellssl(*args, env: dict, cwd: Path) -> float:
                           text=True)
     if done.returncode:
         raise SystemExit(f"cellssl {' '.join(map(str, args))} failed:\n{done.stderr[-3000:]}")
+    (cwd / f"{args[0]}-{int(started)}.stderr").write_text(done.stderr)  # eval's stage lines: its clock and estimates
     return time.perf_counter() - started
 
 
