@@ -68,18 +68,32 @@ class StreamedPCA:
     def __init__(self, n_components: int = 50, oversample: int = 20, iterations: int = 7, seed: int = 0):
         self.k, self.oversample, self.iterations, self.seed = n_components, oversample, iterations, seed
 
+    def _passes(self, store: CellStore, split: str):
+        """_batches, counted on a progress bar of every pass the fit makes (a large split takes minutes)."""
+        for rows, x in _batches(store, split):
+            yield rows, x
+            self._bar.update(x.shape[0])
+
     def _covariance_times(self, store: CellStore, split: str, q: np.ndarray) -> np.ndarray:
         """(X − 1μᵀ)ᵀ(X − 1μᵀ) Q in one pass."""
         out = np.zeros_like(q)
         q32 = torch.from_numpy(q.astype(np.float32))
-        for _, x in _batches(store, split):
+        for _, x in self._passes(store, split):
             out += gram_times(x, q32)
         return out - self.n_ * np.outer(self.mean_, self.mean_ @ q)
 
-    def fit(self, store: CellStore, split: str = "train") -> "StreamedPCA":
+    def fit(self, store: CellStore, split: str = "train", progress: bool = True) -> "StreamedPCA":
+        from tqdm import tqdm
+
+        start, stop = store.split(split)
+        with tqdm(total=(self.iterations + 2) * (stop - start), desc="PCA passes", unit="cell", unit_scale=True,
+                  disable=not progress, mininterval=2, leave=False) as self._bar:
+            return self._fit(store, split)
+
+    def _fit(self, store: CellStore, split: str) -> "StreamedPCA":
         g = store.n_genes
         total, squares, n = np.zeros(g), np.zeros(g), 0
-        for _, x in _batches(store, split):
+        for _, x in self._passes(store, split):
             total += np.asarray(x.sum(0)).ravel()
             squares += np.asarray(x.multiply(x).sum(0)).ravel()
             n += x.shape[0]

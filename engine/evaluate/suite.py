@@ -50,6 +50,10 @@ class Clock:
         self.started, self.total, self.done, self.pending = psutil.Process().create_time(), max(total, 1.0), 0.0, 0.0
         self.begun = time.time()  # the estimate rates only the evaluation's own work
 
+    def note(self, message: str) -> None:
+        """A line of progress inside a stage, with the clock; the estimate is left as it was."""
+        print(f"cellssl eval: {message} ({_clock(time.time() - self.started)} elapsed)", file=sys.stderr, flush=True)
+
     def stage(self, message: str, work: float = 0.0) -> None:
         self.done += self.pending
         self.pending = work
@@ -171,6 +175,7 @@ def cell_type(run: _Run, results: dict) -> None:
         if rep.name in part:
             continue
         zr = run.z[rep.name]
+        run.clock.note(f"cell type: {rep.name}: linear probe and kNN")
         part[rep.name] = {
             "linear_probe": celltype.linear_probe(zr["train"], y["train"], zr["test"], y["test"], names, cfg.seed),
             "knn": celltype.knn(zr["train"], y["train"], zr["test"], y["test"], names, cfg.knn)}
@@ -194,6 +199,7 @@ def reconstruction(run: _Run, results: dict) -> None:
     for rep in run.reps:
         if (fn := rep.reconstructor) is None or rep.name in part:
             continue
+        run.clock.note(f"reconstruction: {rep.name}")
         part[rep.name] = {"all": reconstruction_scores(fn, run.store, seed=run.cfg.seed)}
         if run.cfg.mask_rate:
             part[rep.name]["masked"] = reconstruction_scores(fn, run.store, mask_rate=run.cfg.mask_rate,
