@@ -68,7 +68,7 @@ def test_the_study_runs_on_given_stores_and_refuses_typos(tmp_path):
     run(args)
     assert f"auxiliary store: {aux}; target: {target}" in (out / "summary.md").read_text()
     done = subprocess.run([*args[:2], "--label-share", "0.5"], capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode != 0 and "unrecognized arguments: --label-share" in done.stderr
+    assert done.returncode == 2 and "unrecognized arguments: --label-share" in done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
 
 
@@ -103,3 +103,16 @@ def test_holm_adjusts_the_family_and_the_summary_says_which_calls_hold():
                  "paper_knn_f1": 0.5 + d / 5} for s, d in enumerate([0.1, 0.12, 0.11, 0.13]) for sh in (0.1, 1.0)]
     table = summary(records, margin=0.02)
     assert "| after Holm |" in table and "| better |" in table and "holds |" in table
+
+
+def test_the_byol_check_refuses_a_missing_study_and_typos_in_one_line(tmp_path, capsys):
+    from cellssl.engine.evaluate.byol_check import main
+
+    for argv, said in (([str(tmp_path / "nowhere")], "records.json: no study records. Fix: run `cellssl study --out DIR`"),
+                       ([str(tmp_path), "--targets", "ema,frozn"], "--targets: unknown target network(s)"),
+                       ([str(tmp_path), "--seeds", "0,a"], "--seeds/--lrs: not a comma-separated list"),
+                       ([str(tmp_path), "--seed", "0"], "unrecognized arguments: --seed")):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and said in err and err.count("\n") == 1, (argv, err)

@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m cellssl.engine.ev
                              "write e.g. --seeds 0,1,2 --lrs 0.01,0.001") from None
         check(a.study, seeds, lrs, targets, a.out)
     except InputError as exc:
-        sys.exit(f"cellssl: error: {exc}")
+        print(f"cellssl: error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ started from a pretrained model, or from scratch: the no-pretraining baseline), 
 has a cell-type hierarchy). Macro F1 is the headline."""
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -74,7 +73,7 @@ def linear_probe(z_train, y_train, z_test, y_test, names=None, seed: int = 0, ma
     optimiser = torch.optim.LBFGS([w, b], lr=1, max_iter=2000, tolerance_grad=1e-5, tolerance_change=1e-12,
                                   history_size=10, line_search_fn="strong_wolfe")
     if len(classes) > 1:
-        with one_thread() if dev.type == "cpu" else contextlib.nullcontext():
+        with one_thread(dev):
             optimiser.step(objective)
     with torch.no_grad():
         predicted = np.concatenate([(rows(z_test, a) @ w + b).argmax(1).cpu().numpy()

@@ -10,7 +10,11 @@ import torch
 
 
 @contextlib.contextmanager
-def one_thread():
+def one_thread(device: torch.device | None = None):
+    """One CPU thread inside the block; nothing changes when the work runs on another device."""
+    if device is not None and device.type != "cpu":
+        yield
+        return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

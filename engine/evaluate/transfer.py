@@ -314,7 +314,8 @@ def main(argv: list[str] | None = None, prog: str = "transfer_study.py") -> None
         cfg = apply(StudyConfig(), parser.parse_args(argv), paths)
         records = run_study(cfg)
     except InputError as exc:
-        sys.exit(f"cellssl: error: {exc}")
+        print(f"cellssl: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     stores = f"auxiliary store: {cfg.aux or Path(cfg.out) / 'auxiliary.cellstore'}; target: " + (
         cfg.target or f"a synthetic draw per seed ({Path(cfg.out)}/target-seed*.cellstore)")
     table = f"{stores}\n\n" + summary(records, cfg.margin)
