@@ -80,8 +80,11 @@ class TrainConfig:
     seed: int = opt(0, "seed of the weights, the data order and every mask and view", check=at_least(0))
     log_every: int = opt(10, "steps between log lines", check=at_least(1))
     val_every: int = opt(200, "steps between validations", check=at_least(1))
-    val_batches: int = opt(4, "validation: this many global batches of the validation split, the same cells and "
-                           "draws each time on any number of ranks", check=at_least(1))
+    val_batches: int = opt(4, "validation: this many global batches of the validation split (0: all of it), the "
+                           "same cells and draws each time on any number of ranks", check=non_negative)
+    val_batch_size: int = opt(0, "cells per rank in each validation pass (0: --batch-size); the cells validated stay "
+                              "--val-batches global batches, only their chunks change (not for objectives whose loss "
+                              "couples the cells of a batch)", check=non_negative)
     select: str = opt("last", "which model a run exports: the last step's, or the one with the best validation loss "
                       "or macro F1 (classifiers)", choices=("last", "val_loss", "val_macro_f1"))
     checkpoint_every: int = opt(500, "steps between checkpoints", check=at_least(1))

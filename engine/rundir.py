@@ -22,9 +22,11 @@ RUN_GLOBS = ("trace-rank*.jsonl", ".model.safetensors.tmp-*", ".model-last.safet
 # model (the same numbers either way), and how the global batch is cut among ranks and micro-batches (the loader's
 # position refuses another global batch, naming it)
 RESUMABLE_FIELDS = ("max_steps", "log_every", "val_every", "checkpoint_every", "resume", "overwrite", "trace",
-                    "monitor", "input", "resident", "batch_size", "gradient_accumulation", "collective_timeout")
-RESUMABLE = ("only --max-steps, the logging, validation and checkpoint cadence, --input, --resident and how the global "
-             "batch is cut (--batch-size × --gradient-accumulation × ranks, the product unchanged) may change")
+                    "monitor", "input", "resident", "batch_size", "gradient_accumulation", "val_batch_size",
+                    "collective_timeout")
+RESUMABLE = ("only --max-steps, the logging, validation and checkpoint cadence, --val-batch-size, --input, --resident "
+             "and how the global batch is cut (--batch-size × --gradient-accumulation × ranks, the product unchanged) "
+             "may change")
 
 
 def holds_run(out: Path) -> bool:

@@ -177,17 +177,22 @@ class Trainer:
         self.progress, self.position = Progress(), LoaderPosition(self.stream)
 
     def _check_accumulation(self) -> None:
-        """Accumulated micro-batches equal one larger batch only where the loss is a sum over cells: an objective
-        whose batch statistics couple its cells would train another experiment, so it is refused."""
+        """Accumulated micro-batches equal one larger batch, and validation chunks of another size score the same,
+        only where the loss is a sum over cells: an objective whose batch statistics couple its cells would train (or
+        validate) another experiment, so it is refused."""
         coupled = getattr(self.objective, "couples_cells", False) or self.cfg.model.norm == "batch"
+        what = "--norm batch" if self.cfg.model.norm == "batch" else self.cfg.objective.name
         if self.cfg.gradient_accumulation > 1 and coupled:
-            what = "--norm batch" if self.cfg.model.norm == "batch" else self.cfg.objective.name
             raise InputError("--gradient-accumulation", f"{self.cfg.gradient_accumulation} with {what}: its batch "
                              "statistics (BatchNorm, the cross-correlation) couple the cells of a batch, so "
                              "accumulated micro-batches would not train like one batch of "
                              f"{self.cfg.batch_size * self.cfg.gradient_accumulation * self.world:,} cells",
                              "use more ranks for the same global batch (statistics span all of them), or "
                              "--gradient-accumulation 1")
+        if self.cfg.val_batch_size not in (0, self.cfg.batch_size) and coupled:
+            raise InputError("--val-batch-size", f"{self.cfg.val_batch_size} with {what}: its batch statistics couple "
+                             "the cells of a batch, so validation in chunks other than the training batch would score "
+                             "another loss", "leave --val-batch-size at 0 (the training batch)")
 
     def _resident_device(self, want: str):
         return self.device if self.device.type == "cuda" or want == "device" else None

@@ -31,20 +31,24 @@ def f1_from_confusion(confusion: torch.Tensor) -> dict:
 
 
 def validation_sampler(store: CellStore, cfg: TrainConfig, rank: int, world: int):
-    """(sampler, note): the first `val_batches` global batches of the validation split (all of it when smaller), in
-    the same batches whatever the ranks, each rank a slice of every batch. Only where the last, shorter batch has
-    fewer cells than there are ranks are those few cells left out (a slice may not be empty). None, and a note saying
-    why, when there is no validation split or fewer cells than ranks."""
+    """(sampler, note): the first `val_batches` global batches of the validation split (all of it when smaller, or
+    when `val_batches` is 0), passed in chunks of `val_batch_size` cells per rank (the micro-batch when 0), the same
+    chunks whatever the ranks, each rank a slice of every chunk. Only where the last, shorter chunk has fewer cells
+    than there are ranks are those few cells left out (a slice may not be empty). None, and a note saying why, when
+    there is no validation split or fewer cells than ranks."""
     if "val" not in store.splits:
         return None, None
     start, stop = store.split("val")
-    micro = cfg.batch_size * world
-    n = min(cfg.val_batches * micro * cfg.gradient_accumulation, stop - start)
-    if 0 < n % micro < world:
-        n -= n % micro
+    per_rank = cfg.val_batch_size or cfg.batch_size
+    chunk = per_rank * world
+    n = stop - start
+    if cfg.val_batches:
+        n = min(cfg.val_batches * cfg.batch_size * world * cfg.gradient_accumulation, n)
+    if 0 < n % chunk < world:
+        n -= n % chunk
     if n == 0:
         return None, f"no validation: the val split's {stop - start} cells cannot be shared by {world} ranks"
-    return BlockShuffleSampler(start, start + n, cfg.batch_size, cfg.seed, rank, world, drop_last=False), None
+    return BlockShuffleSampler(start, start + n, per_rank, cfg.seed, rank, world, drop_last=False), None
 
 
 class Validator:
@@ -72,7 +76,11 @@ class Validator:
         self.stream.set_epoch(0)
         for fed in self.feed(self.stream):
             loss, _ = engine(fed.x, fed.labels, VALIDATION_STEP, fed.source.index)
-            total += torch.tensor([float(loss) * len(fed), len(fed)], dtype=torch.float64, device=device)
+            # weighted by the cells its mean runs over (a classifier's: the labelled ones), so that the score does
+            # not depend on how the cells are chunked
+            counted = int((fed.labels >= 0).sum()) if classes else len(fed)
+            if counted:
+                total += torch.tensor([float(loss) * counted, counted], dtype=torch.float64, device=device)
             if classes:
                 known = fed.labels >= 0
                 pairs = fed.labels[known] * classes + model.logits(fed.x).argmax(1)[known]

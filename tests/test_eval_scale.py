@@ -115,3 +115,61 @@ def test_blocked_lbfgs_probe_scores_as_scikit_learn_does(max_cells):
     reference = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(z[keep], y[keep])
     theirs = f1_score(y_test, reference.predict(z_test), average="macro")
     assert abs(ours["macro_f1"] - theirs) < 0.01, (ours["macro_f1"], theirs)
+
+
+def test_fine_tuning_in_micro_batches_trains_the_one_batch_model(synthetic_store, tmp_path, monkeypatch):
+    """The evaluation's fine-tuning passes its batch in micro-batches (memory follows MICRO_BATCH, not the 16,384-cell
+    batch) and validates the whole validation split in chunks of that size: the same steps, validation losses and
+    weights as one batch and one validation pass."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from cellssl.engine.evaluate import celltype
+
+    store = CellStore(synthetic_store)
+    runs = {}
+    for micro in (4096, 64):
+        monkeypatch.setattr(celltype, "MICRO_BATCH", micro)
+        runs[micro] = celltype.finetune(store, "cell_type", tmp_path / str(micro), None, 3, batch_size=256).parent
+    whole, parts = runs[4096], runs[64]
+    cfg = json.loads((parts / "config.json").read_text())
+    assert (cfg["batch_size"], cfg["gradient_accumulation"], cfg["val_batch_size"], cfg["val_batches"]) == (64, 4, 64, 0)
+    assert json.loads((whole / "config.json").read_text())["gradient_accumulation"] == 1
+
+    def log(run):
+        return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+    def scores(run, key):
+        return [r[key] for r in log(run) if key in r]
+
+    np.testing.assert_allclose(scores(parts, "loss"), scores(whole, "loss"), rtol=1e-5)
+    np.testing.assert_allclose(scores(parts, "val_loss"), scores(whole, "val_loss"), rtol=1e-5)
+    a, b = load_file(str(whole / "model-last.safetensors")), load_file(str(parts / "model-last.safetensors"))
+    for key in a:
+        assert float((a[key] - b[key]).norm() / a[key].norm().clamp(min=1e-12)) < 1e-4, key
+
+
+def test_validation_covers_the_split_in_chunks_of_its_own_size(synthetic_store):
+    """--val-batches 0 validates the whole split; --val-batch-size cuts the same cells into other chunks, each rank a
+    slice of every chunk."""
+    from cellssl.engine.config import TrainConfig
+    from cellssl.engine.validation import validation_sampler
+
+    store = CellStore(synthetic_store)
+    start, stop = store.split("val")
+
+    def cells(world, **kw):
+        cfg = TrainConfig(batch_size=64, **kw)
+        samplers = [validation_sampler(store, cfg, rank, world)[0] for rank in range(world)]
+        return [[rows for _, rows in s.batches(0)] for s in samplers]
+
+    whole = cells(1, val_batches=0)
+    assert sorted(np.concatenate([np.asarray(b) for b in whole[0]]).tolist()) == list(range(start, stop))
+    assert max(len(b) for b in whole[0]) == 64
+    chunked = cells(2, val_batches=0, val_batch_size=16)
+    assert max(len(b) for b in chunked[0]) == 16
+    seen = np.concatenate([np.asarray(b) for rank in chunked for b in rank])
+    assert sorted(seen.tolist()) == list(range(start, stop))
+    first = cells(1, val_batches=2)  # two global batches of 64
+    assert sum(len(b) for b in first[0]) == 128

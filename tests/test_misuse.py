@@ -346,7 +346,8 @@ def test_resume_of_a_moved_edited_or_changed_run(synthetic_store, tmp_path):
 
 def test_options_the_data_or_objective_cannot_honour_are_refused(synthetic_store, tmp_path):
     """--select val_macro_f1 without a classifier; a step larger than the split (batch × accumulation × ranks);
-    more ranks than cells gets a fix that makes sense."""
+    validation chunks other than the batch where the loss couples the cells; more ranks than cells gets a fix that
+    makes sense."""
     from cellssl.loaders.sampler import BlockShuffleSampler
 
     code, err = recipe(*recipe_args(synthetic_store, tmp_path / "a", 2), "--select", "val_macro_f1")
@@ -354,6 +355,10 @@ def test_options_the_data_or_objective_cannot_honour_are_refused(synthetic_store
     code, err = recipe(*recipe_args(synthetic_store, tmp_path / "b", 2), "--batch-size", "32",
                        "--gradient-accumulation", "1000000")
     assert code == 2 and "= 32,000,000 cells a step exceeds the 1,200 cells" in err
+    done = subprocess.run([sys.executable, "recipes/barlow_twins.py", *recipe_args(synthetic_store, tmp_path / "c", 2),
+                           "--val-batch-size", "16"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MASTER_PORT": str(free_port())})
+    assert done.returncode == 2 and "--val-batch-size: 16 with barlow_twins" in done.stderr
     with pytest.raises(InputError, match="use fewer ranks and less accumulation: their product may be at most 1,200"):
         BlockShuffleSampler(0, 1200, 1, rank=0, world_size=5000)
 

@@ -122,6 +122,9 @@ def paper_knn(z_val, y_val, z_test, y_test, names=None, k: int = 5, children: li
     return {**f1_scores(y_test, predicted, names), "k": k, "hierarchy_corrected": bool(children)}
 
 
+MICRO_BATCH = 2048  # fine-tuning's cells per forward pass (training and validation): the memory it needs
+
+
 def finetune(store: CellStore, label: str, out: Path, init: Path | None, steps: int, batch_size: int = 16384,
              seed: int = 0, precision: str = "fp32", classifier: str = "reference",
              lr_step_epochs: int | None = None) -> Path:
@@ -130,9 +133,10 @@ def finetune(store: CellStore, label: str, out: Path, init: Path | None, steps: 
     pretrained encoder, ["supervised"] from scratch: ReLU classifier, class-weighted cross-entropy, AdamW lr 9e-4,
     weight decay 0.05, dropout 0 from a pretrained encoder and 0.1 from scratch, the step with the best validation
     loss exported); "selu" — ours (the "_selu" experiments: the encoder's own SELU network, best validation macro
-    F1). The batch is capped at the train split; the kept model is chosen on the whole validation split, however small
-    the batch (the reference validates on all of it). `lr_step_epochs`: the StepLR period, the experiment's if None.
-    An unfinished earlier attempt in `out` is started again. Returns the exported model."""
+    F1). The batch is capped at the train split and passes in micro-batches of at most MICRO_BATCH cells (the batch
+    rounded down to a multiple of their count; one pass where the encoder has BatchNorm); the kept model is chosen on
+    the whole validation split (the reference validates on all of it). `lr_step_epochs`: the StepLR period, the
+    experiment's if None. An unfinished earlier attempt in `out` is started again. Returns the exported model."""
     from ..experiments import EXPERIMENTS
     from ..trainer import train
 
@@ -140,18 +144,21 @@ def finetune(store: CellStore, label: str, out: Path, init: Path | None, steps: 
         raise ValueError(f"classifier must be 'reference' or 'selu', not {classifier!r}")
     start, stop = store.split("train")
     batch = min(batch_size, stop - start)
-    val = store.split("val")[1] - store.split("val")[0] if "val" in store.splits else 0
     base = EXPERIMENTS[("finetune" if init else "supervised") + ("_selu" if classifier == "selu" else "")]
+    model = base.model
+    if init is not None:  # the pretrained encoder's widths and norm; the classifier's activation, block and dropout
+        pretrained = TrainConfig.from_dict(json.loads(load_model(init)["config"])).model
+        model = replace(base.model, hidden=pretrained.hidden, latent=pretrained.latent, norm=pretrained.norm)
+    # the batch in micro-batches: the loss is a sum over cells (BatchNorm aside), so the step is the same, and memory
+    # follows the micro-batch
+    parts = 1 if model.norm == "batch" else -(-batch // MICRO_BATCH)
     cfg = replace(base, data=str(store.path), out=str(out), objective=replace(base.objective, label=label),
-                  batch_size=batch, max_steps=steps, seed=seed, precision=precision,
-                  val_batches=max(base.val_batches, -(-val // batch)),
+                  model=model, batch_size=batch // parts, gradient_accumulation=parts, max_steps=steps, seed=seed,
+                  precision=precision, val_batches=0, val_batch_size=0 if parts == 1 else MICRO_BATCH,
                   lr_step_epochs=lr_step_epochs or base.lr_step_epochs,
                   init_encoder=str(init) if init else None, log_every=max(1, steps // 10),
                   val_every=max(1, steps // 10), checkpoint_every=steps, overwrite=True,
                   resident="off")  # streamed: a few steps must not first read the whole split into memory
-    if init is not None:  # the pretrained encoder's widths and norm; the classifier's activation, block and dropout
-        model = TrainConfig.from_dict(json.loads(load_model(init)["config"])).model
-        cfg = replace(cfg, model=replace(base.model, hidden=model.hidden, latent=model.latent, norm=model.norm))
     return train(cfg)
 
 
