@@ -1,6 +1,7 @@
 """`cellssl eval` as the data grows: one model (a masked autoencoder trained a few steps), cell_type and
 reconstruction with the baselines on, on synthetic stores of several sizes; per-stage seconds (from eval's own stage
-lines), total seconds, seconds per 1,000 cells and peak RSS of the evaluation process, each size in a fresh process.
+lines), total seconds, seconds per 1,000 cells and peak RSS of the evaluation process (and per stage: which one sets
+it), each size in a fresh process.
 Usage: python bench/eval_scale.py [--cells 40000,160000] [--finetune-steps 1] [--folder bench/data/eval_scale]
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,17 +44,46 @@ def prepare(folder: Path, cells: int) -> tuple[Path, Path]:
 
 
 def measure(store: Path, run: Path, out: Path, finetune_steps: int) -> dict:
+    """Runs the evaluation, sampling its resident set every 50 ms and charging each sample to the stage whose line
+    came last: the peak per stage says which one sets the process's peak."""
+    import psutil
+
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", MEASURE, "eval", f"mae={run}", "--data", str(store), "--out",
-                           str(out), "--overwrite", "--tasks", "cell_type,reconstruction", "--no-plots",
-                           "--finetune-steps", str(finetune_steps)], capture_output=True, text=True, cwd=ROOT)
+    child = subprocess.Popen([sys.executable, "-c", MEASURE, "eval", f"mae={run}", "--data", str(store), "--out",
+                              str(out), "--overwrite", "--tasks", "cell_type,reconstruction", "--no-plots",
+                              "--finetune-steps", str(finetune_steps)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    stage, peaks, lines = ["start-up"], {}, []
+    sampling = threading.Event()
+
+    def sample():
+        process = psutil.Process(child.pid)
+        while not sampling.is_set():
+            try:
+                rss = process.memory_info().rss / 2 ** 20
+            except psutil.Error:
+                return
+            peaks[stage[0]] = max(peaks.get(stage[0], 0.0), rss)
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    for line in child.stderr:
+        lines.append(line)
+        found = STAGE.search(line)
+        if found:
+            stage[0] = found.group(1)
+    child.wait()
+    sampling.set()
+    sampler.join()
     total = time.perf_counter() - started
-    if done.returncode:
-        raise SystemExit(done.stderr[-3000:])
-    stages = [(m.group(1), _seconds(m.group(2))) for m in STAGE.finditer(done.stderr)]
+    stderr = "".join(lines)
+    if child.returncode:
+        raise SystemExit(stderr[-3000:])
+    stages = [(m.group(1), _seconds(m.group(2))) for m in STAGE.finditer(stderr)]
     spans = {name: later - at for (name, at), (_, later) in zip(stages, stages[1:] + [("end", round(total))])}
-    rss = int(re.search(r"PEAK_RSS_KB (\d+)", done.stderr).group(1)) / 1024
-    return {"seconds": total, "rss_mb": rss, "stages": spans}
+    rss = int(re.search(r"PEAK_RSS_KB (\d+)", stderr).group(1)) / 1024
+    return {"seconds": total, "rss_mb": rss, "stages": spans, "stage_rss_mb": peaks}
 
 
 def main() -> None:
@@ -68,7 +99,8 @@ def main() -> None:
         store, run = prepare(folder, n)
         result = measure(store, run, folder / f"eval{n}", args.finetune_steps)
         rows.append((n, result))
-        stages = "; ".join(f"{k}: {v} s" for k, v in result["stages"].items())
+        peaks = result["stage_rss_mb"]
+        stages = "; ".join(f"{k}: {v} s, {peaks.get(k, 0):,.0f} MB" for k, v in result["stages"].items())
         print(f"| {n:,} | {result['seconds']:.0f} | {1000 * result['seconds'] / n:.2f} | {result['rss_mb']:,.0f} | "
               f"{stages} |", flush=True)
 
