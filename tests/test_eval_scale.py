@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from cellssl.engine.evaluate.pca import StreamedPCA
 from cellssl.loaders import CellStore
@@ -89,6 +90,37 @@ def test_blocked_knn_keeps_the_lower_index_among_ties_past_the_slack(block, quer
     found, far = nearest(ref, query, 6, block=block, query_block=query_block, distances=True)
     assert np.array_equal(found, expected)
     np.testing.assert_allclose(far, np.sqrt(np.take_along_axis(d, expected, 1)), atol=1e-9)
+
+
+def test_the_float32_screen_never_changes_the_neighbours(monkeypatch):
+    """Distances are screened in float32; where two cells differ by less than float32 can tell (1e-9 apart, far from
+    the origin), the float64 re-screen and the whole-block measure decide: the neighbours and distances of float64
+    brute force, every tier used."""
+    from cellssl.engine.evaluate import neighbours
+
+    rng = np.random.default_rng(2)
+    offset = 1000.0
+    query = offset + rng.standard_normal((30, 8))
+    ref = np.repeat(query[:10], 40, axis=0)  # 40 cells around each of the first 10 queries, 1 + j·1e-9 away
+    direction = rng.standard_normal(ref.shape)
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    ref = ref + direction * np.sqrt(1 + 1e-9 * rng.permutation(len(ref)))[:, None]
+    ref = np.concatenate([ref, offset + rng.standard_normal((200, 8))])
+    ref[440:470] = ref[5]  # exact duplicates, more than the cut keeps: ties to the lower index
+    query[29] = ref[5]
+    tiers = {"float64": 0, "whole": 0}
+    cut, whole = neighbours._cut, neighbours._whole
+    monkeypatch.setattr(neighbours, "_cut", lambda d, *a: (tiers.__setitem__("float64", tiers["float64"] + (
+        d.dtype == torch.float64)), cut(d, *a))[1])
+    monkeypatch.setattr(neighbours, "_whole", lambda *a: (tiers.__setitem__("whole", tiers["whole"] + 1),
+                                                          whole(*a))[1])
+    exact = ((query[:, None] - ref[None]) ** 2).sum(2)
+    for k, block in [(5, 64), (12, 4096)]:
+        found, far = neighbours.nearest(ref, query, k, block=block, distances=True)
+        expected = np.argsort(exact, axis=1, kind="stable")[:, :k]
+        np.testing.assert_allclose(far, np.sqrt(np.take_along_axis(exact, expected, 1)), rtol=1e-12)
+        assert np.array_equal(found, expected)
+    assert tiers["float64"] and tiers["whole"], tiers
 
 
 @pytest.mark.parametrize("max_cells", [10**6, 1500])

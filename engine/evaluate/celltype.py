@@ -39,9 +39,10 @@ def linear_probe(z_train, y_train, z_test, y_test, names=None, seed: int = 0, ma
                  block: int = 65_536, device=None) -> dict:
     """Multinomial logistic regression on standardised embeddings, the objective scikit-learn's LogisticRegression
     minimises by default (mean cross-entropy + ‖W‖² / (2·C·n), C = 1, intercepts free), fitted by full-batch L-BFGS
-    in float64 with its loss and gradient summed over blocks of `block` cells: memory O(block × (width + classes)),
-    on the device when there is one, and none of scikit-learn's copies of the train split. Train splits larger than
-    `max_cells` are subsampled (seeded); `fitted_on` says how many cells it saw."""
+    in float64 with its loss and gradient summed over blocks of `block` cells, stopped as scikit-learn stops (tol
+    1e-4): memory the standardised cells (at most `max_cells` × width float64) and O(block × classes), on the device
+    when there is one. Train splits larger than `max_cells` are subsampled (seeded); `fitted_on` says how many cells
+    it saw."""
     (z_train, y_train), (z_test, y_test) = _labelled(z_train, y_train), _labelled(z_test, y_test)
     if len(z_train) > max_cells:
         keep = np.sort(np.random.default_rng(seed).choice(len(z_train), max_cells, replace=False))
@@ -59,21 +60,26 @@ def linear_probe(z_train, y_train, z_test, y_test, names=None, seed: int = 0, ma
     def rows(z, a):
         return (torch.from_numpy(np.asarray(z[a:a + block], np.float64)).to(dev) - mean) / scale
 
+    # standardised once, not at every evaluation of the objective: at most max_cells × width float64 (100 MB)
+    x = torch.cat([rows(z_train, a) for a in range(0, n, block)]) if n else torch.zeros(0, width, dtype=torch.float64,
+                                                                                            device=dev)
+
     def objective():
         optimiser.zero_grad()
         total = torch.zeros((), dtype=torch.float64, device=dev)
         for a in range(0, n, block):
-            loss = torch.nn.functional.cross_entropy(rows(z_train, a) @ w + b, y[a:a + block], reduction="sum") / n
+            loss = torch.nn.functional.cross_entropy(x[a:a + block] @ w + b, y[a:a + block], reduction="sum") / n
             loss.backward()
             total += loss.detach()
         penalty = w.square().sum() / (2 * n)
         penalty.backward()
         return total + penalty.detach()
 
-    optimiser = torch.optim.LBFGS([w, b], lr=1, max_iter=2000, tolerance_grad=1e-5, tolerance_change=1e-12,
+    # scikit-learn's stopping rule (tol 1e-4 on the largest gradient entry; iterations capped at 2,000, as before)
+    optimiser = torch.optim.LBFGS([w, b], lr=1, max_iter=2000, tolerance_grad=1e-4, tolerance_change=1e-12,
                                   history_size=10, line_search_fn="strong_wolfe")
     if len(classes) > 1:
-        with one_thread(dev):
+        with one_thread(dev, rows=min(n, block)):
             optimiser.step(objective)
     with torch.no_grad():
         predicted = np.concatenate([(rows(z_test, a) @ w + b).argmax(1).cpu().numpy()

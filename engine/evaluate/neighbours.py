@@ -1,8 +1,10 @@
 """Exact k nearest neighbours in bounded memory, on the device when there is one: query blocks × reference blocks,
 each block's candidates merged into a running top-k. Memory O(query block × block + queries × k), whatever the
-cells; the O(queries × references) distance work runs as matrix products (a GPU does scTab's test split against its
-validation split, ~10¹³ pairs, in minutes; bench/gpu_check.py times it). Distances in float64, as scikit-learn's brute force
-computes them for float32 input, ties to the lower reference index.
+cells; the O(queries × references) distance work runs as float32 matrix products (a GPU does scTab's test split
+against its validation split, ~10¹³ pairs, in minutes; bench/gpu_check.py times it). float32 only screens: each
+block's few nearest by float32 are re-measured in float64 (the distances returned, ties to the lower reference index),
+and a float32 error bound proves that no cell left out could have been among the k nearest — where it cannot, the
+row's block is measured whole in float64, so the result is that of float64 brute force.
 """
 from __future__ import annotations
 
@@ -12,8 +14,13 @@ import torch
 from ..embed import device as default_device
 
 BLOCK = 8192  # reference rows a block
-QUERY_BLOCK = 2048  # query rows a block: 2,048 × 8,192 float64 distances, 134 MB
-SLACK = 8  # candidates kept beyond k from each block, so that ties at the k-th place are seen
+QUERY_BLOCK = 2048  # query rows a block: 2,048 × 8,192 float32 distances, 67 MB
+SLACK = 8  # candidates kept beyond k from each block: room between the k-th and the cut for the error bound
+# |screened − exact squared distance| ≤ (2·width + 16)·ε·(|q|² + max |r|²), rows centred, ε the screen's unit
+# roundoff: the rows and their norms rounded, a dot product of `width` terms summed in any order (γ_width·|q||r|,
+# twice), and the two sums; generous, and tested against ties float32 cannot see
+EPS = {torch.float32: float(np.finfo(np.float32).eps), torch.float64: float(np.finfo(np.float64).eps)}
+WHOLE_ELEMENTS = 1 << 23  # float64 elements at a time where a row's block is measured whole (64 MB)
 
 
 def _merge(best_d, best_i, d, i, k):
@@ -25,46 +32,97 @@ def _merge(best_d, best_i, d, i, k):
     return d.gather(1, order), i.gather(1, order)
 
 
+def _expanded(q: torch.Tensor, r: torch.Tensor, q_norms: torch.Tensor, r_norms: torch.Tensor) -> torch.Tensor:
+    """Squared distances as |q|² − 2 q·r + |r|², one matrix product (the screen: float32, or float64)."""
+    return torch.addmm(r_norms, q, r.T, alpha=-2).add_(q_norms)
+
+
+def _cut(d: torch.Tensor, k: int, error: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's k + SLACK smallest of `d` (column indices), and whether the cut provably keeps the k nearest:
+    everything left out lies more than twice `error` (the row's bound on |d − exact|) beyond the k-th kept."""
+    keep = min(k + SLACK, d.shape[1])
+    near, index = torch.topk(d, keep, dim=1, largest=False, sorted=True)
+    if keep == d.shape[1]:
+        return index, torch.ones(len(d), dtype=torch.bool, device=d.device)
+    return index, near[:, -1].double() > near[:, k - 1].double() + 2 * error
+
+
+def _measured(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """float64 squared distances Σ (q − r)² of each row of q ([rows, width]) to its rows of r ([rows, n, width]): the
+    distances returned; equal rows give bit-equal distances wherever they lie, so ties go to the lower index."""
+    return (q[:, None, :] - r).square_().sum(2)
+
+
+def _whole(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """_measured against every row of r, a few query rows at a time (memory: WHOLE_ELEMENTS float64)."""
+    step = max(1, WHOLE_ELEMENTS // max(1, r.numel()))
+    return torch.cat([_measured(q[a:a + step], r.expand(len(q[a:a + step]), -1, -1)) for a in range(0, len(q), step)])
+
+
 def nearest(reference: np.ndarray, query: np.ndarray, k: int, block: int = BLOCK, device=None,
             distances: bool = False, query_block: int = QUERY_BLOCK):
     """int64 [len(query), k]: each query row's k nearest reference rows by Euclidean distance, nearest first, ties
-    to the lower reference index; with `distances`, (indices, their Euclidean distances as float64). Each block of
-    distances is cut to its k + SLACK smallest by a selection (not a sort: sorting whole rows cost more than the
-    distances themselves); a row whose ties reach past the slack is merged whole, so the result stays exact."""
+    to the lower reference index; with `distances`, (indices, their Euclidean distances as float64). Both are those
+    of float64 brute force: each block's distances are screened in float32 and cut to the k + SLACK smallest by a
+    selection (not a sort: sorting whole rows cost more than the distances themselves), the kept ones measured in
+    float64; a row whose cut the float32 error bound cannot prove safe is screened again in float64, and one that
+    not even that settles (ties at the cut) is measured whole."""
     if k < 1 or k > len(reference):
         raise ValueError(f"k must be in [1, {len(reference)}] (the reference rows), got {k}")
     dev = torch.device(device) if device is not None else default_device()
-    ref = torch.from_numpy(np.ascontiguousarray(reference, np.float64))
+    # the screen runs on centred rows (distances do not move; the norms, and with them its error, shrink); the
+    # distances kept are measured on the rows as given
+    centre = torch.from_numpy(np.asarray(reference.mean(0, dtype=np.float64)))
+    ref32 = torch.empty(reference.shape, dtype=torch.float32)  # block by block: no float64 copy of the reference
+    ref_norms = torch.empty(len(reference), dtype=torch.float64)
+    for b in range(0, len(reference), block):
+        ref32[b:b + block] = torch.from_numpy(np.asarray(reference[b:b + block], np.float64)) - centre
+        ref_norms[b:b + block] = ref32[b:b + block].double().square().sum(1)
+    bound = 2 * reference.shape[1] + 16
     out = np.empty((len(query), k), np.int64)
     far = np.empty((len(query), k), np.float64) if distances else None
-    ref_norms = ref.square().sum(1)
-    for a in range(0, len(query), query_block):
-        q = torch.from_numpy(np.ascontiguousarray(query[a:a + query_block], np.float64)).to(dev)
-        q_norms = q.square().sum(1, keepdim=True)
-        best_d = torch.full((len(q), 0), 0.0, dtype=torch.float64, device=dev)
-        best_i = torch.zeros((len(q), 0), dtype=torch.int64, device=dev)
-        for b in range(0, len(ref), block):
-            r = ref[b:b + block].to(dev)
-            d = (q_norms - 2 * q @ r.T + ref_norms[b:b + block].to(dev)).clamp_(min=0)
-            keep = min(k + SLACK, d.shape[1])
-            if keep < d.shape[1]:
-                near_d, near_i = torch.topk(d, keep, dim=1, largest=False, sorted=True)
-                tied = near_d[:, -1] <= near_d[:, k - 1]  # the k-th distance recurs at the edge: ties cut off
-                if tied.any():
-                    rows = tied.nonzero().squeeze(1)
-                    whole = torch.arange(b, b + len(r), device=dev).expand(len(rows), -1)
-                    fixed = _merge(best_d[rows], best_i[rows], d[rows], whole, k)
-                near_i = near_i + b
-                best_d, best_i = _merge(best_d, best_i, near_d, near_i, k)
-                if tied.any():
-                    best_d[rows], best_i[rows] = fixed
-            else:
-                whole = torch.arange(b, b + len(r), device=dev).expand(len(q), -1)
-                best_d, best_i = _merge(best_d, best_i, d, whole, k)
-        out[a:a + len(q)] = best_i.cpu().numpy()
-        if distances:
-            far[a:a + len(q)] = best_d.sqrt().cpu().numpy()
+    with _highest_precision():
+        for a in range(0, len(query), query_block):
+            q = torch.from_numpy(np.asarray(query[a:a + query_block], np.float64)).to(dev)
+            qc = q - centre.to(dev)
+            q_norms = qc.square().sum(1)
+            q32 = qc.float()
+            best_d = torch.full((len(q), 0), 0.0, dtype=torch.float64, device=dev)
+            best_i = torch.zeros((len(q), 0), dtype=torch.int64, device=dev)
+            for b in range(0, len(reference), block):
+                r = torch.from_numpy(np.asarray(reference[b:b + block], np.float64)).to(dev)
+                r32, r_norms = ref32[b:b + block].to(dev), ref_norms[b:b + block].to(dev)
+                index, safe = _cut(_expanded(q32, r32, q_norms[:, None].float(), r_norms.float()), k,
+                                   bound * EPS[torch.float32] * (q_norms + r_norms.max()))
+                if not safe.all():  # what float32 cannot settle, float64 may
+                    rows = (~safe).nonzero().squeeze(1)
+                    rc = r - centre.to(dev)
+                    index[rows], safe[rows] = _cut(_expanded(qc[rows], rc, q_norms[rows, None], rc.square().sum(1)),
+                                                   k, bound * EPS[torch.float64] * (q_norms[rows] +
+                                                                                     rc.square().sum(1).max()))
+                unsafe = (~safe).nonzero().squeeze(1)
+                if len(unsafe):  # ties at the cut: the whole block, so that the lower index wins among them
+                    whole = torch.arange(b, b + len(r), device=dev).expand(len(unsafe), -1)
+                    settled = _merge(best_d[unsafe], best_i[unsafe], _whole(q[unsafe], r), whole, k)
+                best_d, best_i = _merge(best_d, best_i, _measured(q, r[index]), index + b, k)
+                if len(unsafe):
+                    best_d[unsafe], best_i[unsafe] = settled
+            out[a:a + len(q)] = best_i.cpu().numpy()
+            if distances:
+                far[a:a + len(q)] = best_d.sqrt().cpu().numpy()
     return (out, far) if distances else out
+
+
+class _highest_precision:
+    """float32 products in full float32 inside the block (no TF32 on GPUs, whatever the process set): the error
+    bound assumes it."""
+
+    def __enter__(self):
+        self.before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+
+    def __exit__(self, *exc):
+        torch.set_float32_matmul_precision(self.before)
 
 
 def vote(labels: np.ndarray, neighbours: np.ndarray, n_classes: int) -> np.ndarray:
