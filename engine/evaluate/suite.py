@@ -176,10 +176,11 @@ def cell_type(run: _Run, results: dict) -> None:
         if rep.name in part:
             continue
         zr = run.z[rep.name]
-        run.clock.note(f"cell type: {rep.name}: linear probe and kNN")
-        part[rep.name] = {
-            "linear_probe": celltype.linear_probe(zr["train"], y["train"], zr["test"], y["test"], names, cfg.seed),
-            "knn": celltype.knn(zr["train"], y["train"], zr["test"], y["test"], names, cfg.knn)}
+        run.clock.note(f"cell type: {rep.name}: linear probe")
+        probe = celltype.linear_probe(zr["train"], y["train"], zr["test"], y["test"], names, cfg.seed)
+        run.clock.note(f"cell type: {rep.name}: kNN")
+        part[rep.name] = {"linear_probe": probe,
+                          "knn": celltype.knn(zr["train"], y["train"], zr["test"], y["test"], names, cfg.knn)}
         if paper:
             part[rep.name]["paper_knn"] = _paper_knn(run, zr)
         if rep.kind == "model" and cfg.finetune_steps:
