@@ -31,7 +31,9 @@ def _compile_cache() -> None:
     except OSError:
         return
     jax.config.update("jax_compilation_cache_dir", str(root / "jax"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    # every program, however quick to compile: the metrics compile hundreds of small ones (one per label's cell
+    # count), each under 0.2 s, and together most of a small evaluation's integration (bench/README.md)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def _exact_neighbours(x: np.ndarray, k: int):
