@@ -81,10 +81,11 @@ def nearest(reference: np.ndarray, query: np.ndarray, k: int, block: int = BLOCK
     bound = 2 * reference.shape[1] + 16
     out = np.empty((len(query), k), np.int64)
     far = np.empty((len(query), k), np.float64) if distances else None
+    centre = centre.to(dev)
     with _highest_precision():
         for a in range(0, len(query), query_block):
             q = torch.from_numpy(np.asarray(query[a:a + query_block], np.float64)).to(dev)
-            qc = q - centre.to(dev)
+            qc = q - centre
             q_norms = qc.square().sum(1)
             q32 = qc.float()
             best_d = torch.full((len(q), 0), 0.0, dtype=torch.float64, device=dev)
@@ -96,10 +97,10 @@ def nearest(reference: np.ndarray, query: np.ndarray, k: int, block: int = BLOCK
                                    bound * EPS[torch.float32] * (q_norms + r_norms.max()))
                 if not safe.all():  # what float32 cannot settle, float64 may
                     rows = (~safe).nonzero().squeeze(1)
-                    rc = r - centre.to(dev)
-                    index[rows], safe[rows] = _cut(_expanded(qc[rows], rc, q_norms[rows, None], rc.square().sum(1)),
-                                                   k, bound * EPS[torch.float64] * (q_norms[rows] +
-                                                                                     rc.square().sum(1).max()))
+                    rc = r - centre
+                    rc_norms = rc.square().sum(1)
+                    index[rows], safe[rows] = _cut(_expanded(qc[rows], rc, q_norms[rows, None], rc_norms), k,
+                                                   bound * EPS[torch.float64] * (q_norms[rows] + rc_norms.max()))
                 unsafe = (~safe).nonzero().squeeze(1)
                 if len(unsafe):  # ties at the cut: the whole block, so that the lower index wins among them
                     whole = torch.arange(b, b + len(r), device=dev).expand(len(unsafe), -1)
