@@ -1,7 +1,10 @@
 """Evaluators on cases with known answers, their input checks, and `cellssl eval` end to end on a small store."""
 from __future__ import annotations
 
+import gc
 import json
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -139,6 +142,7 @@ def test_integration_neighbours_are_exact_and_never_pynndescent(monkeypatch):
     """scib-metrics' neighbour graphs (its prepare step and kBET's diffusion-map search) come from our exact kNN:
     pynndescent's numba compilation took a minute of a small evaluation."""
     import pynndescent
+    import umap.umap_  # noqa: F401  (imported before the patch: it keeps pynndescent's class for isinstance)
 
     from cellssl.engine.evaluate.integration import _exact_neighbours, scib_scores
 
@@ -147,15 +151,63 @@ def test_integration_neighbours_are_exact_and_never_pynndescent(monkeypatch):
 
     monkeypatch.setattr(pynndescent, "NNDescent", refuse)
     monkeypatch.setattr(pynndescent.pynndescent_, "NNDescent", refuse)
+    # scib-metrics collects garbage after every metric: the objects alive before are frozen meanwhile (each
+    # collection through torch's and jax's objects took ~0.5 s), and unfrozen after
+    frozen, collect = [], gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: (frozen.append(gc.get_freeze_count()), collect(*a))[1])
     rng = np.random.default_rng(0)
     labels, batch = rng.integers(0, 3, 240), rng.integers(0, 2, 240)
     z = rng.standard_normal((240, 8)) + labels[:, None] * 3.0
     scores = scib_scores({"m": z}, batch, labels, z, progress=False)["m"]
     assert 0 <= scores["total"] <= 1 and np.isfinite(scores["kbet"])
+    assert sum(f > 1000 for f in frozen) >= 9 and gc.get_freeze_count() == 0  # prepare's own collect: not frozen
     z[7] = z[3]  # a duplicate: each is still its own first neighbour
     found = _exact_neighbours(z.astype(np.float32), 5)
     assert (found.indices[:, 0] == np.arange(240)).all() and (found.distances[:, 0] == 0).all()
     assert found.indices[7, 1] == 3 and found.indices[3, 1] == 7
+
+
+def test_the_plots_use_our_exact_neighbours_not_umaps_search(tmp_path, monkeypatch):
+    import umap.umap_
+
+    from cellssl.engine.evaluate import report
+
+    def refuse(*a, **k):
+        raise AssertionError("umap searched for neighbours itself")
+
+    monkeypatch.setattr(umap.umap_, "nearest_neighbors", refuse)
+    z, y = clusters(300, 3, 0)
+    written = report.plots({}, {"m": z}, y, ["a", "b", "c"], None, tmp_path)
+    assert [p.split("/")[-1] for p in written] == ["umap_m.png"]
+
+
+COMPILED_TWICE = """
+import numpy as np
+from scipy.sparse import coo_matrix
+from cellssl.engine.evaluate import compile_cache
+turned = compile_cache.numba_functions()
+assert compile_cache.numba_functions() == 0  # idempotent
+import umap.umap_ as u
+k = np.stack([np.arange(50), (np.arange(50) + 1) % 50], 1)
+u.fuzzy_simplicial_set(coo_matrix(([], ([], [])), shape=(50, 1)), 2, None, None, knn_indices=k,
+                       knn_dists=np.array([[0.0, 1.0]] * 50, np.float32))
+print(turned, u.smooth_knn_dist.stats.cache_hits.total())
+"""
+
+
+def test_umaps_uncached_functions_are_compiled_once_into_our_cache(tmp_path):
+    """umap compiles its neighbour graph's parallel functions (also scib-metrics') in every process, uncached: ~6 s
+    of a small evaluation; in $CELLSSL_CACHE/numba a second process loads them. A cache folder that cannot be made
+    leaves them compiled as before."""
+    env = {**os.environ, "CELLSSL_CACHE": str(tmp_path / "cache")}
+    first, second = (subprocess.run([sys.executable, "-c", COMPILED_TWICE], env=env, capture_output=True, text=True,
+                                    check=True).stdout.split() for _ in range(2))
+    assert int(first[0]) >= 2 and first[1] == "0" and int(second[1]) >= 1
+    assert any((tmp_path / "cache" / "numba").rglob("*smooth_knn_dist*.nbi"))
+    (tmp_path / "file").write_text("")
+    env["CELLSSL_CACHE"] = str(tmp_path / "file")  # not a folder
+    done = subprocess.run([sys.executable, "-c", COMPILED_TWICE], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split()[0] == "0"
 
 
 def test_cellssl_eval_end_to_end(small_store, tmp_path):

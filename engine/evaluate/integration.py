@@ -6,10 +6,15 @@ when there is one) instead of the library's default approximate pynndescent, who
 minute of a small evaluation."""
 from __future__ import annotations
 
+import contextlib
+import gc
+
 import numpy as np
 import pandas as pd
 
 from cellssl.loaders import InputError
+
+from . import compile_cache
 
 
 def available() -> bool:
@@ -18,39 +23,13 @@ def available() -> bool:
     return importlib.util.find_spec("scib_metrics") is not None
 
 
-def _compile_cache() -> None:
-    """jax keeps the metrics' compiled programs in $CELLSSL_CACHE/jax (default ~/.cache/cellssl/jax, beside the
-    default store): a later evaluation skips their compilation. A cache it cannot write is skipped silently."""
-    import jax
-
-    from cellssl.loaders.synthetic import cache_dir
-
-    root = cache_dir()
-    try:
-        (root / "jax").mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return
-    jax.config.update("jax_compilation_cache_dir", str(root / "jax"))
-    # every program, however quick to compile: the metrics compile hundreds of small ones (one per label's cell
-    # count), each under 0.2 s, and together most of a small evaluation's integration (bench/README.md)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-
-
 def _exact_neighbours(x: np.ndarray, k: int):
-    """scib-metrics' neighbour results from our exact kNN: each cell's k nearest cells of the same set, itself
-    first at distance 0 (as pynndescent returns them; a duplicate cell of lower index could otherwise come first)."""
+    """scib-metrics' neighbour results from our exact kNN, each cell first (as pynndescent returns them)."""
     from scib_metrics.nearest_neighbors import NeighborsResults
 
-    from .neighbours import nearest
+    from .neighbours import self_first
 
-    indices, distances = nearest(x, x, min(k, len(x)), distances=True)
-    rows = np.arange(len(x))
-    is_self = indices == rows[:, None]
-    order = np.argsort(~is_self, axis=1, kind="stable")
-    indices, distances = np.take_along_axis(indices, order, 1), np.take_along_axis(distances, order, 1)
-    absent = ~is_self.any(1)
-    indices[absent, 1:], distances[absent, 1:] = indices[absent, :-1], distances[absent, :-1]
-    indices[:, 0], distances[:, 0] = rows, 0.0
+    indices, distances = self_first(x, k)
     return NeighborsResults(indices=indices, distances=distances)
 
 
@@ -63,10 +42,20 @@ def _exact_diffusion_neighbours():
     import scib_metrics.nearest_neighbors as found
 
     if not hasattr(found, "pynndescent"):
-        import contextlib
-
         return contextlib.nullcontext()
     return mock.patch.object(found, "pynndescent", lambda x, n_neighbors, **_: _exact_neighbours(x, n_neighbors))
+
+
+@contextlib.contextmanager
+def _frozen_heap():
+    """The objects alive before the metrics kept out of Python's garbage collections meanwhile (`gc.freeze`):
+    scib-metrics collects after each metric and representation, and with torch, jax and the evaluation's own
+    objects alive each collection took ~0.5 s — 18 s of a small evaluation's integration, none of it garbage."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def scib_scores(embeddings: dict[str, np.ndarray], batch: np.ndarray, labels: np.ndarray, unintegrated: np.ndarray,
@@ -82,7 +71,8 @@ def scib_scores(embeddings: dict[str, np.ndarray], batch: np.ndarray, labels: np
 
     import anndata as ad
 
-    _compile_cache()
+    compile_cache.jax_programs()
+    compile_cache.numba_functions()
 
     logging.getLogger("scib_metrics").setLevel(logging.WARNING)  # one INFO line per small batch otherwise
 
@@ -106,7 +96,7 @@ def scib_scores(embeddings: dict[str, np.ndarray], batch: np.ndarray, labels: np
                         batch_correction_metrics=BatchCorrection(),
                         pre_integrated_embedding_obsm_key="X_unintegrated", n_jobs=2, progress_bar=progress)
     bench.prepare(neighbor_computer=_exact_neighbours)
-    with _exact_diffusion_neighbours():
+    with _exact_diffusion_neighbours(), _frozen_heap():
         bench.benchmark()
     table = bench.get_results(min_max_scale=False)
     table = table.drop(index="Metric Type", errors="ignore")

@@ -114,6 +114,20 @@ def nearest(reference: np.ndarray, query: np.ndarray, k: int, block: int = BLOCK
     return (out, far) if distances else out
 
 
+def self_first(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, distances) [len(x), k]: each row's k nearest rows of x itself, the row first at distance 0 — the
+    form graph libraries (umap, scib-metrics) take precomputed; an earlier duplicate row would otherwise come first."""
+    indices, distances = nearest(x, x, min(k, len(x)), distances=True)
+    rows = np.arange(len(x))
+    is_self = indices == rows[:, None]
+    order = np.argsort(~is_self, axis=1, kind="stable")
+    indices, distances = np.take_along_axis(indices, order, 1), np.take_along_axis(distances, order, 1)
+    absent = ~is_self.any(1)
+    indices[absent, 1:], distances[absent, 1:] = indices[absent, :-1], distances[absent, :-1]
+    indices[:, 0], distances[:, 0] = rows, 0.0
+    return indices, distances
+
+
 class _highest_precision:
     """float32 products in full float32 inside the block (no TF32 on GPUs, whatever the process set): the error
     bound assumes it."""
