@@ -1,7 +1,8 @@
 """`cellssl eval` as the data grows: one model (a masked autoencoder trained a few steps), cell_type and
 reconstruction with the baselines on, on synthetic stores of several sizes; per-stage seconds (from eval's own stage
 lines), total seconds, seconds per 1,000 cells and peak RSS of the evaluation process (and per stage: which one sets
-it), each size in a fresh process.
+it), each size in a fresh process; and how far eval's estimates were from the truth: the worst ratio of its
+predicted total (elapsed + "about … left") to the measured one, among the estimates made after the first minute.
 Usage: python bench/eval_scale.py [--cells 40000,160000] [--finetune-steps 1] [--folder bench/data/eval_scale]
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = re.compile(r"cellssl eval: (.*) \((\d+:\d\d(?::\d\d)?) elapsed")
+ESTIMATE = re.compile(r"\((\d+:\d\d(?::\d\d)?) elapsed, about (\d+:\d\d(?::\d\d)?) left\)")
 
 MEASURE = """
 import resource, sys
@@ -83,7 +85,9 @@ def measure(store: Path, run: Path, out: Path, finetune_steps: int) -> dict:
     stages = [(m.group(1), _seconds(m.group(2))) for m in STAGE.finditer(stderr)]
     spans = {name: later - at for (name, at), (_, later) in zip(stages, stages[1:] + [("end", round(total))])}
     rss = int(re.search(r"PEAK_RSS_KB (\d+)", stderr).group(1)) / 1024
-    return {"seconds": total, "rss_mb": rss, "stages": spans, "stage_rss_mb": peaks}
+    predicted = [_seconds(at) + _seconds(left) for at, left in ESTIMATE.findall(stderr) if _seconds(at) >= 60]
+    eta = max((max(p / total, total / p) for p in predicted if p > 0), default=float("nan"))
+    return {"seconds": total, "rss_mb": rss, "stages": spans, "stage_rss_mb": peaks, "eta_worst": eta}
 
 
 def main() -> None:
@@ -102,7 +106,7 @@ def main() -> None:
         peaks = result["stage_rss_mb"]
         stages = "; ".join(f"{k}: {v} s, {peaks.get(k, 0):,.0f} MB" for k, v in result["stages"].items())
         print(f"| {n:,} | {result['seconds']:.0f} | {1000 * result['seconds'] / n:.2f} | {result['rss_mb']:,.0f} | "
-              f"{stages} |", flush=True)
+              f"{result['eta_worst']:.2f}× | {stages} |", flush=True)
 
 
 if __name__ == "__main__":
