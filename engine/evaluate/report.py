@@ -153,6 +153,22 @@ def _scatter(ax, xy: np.ndarray, codes: np.ndarray, names: list[str], size: floa
 NEIGHBOURS = 15  # umap's default
 
 
+def _umap(cells: np.ndarray, seed: int) -> np.ndarray:
+    """2-d UMAP coordinates, its neighbour graph from our exact kNN: umap's own search compiled for seconds (numba)
+    on a few cells, and is approximate (NN-descent) on many."""
+    import umap
+
+    from . import compile_cache
+    from .neighbours import self_first
+
+    compile_cache.numba_functions()
+    indices, distances = self_first(cells, NEIGHBOURS)
+    with warnings.catch_warnings():  # no search index to transform new cells with: none is needed
+        warnings.simplefilter("ignore", UserWarning)
+        return umap.UMAP(n_neighbors=NEIGHBOURS, random_state=seed, n_jobs=1,
+                         precomputed_knn=(indices, distances.astype(np.float32), None)).fit_transform(cells)
+
+
 def plots(results: dict, embeddings: dict[str, np.ndarray], labels: np.ndarray, label_names: list[str],
           batch: np.ndarray | None, folder: Path, seed: int = 0, max_cells: int = 10_000,
           batch_names: list[str] | None = None) -> list[str]:
@@ -160,10 +176,6 @@ def plots(results: dict, embeddings: dict[str, np.ndarray], labels: np.ndarray, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import umap
-
-    from . import compile_cache
-    from .neighbours import self_first
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -174,15 +186,8 @@ def plots(results: dict, embeddings: dict[str, np.ndarray], labels: np.ndarray, 
     if batch is not None:
         colourings.append(("batch", batch[keep], batch_names or [str(b) for b in range(int(batch.max()) + 1)]))
     size = float(np.clip(30_000 / len(keep), 2, 20))
-    compile_cache.numba_functions()
     for name, z in embeddings.items():
-        # its neighbour graph from our exact kNN: umap's own search compiled for seconds (numba) on a few cells
-        cells = np.ascontiguousarray(z[keep], np.float32)
-        indices, distances = self_first(cells, NEIGHBOURS)
-        with warnings.catch_warnings():  # no search index to transform new cells with: none is needed
-            warnings.simplefilter("ignore", UserWarning)
-            xy = umap.UMAP(n_neighbors=NEIGHBOURS, random_state=seed, n_jobs=1,
-                           precomputed_knn=(indices, distances.astype(np.float32), None)).fit_transform(cells)
+        xy = _umap(np.ascontiguousarray(z[keep], np.float32), seed)
         fig, axes = plt.subplots(1, len(colourings), figsize=(10 * len(colourings), 6), squeeze=False)
         for ax, (title, codes, names) in zip(axes[0], colourings):
             _scatter(ax, xy, codes, names, size)
