@@ -6,18 +6,27 @@ libraries then compile as before."""
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 from cellssl.loaders.synthetic import cache_dir
+
+
+def _folder(name: str) -> Path | None:
+    """$CELLSSL_CACHE/`name`, made if need be; None where it cannot be."""
+    root = cache_dir() / name
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return root
 
 
 def jax_programs() -> None:
     """jax keeps every compiled program in $CELLSSL_CACHE/jax."""
     import jax
 
-    root = cache_dir() / "jax"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError:
+    root = _folder("jax")
+    if root is None:
         return
     jax.config.update("jax_compilation_cache_dir", str(root))
     # every program, however quick to compile: the metrics compile hundreds of small ones (one per label's cell
@@ -38,10 +47,8 @@ def numba_functions(modules: tuple[str, ...] = UMAP_MODULES) -> int:
     from numba.core.caching import NullCache
     from numba.core.registry import CPUDispatcher
 
-    root = cache_dir() / "numba"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError:
+    root = _folder("numba")
+    if root is None:
         return 0
     before, config.CACHE_DIR = config.CACHE_DIR, str(root)  # read when each cache is made, not after
     turned = 0
