@@ -366,23 +366,28 @@ def test_leftovers_of_a_killed_conversion_are_removed_by_the_next(tmp_path):
     assert CellStore(tmp_path / "a.cellstore").n_cells == 300
 
 
-def _state(pid: int) -> tuple[int, str, str] | None:
-    """(parent, state letter, command line) of a process from /proc (Linux); None once it is gone."""
+def _spawned_children(pid: int) -> list:
+    """The live processes `pid` started through multiprocessing's spawn: its pool's workers and their manager."""
+    import psutil
+
+    found = []
+    for child in psutil.Process(pid).children():
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:  # gone, or a zombie, meanwhile
+            pass
+    return found
+
+
+def _alive(process) -> bool:
+    """Still running (a zombie has ended: only its parent's bookkeeping is left)."""
+    import psutil
+
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        with open(f"/proc/{pid}/cmdline") as f:
-            return int(fields[1]), fields[0], f.read()
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _spawned_children(pid: int) -> list[int]:
-    """The live processes `pid` started through multiprocessing's spawn (its pool's workers and their manager)."""
-    import os
-
-    found = [(int(p), _state(int(p))) for p in os.listdir("/proc") if p.isdigit()]
-    return [p for p, s in found if s and s[0] == pid and s[1] != "Z" and "spawn_main" in s[2]]
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_ctrl_c_stops_the_worker_processes_too(tmp_path):
@@ -407,7 +412,7 @@ def test_ctrl_c_stops_the_worker_processes_too(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.h5ad"]
-    left = {pid: state for pid in workers if (state := _state(pid)) and state[1] != "Z"}  # a zombie has ended
+    left = [w.pid for w in workers if _alive(w)]
     assert not left, f"worker processes outlived the conversion: {left}"
 
 
