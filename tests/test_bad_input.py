@@ -319,11 +319,17 @@ def _start_conversion(dst, cells=40_000, args=None):
 
 def _wait_for(folder, proc, name, what="scratch"):
     """Until the conversion into `name` is in its phase `what`: reading ("scratch") or writing the store ("tmp")."""
+
+    found = lambda: [p for p in folder.iterdir() if p.name.startswith(f".{name}.{what}-")]  # noqa: E731
+    _until(proc, lambda: found() and (what != "tmp" or (found()[0] / "X" / "data").is_dir()))
+
+
+def _until(proc, ready) -> None:
+    """Poll `ready()` until it holds, while `proc` runs (within 120 s)."""
     import time
 
     deadline = time.monotonic() + 120
-    found = lambda: [p for p in folder.iterdir() if p.name.startswith(f".{name}.{what}-")]  # noqa: E731
-    while not (found() and (what != "tmp" or (found()[0] / "X" / "data").is_dir())):
+    while not ready():
         assert proc.poll() is None and time.monotonic() < deadline, "the conversion ended before it was interrupted"
         time.sleep(0.02)
 
@@ -380,23 +386,14 @@ def _spawned_children(pid: int) -> list:
     return found
 
 
-def _alive(process) -> bool:
-    """Still running (a zombie has ended: only its parent's bookkeeping is left)."""
-    import psutil
-
-    try:
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def test_ctrl_c_stops_the_worker_processes_too(tmp_path):
     """A conversion reading with worker processes, interrupted: the workers are stopped (not left running until
     their part is done) and nothing stays behind. The signal goes as soon as both workers and their queue's manager
     exist, never after a fixed wait: a fast machine converts this input in a few seconds, and a Ctrl-C after the
     store is written tests nothing."""
     import signal
-    import time
+
+    import psutil
 
     from cellssl.loaders.synth import synth
 
@@ -404,16 +401,14 @@ def test_ctrl_c_stops_the_worker_processes_too(tmp_path):
     proc = _start_conversion(None, args=["convert", "h5ad", str(tmp_path / "big.h5ad"), str(tmp_path / "b"),
                                          "--workers", "2", "--quiet"])
     _wait_for(tmp_path, proc, "b", "scratch")
-    deadline = time.monotonic() + 120
-    while len(workers := _spawned_children(proc.pid)) < 3:
-        assert proc.poll() is None and time.monotonic() < deadline, "the conversion ended before its workers started"
-        time.sleep(0.02)
+    _until(proc, lambda: len(_spawned_children(proc.pid)) >= 3)
+    workers = _spawned_children(proc.pid)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.h5ad"]
-    left = [w.pid for w in workers if _alive(w)]
-    assert not left, f"worker processes outlived the conversion: {left}"
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"worker processes outlived the conversion: {[w.pid for w in alive]}"
 
 
 def test_a_second_writer_of_a_destination_is_refused(tmp_path, counts, capsys):
